@@ -1,0 +1,91 @@
+"""Shared advantage and policy-gradient math, written once and unit-tested.
+
+- :class:`PerPromptStats`: DDPO's per-prompt reward normalisation with a history buffer
+  (Black et al. 2023, App. B; the ``min_count`` fallback to batch statistics follows the
+  public ddpo-pytorch reference).
+- :func:`ppo_clip_loss`: the clipped surrogate of PPO (Schulman et al. 2017, eq. 7).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+class PerPromptStats:
+    """A_i = (r_i − μ_prompt) / (σ_prompt + 1e-6), with μ, σ over the last ``buffer_size``
+    rewards of that prompt once it has ``min_count`` of them, else over the whole batch."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.buffers: dict[str, deque] = defaultdict(lambda: deque(maxlen=buffer_size))
+
+    def __call__(self, rewards: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
+        rewards = rewards.detach().float().cpu()  # [N]
+        valid = torch.isfinite(rewards)
+        adv = torch.zeros_like(rewards)
+        if not bool(valid.any()):
+            return adv
+        batch_mean = rewards[valid].mean()
+        batch_std = rewards[valid].std(unbiased=False) + 1e-6
+        keys = [str(p) for p in prompts]
+        for key in dict.fromkeys(keys):
+            rows = torch.tensor([i for i, k in enumerate(keys) if k == key and bool(valid[i])], dtype=torch.long)
+            if len(rows) == 0:
+                continue
+            buf = self.buffers[key]
+            buf.extend(rewards[rows].tolist())
+            if len(buf) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                hist = torch.tensor(list(buf))
+                mean, std = hist.mean(), hist.std(unbiased=False) + 1e-6
+            adv[rows] = (rewards[rows] - mean) / std
+        return adv
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffers": {k: list(v) for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffers.clear()
+        for k, v in state["buffers"].items():
+            self.buffers[k].extend(v)
+
+
+def batch_normalize(rewards: torch.Tensor) -> torch.Tensor:
+    """(r − mean) / (std + 1e-6) over the finite rewards; NaN rows get 0."""
+    rewards = rewards.detach().float()
+    valid = torch.isfinite(rewards)
+    adv = torch.zeros_like(rewards)
+    if bool(valid.any()):
+        r = rewards[valid]
+        adv[valid] = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+    return adv
+
+
+def ppo_clip_loss(
+    advantages: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor, clip_range: float, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate, averaged over active entries.
+
+    advantages: ``[B, 1]`` or ``[B, K]``; log_probs, old_log_probs, mask: ``[B, K]``.
+    L = mean max(−A ρ, −A clip(ρ, 1−ε, 1+ε)),  ρ = exp(log π_θ − log π_old).
+    """
+    ratio = torch.exp(log_probs - old_log_probs)  # ρ_t(θ) [B, K]
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    m = mask.float()
+    denom = m.sum().clamp(min=1.0)
+    loss = (torch.maximum(unclipped, clipped) * m).sum() / denom
+    with torch.no_grad():
+        delta = log_probs - old_log_probs
+        metrics = {
+            "approx_kl": float((0.5 * delta**2 * m).sum() / denom),
+            "clip_fraction": float((((ratio - 1.0).abs() > clip_range).float() * m).sum() / denom),
+            "ratio_mean": float((ratio * m).sum() / denom),
+        }
+    return loss, metrics

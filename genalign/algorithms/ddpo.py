@@ -1,0 +1,82 @@
+"""DDPO: policy gradient on the denoising MDP (DDPO_IS, the PPO-clipped variant).
+
+Paper: Black, Janner, Du, Kostrikov, Levine, "Training Diffusion Models with Reinforcement
+Learning" (2023), §4.3 and App. B. Symbols: ``adv -> A`` (per-prompt normalised reward,
+clipped to ±adv_clip_max), ``ratio -> ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t)``,
+``clip_range -> ε``.
+
+    L = E_t max(−A ρ_t, −A clip(ρ_t, 1−ε, 1+ε))
+
+Every trained step of a rollout shares the rollout's advantage (the reward arrives only
+at the end, undiscounted). ``timestep_fraction`` trains a random subset of steps per row;
+the trainer accumulates gradients over all of them before one optimizer step.
+
+Log-probs are per-dimension means (see genalign.distributions), so ρ stays near 1 and the
+reference clip range is tiny (1e-4). Applied to a ConsistencyPolicy this same object is
+RLCM; applied to an LM policy it is plain PPO-clip with sequence-level advantages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from genalign.algorithms.advantages import PerPromptStats, batch_normalize, ppo_clip_loss
+from genalign.configs import opt
+from genalign.trajectory import Trajectory
+
+
+@dataclass
+class DDPOConfig:
+    name: Literal["ddpo"] = opt("ddpo", "algorithm name")
+    clip_range: float = opt(1e-4, "PPO clip ε on the per-step ratio (per-dimension-mean log-probs: keep it tiny)")
+    adv_clip_max: float = opt(5.0, "advantages are clipped to [−adv_clip_max, adv_clip_max]")
+    per_prompt_stat_tracking: bool = opt(True, "normalise rewards per prompt (with a history buffer), else per batch")
+    stat_buffer_size: int = opt(32, "rewards kept per prompt for its running mean/std")
+    stat_min_count: int = opt(16, "below this many rewards for a prompt, use the batch's mean/std")
+    timestep_fraction: float = opt(1.0, "fraction of denoising steps trained per rollout (random per row)")
+
+    def validate(self) -> None:
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"'timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
+        if self.clip_range <= 0:
+            raise ValueError(f"'clip_range' must be > 0, got {self.clip_range}")
+
+
+class DDPO:
+    needs_reference = False
+
+    def __init__(self, config: DDPOConfig | None = None):
+        self.config = config or DDPOConfig()
+        self.name = "ddpo"
+        self.stats = PerPromptStats(self.config.stat_buffer_size, self.config.stat_min_count)
+
+    def advantages(self, rewards: torch.Tensor, conditions: Sequence[Any], group: torch.Tensor) -> torch.Tensor:
+        if self.config.per_prompt_stat_tracking:
+            return self.stats(rewards, conditions)  # [N]
+        return batch_normalize(rewards)
+
+    def train_steps(self, traj: Trajectory, generator: torch.Generator) -> torch.Tensor:
+        b, t = traj.batch_size, traj.num_steps
+        k = max(1, int(round(t * self.config.timestep_fraction)))
+        if k == t:
+            return torch.arange(t).unsqueeze(0).expand(b, -1)  # [B, T]
+        return torch.stack([torch.randperm(t, generator=generator)[:k].sort().values for _ in range(b)])  # [B, K]
+
+    def loss(
+        self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        adv = batch.advantages.to(log_probs.device).float()
+        adv = adv.clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
+        if adv.ndim == 1:
+            adv = adv.unsqueeze(1)  # [B, 1]: one advantage for every step of a rollout
+        return ppo_clip_loss(adv, log_probs, batch.log_probs.to(log_probs.device), self.config.clip_range, batch.mask)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats.load_state_dict(state["stats"])

@@ -1,0 +1,105 @@
+"""Resumable checkpoints, written so that a crash mid-write never replaces a good one.
+
+Layout of ``<run>/checkpoints/epoch_00003/``:
+    trainable.safetensors   trainable policy parameters
+    optimizer.pt            optimizer state (tensors and numbers; loaded with weights_only=True)
+    rng.safetensors         torch's global RNG state
+    state.json              epoch, counters, wall time, algorithm state, python/numpy RNG
+``<run>/checkpoints/latest`` names the newest complete checkpoint. A checkpoint is built
+in a hidden temp folder, then renamed into place, then ``latest`` is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def write_checkpoint(
+    root: str,
+    epoch: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> str:
+    os.makedirs(root, exist_ok=True)
+    name = f"epoch_{epoch:05d}"
+    final = os.path.join(root, name)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
+    try:
+        save_file({k: v.contiguous() for k, v in trainable.items()}, os.path.join(tmp, "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        save_file({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+        np_state = np.random.get_state()
+        full_state = {
+            **state,
+            "epoch": epoch,
+            "python_rng": _tuples_to_lists(random.getstate()),
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        }
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(full_state, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(os.path.join(root, LATEST), name)
+    _prune(root, keep, protect=name)
+    return final
+
+
+def latest_checkpoint(root: str) -> str | None:
+    pointer = os.path.join(root, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(root, f.read().strip())
+    return path if os.path.isfile(os.path.join(path, "state.json")) else None
+
+
+def read_checkpoint(path: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore optimizer and RNG state; return (trainable params, state dict)."""
+    trainable = load_file(os.path.join(path, "trainable.safetensors"))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu"))
+    torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["torch"])
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    random.setstate(_lists_to_tuples(state["python_rng"]))
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    return trainable, state
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _prune(root: str, keep: int, protect: str) -> None:
+    names = sorted(n for n in os.listdir(root) if n.startswith("epoch_"))
+    for name in names[: max(0, len(names) - keep)]:
+        if name != protect:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _tuples_to_lists(x: Any) -> Any:
+    return [_tuples_to_lists(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def _lists_to_tuples(x: Any) -> Any:
+    return tuple(_lists_to_tuples(v) for v in x) if isinstance(x, list) else x

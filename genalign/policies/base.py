@@ -1,0 +1,63 @@
+"""The policy seam. A policy turns conditions into trajectories and scores its own actions.
+
+Protocol only: no shared logic lives here (see STYLE.md, habit 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from genalign.trajectory import Trajectory
+
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+@runtime_checkable
+class Policy(Protocol):
+    #: how many steps one ``log_prob`` call should score at most (None: all at once).
+    step_chunk: int | None
+
+    def rollout(self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Generators = None) -> Trajectory:
+        """Sample ``len(conditions) * n_per_condition`` rollouts without gradients.
+
+        Rows are ordered condition-major (all samples of condition 0 first) and ``group``
+        holds the condition index. ``generator`` is one generator or one per output row.
+        """
+        ...
+
+    def log_prob(self, traj: Trajectory, steps: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """log π_θ(action | state) at ``steps`` (``[K]`` or ``[B, K]``) -> ``[B, K]``, with grad."""
+        ...
+
+    def reference(self) -> AbstractContextManager[None]:
+        """Context in which ``log_prob`` / ``rollout`` use the frozen reference model."""
+        ...
+
+    def continue_from(self, traj: Trajectory, step: int, n: int, generator: Generators = None) -> Trajectory:
+        """Branch ``n`` continuations per row from the state before ``step``.
+
+        Returns full-length trajectories (``B * n`` rows): steps before ``step`` are copied
+        from the parent, ``group`` is the parent row index, ``extras['branch_step']`` = step.
+        """
+        ...
+
+    def predict_final(self, traj: Trajectory, step: int) -> Any:
+        """Cheap estimate of the finished output from the state before ``step``
+        (``step == T``: the finished output itself)."""
+        ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def prepare(self, accelerator: Any) -> list[torch.nn.Module]:
+        """Move to the accelerator's device, wrap trainable modules (DDP/FSDP), return them."""
+        ...
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def save_pretrained(self, directory: str) -> None: ...

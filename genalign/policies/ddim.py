@@ -1,0 +1,137 @@
+"""The stochastic DDIM step (eta > 0) as a Gaussian policy with a closed-form log-prob.
+
+Paper: Song et al., "Denoising Diffusion Implicit Models" (2021), eq. 12, as used by
+DDPO (Black et al., 2023). Symbols: ``alpha_t -> ᾱ_t``, ``alpha_prev -> ᾱ_t'``,
+``x0_hat -> x̂0`` (the Tweedie estimate), ``std -> σ_t``, ``mean -> μ``.
+
+    x̂0  = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t
+    σ_t = η √((1−ᾱ_t')/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_t')
+    μ   = √ᾱ_t' x̂0 + √(1 − ᾱ_t' − σ_t²) ε
+    x_t' ~ N(μ, σ_t² I)
+
+The step reproduces ``diffusers.DDIMScheduler.step`` (same prev-timestep rule, same
+clipping, same noise draw from a generator) and additionally returns log π(x_t' | x_t),
+the mean over latent dims (see :mod:`genalign.distributions`). Everything runs in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from genalign.distributions import gaussian_log_prob
+
+
+@dataclass(frozen=True)
+class DDIMConstants:
+    """What the step needs from a DDIMScheduler, captured once (plain tensors, no state)."""
+
+    alphas_cumprod: torch.Tensor  # [num_train_timesteps] float32
+    final_alpha_cumprod: float
+    step_size: int  # num_train_timesteps // num_inference_steps
+    prediction_type: str
+    clip_sample: bool
+    clip_sample_range: float
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_inference_steps: int) -> DDIMConstants:
+        cfg = scheduler.config
+        if getattr(cfg, "thresholding", False):
+            raise ValueError(
+                "DDIM scheduler config has thresholding=True (dynamic thresholding): its x̂0 depends "
+                "on batch quantiles, so the step has no per-sample density; set thresholding=False"
+            )
+        if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
+        if cfg.set_alpha_to_one:
+            raise ValueError(
+                "DDIM scheduler config has set_alpha_to_one=True: the final step is deterministic "
+                "(σ = 0) and has no log-density; use set_alpha_to_one=False (Stable Diffusion's setting)"
+            )
+        return cls(
+            alphas_cumprod=scheduler.alphas_cumprod.detach().float().cpu(),
+            final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+            step_size=cfg.num_train_timesteps // num_inference_steps,
+            prediction_type=cfg.prediction_type,
+            clip_sample=bool(cfg.clip_sample),
+            clip_sample_range=float(cfg.clip_sample_range),
+        )
+
+    def alphas(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ᾱ_t and ᾱ_t' for integer timesteps ``[B]`` -> two ``[B]`` float32 tensors."""
+        t = timesteps.long().cpu()
+        prev = t - self.step_size
+        table = self.alphas_cumprod
+        alpha_t = table[t]
+        alpha_prev = torch.where(prev >= 0, table[prev.clamp(min=0)], torch.full_like(alpha_t, self.final_alpha_cumprod))
+        return alpha_t.to(timesteps.device), alpha_prev.to(timesteps.device)
+
+
+@dataclass
+class StepOutput:
+    prev_sample: torch.Tensor  # x_t'  [B, C, h, w]
+    log_prob: torch.Tensor  # [B]
+    mean: torch.Tensor  # μ     [B, C, h, w]
+    std: torch.Tensor  # σ_t   [B]
+    pred_original_sample: torch.Tensor  # x̂0 [B, C, h, w]
+
+
+def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+def predict_x0_eps(
+    consts: DDIMConstants, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̂0 and ε from the model output, for any prediction type (clipping applied to x̂0)."""
+    model_output, sample = model_output.float(), sample.float()
+    alpha_t, _ = consts.alphas(timesteps)
+    a = _expand(alpha_t, sample)  # [B, 1, 1, 1]
+    if consts.prediction_type == "epsilon":
+        x0 = (sample - (1 - a).sqrt() * model_output) / a.sqrt()
+        eps = model_output
+    elif consts.prediction_type == "v_prediction":
+        x0 = a.sqrt() * sample - (1 - a).sqrt() * model_output
+        eps = a.sqrt() * model_output + (1 - a).sqrt() * sample
+    else:  # "sample"
+        x0 = model_output
+        eps = (sample - a.sqrt() * x0) / (1 - a).sqrt()
+    if consts.clip_sample:
+        # diffusers clips x̂0 but keeps ε as predicted (use_clipped_model_output=False).
+        x0 = x0.clamp(-consts.clip_sample_range, consts.clip_sample_range)
+    return x0, eps
+
+
+def ddim_step(
+    consts: DDIMConstants,
+    model_output: torch.Tensor,
+    timesteps: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> StepOutput:
+    """One stochastic DDIM step x_t -> x_t' with its log-prob.
+
+    model_output, sample: ``[B, C, h, w]``; timesteps: ``[B]`` ints (may differ per row).
+    If ``prev_sample`` is given, it is scored (log π(prev_sample | sample)) instead of drawn;
+    otherwise the noise is drawn exactly as ``DDIMScheduler.step`` draws it.
+    """
+    if eta <= 0:
+        raise ValueError("eta must be > 0: a deterministic DDIM step (eta = 0) has no log-density")
+    x0, eps = predict_x0_eps(consts, model_output, timesteps, sample)
+    alpha_t, alpha_prev = consts.alphas(timesteps)  # [B], [B]
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)  # [B]
+    std = eta * variance.sqrt()  # σ_t [B]
+    if bool((std <= 0).any()):
+        raise ValueError("DDIM step has σ = 0 at this timestep, so no log-density exists")
+    a_prev = _expand(alpha_prev, sample)
+    s = _expand(std, sample)
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - s**2).sqrt() * eps  # μ [B, C, h, w]
+    if prev_sample is None:
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        prev_sample = mean + s * noise.float()
+    log_prob = gaussian_log_prob(prev_sample, mean, s)  # [B]
+    return StepOutput(prev_sample.detach(), log_prob, mean, std, x0)

@@ -1,0 +1,352 @@
+"""Stable Diffusion (any diffusers SD-style pipeline) as a policy over the denoising MDP.
+
+State s_j = (x_t, t, c), action a_j = x_t' (the next latent), transition = the stochastic
+DDIM step of :mod:`genalign.policies.ddim` with classifier-free guidance
+ε = ε_u + w (ε_c − ε_u). Rollouts draw their noise exactly as
+``StableDiffusionPipeline.__call__`` with a DDIM scheduler does, so a seed gives the same
+image here and in plain diffusers (tested).
+
+Fine-tuning is LoRA through peft (``unet.add_adapter``) or full; the reference policy is the
+same UNet with adapters disabled (LoRA) or a frozen copy made on first use (full).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from genalign.configs import opt
+from genalign.policies.ddim import DDIMConstants, ddim_step, predict_x0_eps
+from genalign.trajectory import Trajectory
+
+POLICY_FILE = "genalign_policy.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class StableDiffusionPolicyConfig:
+    type: Literal["stable_diffusion"] = opt("stable_diffusion", "policy kind")
+    pretrained: str = opt("", "local directory or hub id of a diffusers StableDiffusionPipeline (or a genalign policy dir)")
+    revision: str | None = opt(None, "hub revision (branch, tag or commit) of `pretrained`")
+    num_steps: int = opt(20, "DDIM denoising steps per rollout (the horizon T)")
+    eta: float = opt(1.0, "DDIM eta in (0, 1]; must be > 0 for the step to have a log-density")
+    guidance_scale: float = opt(5.0, "classifier-free guidance weight w (1.0 disables CFG)")
+    negative_prompt: str = opt("", "negative prompt used for the unconditional branch of CFG")
+    height: int | None = opt(None, "image height in pixels (default: the UNet's sample size × VAE factor)")
+    width: int | None = opt(None, "image width in pixels (default: as height)")
+    finetune: Literal["lora", "full"] = opt("lora", "train LoRA adapters on the UNet, or all UNet weights")
+    lora_rank: int = opt(4, "LoRA rank r")
+    lora_alpha: float | None = opt(None, "LoRA alpha (scale = alpha / r); default: equal to the rank")
+    lora_targets: list[str] = opt(
+        field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]),
+        "UNet module names that get LoRA adapters (diffusers attention projections by default)",
+    )
+    weight_dtype: Literal["float32", "float16", "bfloat16"] = opt(
+        "float32", "dtype of the frozen weights (VAE, text encoder, UNet base); trainable weights stay fp32"
+    )
+    gradient_checkpointing: bool = opt(False, "recompute UNet activations in backward to save memory")
+    xformers: bool = opt(False, "use xformers memory-efficient attention (needs the `gpu` extra and CUDA)")
+
+    def validate(self) -> None:
+        if not self.pretrained:
+            raise ValueError("'pretrained' is required: a local pipeline directory or a hub id")
+        check_model_location(self.pretrained, "pretrained")
+        if not 0 < self.eta <= 1:
+            raise ValueError(f"'eta' must be in (0, 1] (eta = 0 has no log-density), got {self.eta}")
+        if self.num_steps < 1:
+            raise ValueError(f"'num_steps' must be >= 1, got {self.num_steps}")
+
+
+class StableDiffusionPolicy:
+    """A diffusers StableDiffusionPipeline behind the Policy protocol."""
+
+    step_chunk = 1  # one UNet call (with CFG: 2B rows) per scored step keeps memory flat
+
+    def __init__(self, pipeline: StableDiffusionPipeline, config: StableDiffusionPolicyConfig):
+        self.config = config
+        self.pipe = pipeline
+        self.unet = pipeline.unet
+        self._unet_call = self.unet  # the DDP-wrapped module after prepare()
+        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        self.scheduler.set_timesteps(config.num_steps)
+        self.consts = DDIMConstants.from_scheduler(self.scheduler, config.num_steps)
+        if not 0 < config.eta <= 1:
+            raise ValueError(f"policy.eta must be in (0, 1], got {config.eta}")
+        self.vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        self.height = config.height or pipeline.unet.config.sample_size * self.vae_scale
+        self.width = config.width or self.height
+        self._reference_unet: torch.nn.Module | None = None
+
+        dtype = _DTYPES[config.weight_dtype]
+        pipeline.vae.requires_grad_(False).to(dtype=dtype)
+        pipeline.text_encoder.requires_grad_(False).to(dtype=dtype)
+        if config.finetune == "lora":
+            self.unet.requires_grad_(False).to(dtype=dtype)
+            if "default" not in (getattr(self.unet, "peft_config", None) or {}):
+                self.unet.add_adapter(self.lora_config())
+            for name, p in self.unet.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
+                    p.requires_grad_(True)
+        else:
+            self.unet.requires_grad_(True).to(dtype=torch.float32)
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if config.xformers:
+            self.unet.enable_xformers_memory_efficient_attention()
+        self.pipe.set_progress_bar_config(disable=True)
+
+    # -- construction ----------------------------------------------------------------------
+    def lora_config(self) -> LoraConfig:
+        c = self.config
+        return LoraConfig(
+            r=c.lora_rank,
+            lora_alpha=c.lora_alpha if c.lora_alpha is not None else c.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=list(c.lora_targets),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, config: StableDiffusionPolicyConfig | None = None) -> StableDiffusionPolicy:
+        """Load a diffusers pipeline (local dir or hub id) or a saved genalign policy dir."""
+        config = copy.deepcopy(config) if config is not None else StableDiffusionPolicyConfig()
+        meta_path = os.path.join(path_or_id, POLICY_FILE)
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            saved = StableDiffusionPolicyConfig(**meta["config"])
+            if meta["finetune"] == "full":
+                pipe = _load_pipeline(path_or_id, None)
+                return cls(pipe, _merge_runtime(saved, config, pretrained=path_or_id))
+            pipe = _load_pipeline(meta["base"], saved.revision)
+            policy = cls(pipe, _merge_runtime(saved, config, pretrained=meta["base"]))
+            state = StableDiffusionPipeline.lora_state_dict(path_or_id)[0]
+            state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+            result = set_peft_model_state_dict(policy.unet, state)
+            missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if missing:
+                raise ValueError(f"LoRA weights in {path_or_id} do not fit the base model: {missing[:3]}")
+            return policy
+        config.pretrained = path_or_id
+        return cls(_load_pipeline(path_or_id, config.revision), config)
+
+    # -- protocol ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.unet.named_parameters())
+        unknown = sorted(set(state) - {n for n, p in params.items() if p.requires_grad})
+        if unknown:
+            raise KeyError(f"checkpoint has parameters this policy does not train: {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def prepare(self, accelerator: Any) -> list[torch.nn.Module]:
+        self.pipe.to(accelerator.device)
+        self._unet_call = accelerator.prepare_model(self.unet)
+        return [self._unet_call]
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        if self.config.finetune == "lora":
+            self.unet.disable_adapters()
+            try:
+                yield
+            finally:
+                self.unet.enable_adapters()
+            return
+        if self._reference_unet is None:
+            # Full fine-tuning has no adapters to switch off: keep one frozen copy, made lazily
+            # so that algorithms without a reference term never pay for it.
+            self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        saved = self._unet_call
+        self._unet_call = self._reference_unet
+        try:
+            yield
+        finally:
+            self._unet_call = saved
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt and negative-prompt embeddings, as the pipeline computes them: 2 × ``[B, L, D]``."""
+        cond, uncond = self.pipe.encode_prompt(
+            list(prompts), self.device, 1, True, negative_prompt=[self.config.negative_prompt] * len(prompts)
+        )
+        return cond, uncond
+
+    def _eps(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """Guided model output for latents ``[N, C, h, w]`` at timesteps ``[N]``."""
+        w = self.config.guidance_scale
+        dtype = self.unet.dtype
+        if w == 1.0:
+            return self._unet_call(latents.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+        x = torch.cat([latents, latents]).to(dtype)  # [2N, C, h, w], uncond rows first as in diffusers
+        out = self._unet_call(x, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]).to(dtype)).sample
+        out_u, out_c = out.float().chunk(2)
+        return out_u + w * (out_c - out_u)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[N, C, h, w]`` -> images ``[N, 3, H, W]`` in [0, 1]."""
+        vae = self.pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        first_step: int,
+        generator: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run steps ``first_step..T-1``; returns states, actions ``[N, T', C, h, w]``, log-probs ``[N, T']``."""
+        states, actions, log_probs = [], [], []
+        n = latents.shape[0]
+        for t in self.scheduler.timesteps[first_step:]:
+            t_batch = torch.full((n,), int(t), device=latents.device, dtype=torch.long)
+            model_in = self.scheduler.scale_model_input(latents, t)
+            eps = self._eps(model_in, t_batch, cond, uncond)
+            out = ddim_step(self.consts, eps, t_batch, latents, self.config.eta, generator=generator)
+            states.append(latents)
+            actions.append(out.prev_sample)
+            log_probs.append(out.log_prob)
+            latents = out.prev_sample.to(latents.dtype)
+        return torch.stack(states, 1), torch.stack(actions, 1), torch.stack(log_probs, 1)
+
+    @torch.no_grad()
+    def rollout(self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Any = None) -> Trajectory:
+        prompts = [str(c) for c in conditions for _ in range(n_per_condition)]
+        n = len(prompts)
+        cond, uncond = self.encode(prompts)
+        shape = (n, self.unet.config.in_channels, self.height // self.vae_scale, self.width // self.vae_scale)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=cond.dtype)
+        latents = latents * self.scheduler.init_noise_sigma  # x_T [N, C, h, w]
+        states, actions, log_probs = self._denoise(latents.float(), cond, uncond, 0, generator)
+        steps = self.scheduler.timesteps.to(self.device)
+        return Trajectory(
+            conditions=prompts,
+            group=torch.arange(len(conditions), device=self.device).repeat_interleave(n_per_condition),
+            states=states,
+            actions=actions,
+            timesteps=steps.unsqueeze(0).expand(n, -1).clone(),
+            log_probs=log_probs,
+            mask=torch.ones(n, len(steps), dtype=torch.bool, device=self.device),
+            step_ids=torch.arange(len(steps), device=self.device).unsqueeze(0).expand(n, -1).clone(),
+            outputs=self.decode(actions[:, -1]),
+            extras={"prompt_embeds": cond, "negative_prompt_embeds": uncond},
+        )
+
+    def log_prob(self, traj: Trajectory, steps: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        sub = traj.subset(steps)
+        b, k = sub.log_probs.shape
+        cond = traj.extras["prompt_embeds"].repeat_interleave(k, 0)  # [B*K, L, D]
+        uncond = traj.extras["negative_prompt_embeds"].repeat_interleave(k, 0)
+        x_t = sub.states.flatten(0, 1)  # [B*K, C, h, w]
+        t = sub.timesteps.flatten()  # [B*K]
+        eps = self._eps(x_t, t, cond, uncond)
+        out = ddim_step(self.consts, eps, t, x_t, self.config.eta, prev_sample=sub.actions.flatten(0, 1))
+        return out.log_prob.view(b, k)
+
+    @torch.no_grad()
+    def continue_from(self, traj: Trajectory, step: int, n: int, generator: Any = None) -> Trajectory:
+        if not 0 <= step < traj.num_steps:
+            raise IndexError(f"branch step {step} outside 0..{traj.num_steps - 1}")
+        parent = traj[torch.arange(traj.batch_size).repeat_interleave(n)]
+        cond, uncond = parent.extras["prompt_embeds"], parent.extras["negative_prompt_embeds"]
+        states, actions, log_probs = self._denoise(parent.states[:, step].float(), cond, uncond, step, generator)
+        new_states = torch.cat([parent.states[:, :step], states], 1)
+        new_actions = torch.cat([parent.actions[:, :step], actions], 1)
+        new_lp = torch.cat([parent.log_probs[:, :step], log_probs], 1)
+        extras = dict(parent.extras)
+        extras["branch_step"] = torch.full((parent.batch_size,), step, dtype=torch.long, device=self.device)
+        return Trajectory(
+            conditions=parent.conditions,
+            group=torch.arange(traj.batch_size, device=self.device).repeat_interleave(n),
+            states=new_states,
+            actions=new_actions,
+            timesteps=parent.timesteps,
+            log_probs=new_lp,
+            mask=parent.mask,
+            step_ids=parent.step_ids,
+            outputs=self.decode(new_actions[:, -1]),
+            extras=extras,
+        )
+
+    @torch.no_grad()
+    def predict_final(self, traj: Trajectory, step: int) -> torch.Tensor:
+        if step == traj.num_steps:
+            return self.decode(traj.actions[:, -1])
+        x_t, t = traj.states[:, step].float(), traj.timesteps[:, step]
+        eps = self._eps(x_t, t, traj.extras["prompt_embeds"], traj.extras["negative_prompt_embeds"])
+        x0, _ = predict_x0_eps(self.consts, eps, t, x_t)  # Tweedie estimate x̂0 [B, C, h, w]
+        return self.decode(x0)
+
+    def save_pretrained(self, directory: str) -> None:
+        """LoRA: diffusers LoRA format (``pipe.load_lora_weights(directory)`` works). Full: a pipeline."""
+        os.makedirs(directory, exist_ok=True)
+        if self.config.finetune == "lora":
+            lora_state = get_peft_model_state_dict(self.unet)
+            StableDiffusionPipeline.save_lora_weights(
+                directory,
+                unet_lora_layers=lora_state,
+                unet_lora_adapter_metadata=self.lora_config().to_dict(),
+                safe_serialization=True,
+            )
+        else:
+            self.pipe.save_pretrained(directory, safe_serialization=True)
+        base = self.config.pretrained
+        if os.path.isdir(base):
+            base = os.path.abspath(base)
+        meta = {"type": "stable_diffusion", "finetune": self.config.finetune, "base": base, "config": asdict(self.config)}
+        with open(os.path.join(directory, POLICY_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+
+
+def _merge_runtime(saved: StableDiffusionPolicyConfig, given: StableDiffusionPolicyConfig, pretrained: str) -> StableDiffusionPolicyConfig:
+    """Saved adapter shape wins; sampling settings given at load time win."""
+    merged = copy.deepcopy(given) if given.pretrained else copy.deepcopy(saved)
+    for key in ("finetune", "lora_rank", "lora_alpha", "lora_targets"):
+        setattr(merged, key, getattr(saved, key))
+    merged.pretrained = pretrained
+    return merged
+
+
+def check_model_location(path_or_id: str, key: str) -> None:
+    """A local directory must exist; anything else must look like a hub id ``org/name``."""
+    if os.path.isdir(path_or_id):
+        return
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        raise FileNotFoundError(f"'{key}': no model directory at {path_or_id!r} (and it is not a hub id like org/name)")
+
+
+def _load_pipeline(path_or_id: str, revision: str | None) -> StableDiffusionPipeline:
+    check_model_location(path_or_id, "pretrained")
+    return StableDiffusionPipeline.from_pretrained(
+        path_or_id,
+        revision=revision,
+        safety_checker=None,
+        requires_safety_checker=False,
+        use_safetensors=True,
+        torch_dtype=torch.float32,
+    )

@@ -1,0 +1,96 @@
+"""Where conditions come from: a list in the config, a text file, or Shapes World.
+
+Every source draws an epoch's prompts deterministically from ``(seed, epoch)``, so a
+resumed run sees exactly the prompts the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from genalign.configs import opt
+
+
+@dataclass
+class ListPrompts:
+    source: Literal["list"] = opt("list", "prompts given inline")
+    prompts: list[str] = opt([], "the prompts; each epoch samples from them uniformly with replacement")
+    eval_prompts: list[str] = opt([], "fixed prompts for before/after grids and eval (default: the first prompts)")
+
+    def validate(self) -> None:
+        if not self.prompts:
+            raise ValueError("'prompts' is empty: give at least one prompt")
+
+    def sample(self, n: int, seed: int) -> list[str]:
+        rng = random.Random(seed)
+        return [rng.choice(self.prompts) for _ in range(n)]
+
+    def evaluation(self, n: int) -> list[str]:
+        pool = self.eval_prompts or self.prompts
+        return [pool[i % len(pool)] for i in range(n)]
+
+
+@dataclass
+class FilePrompts:
+    source: Literal["file"] = opt("file", "prompts read from a text file, one per line")
+    path: str = opt("", "text file with one prompt per line (blank lines and # comments skipped)")
+
+    def validate(self) -> None:
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"'path': prompt file not found: {self.path!r}")
+        if not self.load():
+            raise ValueError(f"'path': prompt file {self.path!r} has no prompts")
+
+    def load(self) -> list[str]:
+        with open(self.path) as f:
+            lines = [line.strip() for line in f]
+        return [line for line in lines if line and not line.startswith("#")]
+
+    def sample(self, n: int, seed: int) -> list[str]:
+        prompts = self.load()
+        rng = random.Random(seed)
+        return [rng.choice(prompts) for _ in range(n)]
+
+    def evaluation(self, n: int) -> list[str]:
+        prompts = self.load()
+        return [prompts[i % len(prompts)] for i in range(n)]
+
+
+@dataclass
+class ShapesWorldPrompts:
+    source: Literal["shapes_world"] = opt("shapes_world", "prompts from the Shapes World grammar")
+    tiers: list[int] = opt([1, 2, 3, 4, 5], "difficulty tiers to draw from (1 one object … 5 counting)")
+    split: Literal["train", "heldout"] = opt("train", "compositions to train on")
+    eval_split: Literal["train", "heldout"] = opt("heldout", "compositions for before/after grids and eval")
+    pool_size: int = opt(0, "if > 0, train on a fixed pool of this many prompts per tier (else fresh draws)")
+
+    def validate(self) -> None:
+        bad = [t for t in self.tiers if t not in (1, 2, 3, 4, 5)]
+        if bad or not self.tiers:
+            raise ValueError(f"'tiers' must be a non-empty subset of 1..5, got {self.tiers}")
+
+    def sample(self, n: int, seed: int) -> list[str]:
+        from genalign.toyworld import sample_prompts
+
+        rng = random.Random(seed)
+        if self.pool_size > 0:
+            pool = [p for t in self.tiers for p in sample_prompts(t, self.pool_size, self.split, seed=1000 + t)]
+            return [rng.choice(pool) for _ in range(n)]
+        tiers = [rng.choice(self.tiers) for _ in range(n)]
+        out = []
+        for i, tier in enumerate(tiers):
+            out.extend(sample_prompts(tier, 1, self.split, seed=seed * 100_003 + i))
+        return out
+
+    def evaluation(self, n: int) -> list[str]:
+        from genalign.toyworld import sample_prompts
+
+        per_tier = -(-n // len(self.tiers))
+        prompts = [p for t in self.tiers for p in sample_prompts(t, per_tier, self.eval_split, seed=12345)]
+        return prompts[:n]
+
+
+PROMPT_SOURCES = {"list": ListPrompts, "file": FilePrompts, "shapes_world": ShapesWorldPrompts}

@@ -1,0 +1,85 @@
+"""The config of one training run: what ``genalign train CONFIG.yaml`` reads.
+
+Plain dicts map the names used in YAML to classes (policy ``type``, algorithm ``name``,
+reward ``type``, prompt ``source``); the whole file validates before any model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from genalign.algorithms import ALGORITHMS
+from genalign.configs import ConfigError, opt, tagged
+from genalign.policies import POLICIES
+from genalign.prompts import PROMPT_SOURCES
+from rewards.registry import REWARDS
+
+POLICY_CONFIGS = {k: v[0] for k, v in POLICIES.items()}
+ALGORITHM_CONFIGS = {k: v[0] for k, v in ALGORITHMS.items()}
+REWARD_CONFIGS = {k: v[0] for k, v in REWARDS.items()}
+
+
+@dataclass
+class RewardSection:
+    components: list[Any] = tagged(REWARD_CONFIGS, "type", default=["jpeg_compressibility"], help="rewards summed with their weights into the trained reward")
+    monitor: list[Any] = tagged(REWARD_CONFIGS, "type", default=[], help="held-out rewards only logged (a reward-hacking monitor), never trained")
+
+    def validate(self) -> None:
+        if not self.components:
+            raise ValueError("'components' is empty: give at least one reward")
+
+
+@dataclass
+class TrainLoop:
+    epochs: int = opt(10, "epochs; each samples, scores and trains on a fresh batch of rollouts")
+    prompts_per_epoch: int = opt(16, "conditions drawn per epoch (split over processes)")
+    samples_per_prompt: int = opt(4, "rollouts per condition (a group: shared per-prompt statistics)")
+    rollout_batch_size: int = opt(16, "rows per rollout call (a multiple of samples_per_prompt)")
+    train_batch_size: int = opt(8, "rows per forward/backward pass")
+    gradient_accumulation_steps: int = opt(1, "minibatches per optimizer step (gradients of all trained steps accumulate too)")
+    inner_epochs: int = opt(1, "passes of optimisation over each epoch's rollouts")
+    learning_rate: float = opt(3e-4, "AdamW learning rate")
+    adam_beta1: float = opt(0.9, "AdamW β1")
+    adam_beta2: float = opt(0.999, "AdamW β2")
+    adam_eps: float = opt(1e-8, "AdamW ε")
+    weight_decay: float = opt(1e-4, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient norm clip (0 disables)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "accelerate mixed precision (GPU); CPU runs use fp32")
+    checkpoint_every: int = opt(1, "write a resumable checkpoint every this many epochs (0: only at the end)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    on_nonfinite_reward: Literal["drop", "error"] = opt("drop", "a NaN/inf reward row is dropped from training (and counted) or stops the run")
+
+    def validate(self) -> None:
+        for name in ("epochs", "prompts_per_epoch", "samples_per_prompt", "rollout_batch_size", "train_batch_size", "gradient_accumulation_steps", "inner_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"'rollout_batch_size' ({self.rollout_batch_size}) must be a multiple of 'samples_per_prompt' ({self.samples_per_prompt})"
+            )
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = opt(True, "write report.html with before/after grids and reward curves")
+    num_prompts: int = opt(8, "prompts in the before/after grid (from the prompt source's eval set)")
+    seeds: list[int] = opt([0, 1, 2, 3], "sampling seeds per grid prompt (one grid column each)")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = opt(0, "seed for sampling, shuffling and initialisation; fixed seeds give identical CPU runs")
+    output_dir: str = opt("runs/default", "run directory: config, metrics, checkpoints, final policy, report")
+    policy: Any = tagged(POLICY_CONFIGS, "type", help="the generator to train")
+    algorithm: Any = tagged(ALGORITHM_CONFIGS, "name", default="ddpo", help="the loss over trajectories")
+    reward: RewardSection = opt(field(default_factory=RewardSection), "what the rollouts are scored with")
+    prompts: Any = tagged(PROMPT_SOURCES, "source", help="where conditions come from")
+    train: TrainLoop = opt(field(default_factory=TrainLoop), "the optimisation loop")
+    report: ReportConfig = opt(field(default_factory=ReportConfig), "the HTML report")
+
+    def validate(self) -> None:
+        if self.policy is None:
+            raise ConfigError("missing required section 'policy' (with a 'type', e.g. stable_diffusion)")
+        if self.prompts is None:
+            raise ConfigError("missing required section 'prompts' (with a 'source': list, file or shapes_world)")

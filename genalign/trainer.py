@@ -1,0 +1,356 @@
+"""One trainer for every Algorithm × Policy × RewardModel: rollout → score → loss → step.
+
+Runs on accelerate: one process on CPU, or ``accelerate launch`` for DDP/FSDP/DeepSpeed
+with no code change. Conditions are split across processes by prompt, so a prompt's
+group of rollouts stays on one process; rewards are gathered so per-prompt statistics
+are global and identical everywhere.
+
+Reproducibility: each rollout row draws its noise from its own generator seeded by
+(seed, epoch, row), and shuffles by (seed, epoch, pass), so a resumed run reproduces the
+uninterrupted one exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from genalign import checkpoint
+from genalign.algorithms import ALGORITHMS
+from genalign.configs import ConfigError, to_dict
+from genalign.policies import POLICIES
+from genalign.report import image_grid, plot_curves, write_report
+from genalign.train_config import TrainConfig
+from genalign.trajectory import Trajectory
+from rewards.compose import NonFiniteRewardError, WeightedSum, check_finite
+from rewards.registry import build_reward
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integer parts, stable across runs and platforms."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
+
+
+def row_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None):
+        self.config = config
+        self.acc = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
+        n_proc = self.acc.num_processes
+        if config.train.prompts_per_epoch % n_proc:
+            raise ConfigError(f"'train.prompts_per_epoch' ({config.train.prompts_per_epoch}) must be divisible by the {n_proc} processes")
+        set_seed(config.seed)
+        self.out = config.output_dir
+        self.main = self.acc.is_main_process
+
+        policy_cls = POLICIES[config.policy.type][1]
+        self.policy = policy_cls.from_pretrained(config.policy.pretrained, config.policy)
+        self.reward = build_reward(config.reward.components)
+        self.monitor: WeightedSum | None = build_reward(config.reward.monitor) if config.reward.monitor else None
+        self.algorithm = ALGORITHMS[config.algorithm.name][1](config.algorithm)
+        self.prompts = config.prompts
+
+        params = self.policy.trainable_parameters()
+        if not params:
+            raise ValueError("the policy has no trainable parameters")
+        t = config.train
+        optimizer = torch.optim.AdamW(
+            params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
+        )
+        self.modules = self.policy.prepare(self.acc)
+        self.optimizer = self.acc.prepare_optimizer(optimizer)
+        self.params = params
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.samples = 0
+        self.reward_queries = 0
+        self.wall_before = 0.0
+
+    # -- public ------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> list[dict[str, Any]]:
+        ckpt_root = os.path.join(self.out, "checkpoints")
+        if resume:
+            self._resume(ckpt_root)
+        elif checkpoint.latest_checkpoint(ckpt_root) is not None:
+            raise FileExistsError(
+                f"{self.out} already holds a run with checkpoints: pass --resume to continue it, or set output_dir elsewhere"
+            )
+        if self.main:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.yaml"), "w") as f:
+                yaml.safe_dump(to_dict(self.config), f, sort_keys=False)
+        writer = self._tensorboard()
+        timings: dict[str, float] = defaultdict(float)
+        grids = self._load_grids()
+        if self.config.report.enabled and "before" not in grids:
+            t0 = time.perf_counter()
+            grids["before"] = self._grid("before")
+            timings["report grids"] += time.perf_counter() - t0
+
+        epochs = self.config.train.epochs
+        start = time.perf_counter()
+        bar = tqdm(range(self.start_epoch, epochs), desc="epochs", disable=not self.main, initial=self.start_epoch, total=epochs)
+        for epoch in bar:
+            metrics = self._epoch(epoch, timings)
+            metrics["wall_seconds"] = self.wall_before + time.perf_counter() - start
+            self.history.append(metrics)
+            if self.main:
+                with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if writer is not None:
+                    for k, v in metrics.items():
+                        writer.add_scalar(k, v, epoch + 1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
+            every = self.config.train.checkpoint_every
+            if (every and (epoch + 1) % every == 0) or epoch + 1 == epochs:
+                self._checkpoint(ckpt_root, epoch + 1, metrics["wall_seconds"])
+        timings["training"] = time.perf_counter() - start
+
+        self._save_final()
+        if self.config.report.enabled:
+            t0 = time.perf_counter()
+            grids["after"] = self._grid("after")
+            timings["report grids"] += time.perf_counter() - t0
+            if self.main:
+                self._write_report(grids, timings)
+        if writer is not None:
+            writer.close()
+        self.acc.wait_for_everyone()
+        return self.history
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def _epoch(self, epoch: int, timings: dict[str, float]) -> dict[str, Any]:
+        cfg, acc = self.config, self.acc
+        n = cfg.train.samples_per_prompt
+        prompts = self.prompts.sample(cfg.train.prompts_per_epoch, seed=derive_seed(cfg.seed, epoch))
+        local = list(range(acc.process_index, len(prompts), acc.num_processes))
+        per_call = cfg.train.rollout_batch_size // n
+
+        t0 = time.perf_counter()
+        trajs, comps, monitor = [], defaultdict(list), defaultdict(list)
+        chunks = [local[i : i + per_call] for i in range(0, len(local), per_call)]
+        for chunk in tqdm(chunks, desc=f"epoch {epoch + 1} rollouts", leave=False, disable=not self.main):
+            seeds = [derive_seed(cfg.seed, epoch, p * n + j) for p in chunk for j in range(n)]
+            with acc.autocast():
+                traj = self.policy.rollout([prompts[p] for p in chunk], n, row_generators(seeds))
+            traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
+            scored = self.reward(traj.outputs, traj.conditions)
+            for k, v in scored.components.items():
+                comps[k].append(v.float().cpu())
+            if self.monitor is not None:
+                for k, v in self.monitor(traj.outputs, traj.conditions).components.items():
+                    monitor[k].append(v.float().cpu())
+            trajs.append(traj.with_rewards(scored.scores.to(traj.log_probs.device)))
+        traj = Trajectory.cat(trajs)
+        timings["rollout + reward"] += time.perf_counter() - t0
+
+        # Gather rewards so that statistics are global and identical on every process.
+        rewards_all = acc.gather(traj.rewards.float())  # [N_global]
+        conds_all = gather_object(list(traj.conditions)) if acc.num_processes > 1 else list(traj.conditions)
+        group_all = acc.gather(traj.group)
+        valid_all = torch.isfinite(rewards_all)
+        if not bool(valid_all.all()):
+            if cfg.train.on_nonfinite_reward == "error":
+                for k, v in comps.items():
+                    check_finite(k, torch.cat(v), traj.conditions)
+                raise NonFiniteRewardError(f"non-finite rewards in epoch {epoch + 1}")
+            self._warn(f"epoch {epoch + 1}: {int((~valid_all).sum())} non-finite rewards dropped from training")
+        adv_all = self.algorithm.advantages(rewards_all.cpu(), conds_all, group_all.cpu())
+        lo = acc.process_index * traj.batch_size
+        traj.advantages = adv_all[lo : lo + traj.batch_size].to(traj.log_probs.device)
+        valid = torch.isfinite(traj.rewards)
+        traj.mask = traj.mask & valid.unsqueeze(1)  # a dropped row trains on no step
+
+        t0 = time.perf_counter()
+        train_metrics = self._optimise(traj, epoch)
+        timings["optimisation"] += time.perf_counter() - t0
+
+        self.samples += len(prompts) * n
+        self.reward_queries += len(prompts) * n
+        good = rewards_all[valid_all]
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "reward_mean": float(good.mean()) if len(good) else float("nan"),
+            "reward_std": float(good.std(unbiased=False)) if len(good) else float("nan"),
+            "samples": self.samples,
+            "reward_queries": self.reward_queries,
+            "nonfinite_rewards": int((~valid_all).sum()),
+            **train_metrics,
+        }
+        for prefix, table in (("reward/", comps), ("monitor/", monitor)):
+            for k, v in table.items():
+                metrics[prefix + k] = float(acc.gather(torch.cat(v).to(acc.device)).nanmean())
+        return metrics
+
+    def _optimise(self, traj: Trajectory, epoch: int) -> dict[str, float]:
+        cfg, acc = self.config.train, self.acc
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        for inner in range(cfg.inner_epochs):
+            g = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch, 1_000_000 + inner))
+            perm = torch.randperm(traj.batch_size, generator=g)
+            batches = [perm[i : i + cfg.train_batch_size] for i in range(0, traj.batch_size, cfg.train_batch_size)]
+            ga = cfg.gradient_accumulation_steps
+            for i, idx in enumerate(batches):
+                window_start = (i // ga) * ga
+                window = min(ga, len(batches) - window_start)
+                is_update = i == window_start + window - 1
+                mb = traj[idx]
+                steps = self.algorithm.train_steps(mb, g)  # [b, K]
+                k_total = steps.shape[1]
+                chunk = self.policy.step_chunk or k_total
+                col_groups = [list(range(c, min(c + chunk, k_total))) for c in range(0, k_total, chunk)]
+                for ci, cols in enumerate(col_groups):
+                    sync = is_update and ci == len(col_groups) - 1
+                    sub_steps = steps[:, cols]
+                    with self._no_sync(not sync), acc.autocast():
+                        log_probs = self.policy.log_prob(mb, sub_steps)  # [b, k]
+                        ref = None
+                        if self.algorithm.needs_reference:
+                            with torch.no_grad(), self.policy.reference():
+                                ref = self.policy.log_prob(mb, sub_steps)
+                        loss, m = self.algorithm.loss(mb.subset(sub_steps), log_probs, ref)
+                        acc.backward(loss / (len(col_groups) * window))
+                    sums["loss"] += float(loss.detach())
+                    for key, value in m.items():
+                        sums[key] += value
+                    count += 1
+                if is_update:
+                    if cfg.max_grad_norm > 0:
+                        norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                        sums["grad_norm_sum"] += float(norm)
+                        sums["updates"] += 1
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+        out = {k: v / max(count, 1) for k, v in sums.items() if k not in ("grad_norm_sum", "updates")}
+        if sums.get("updates"):
+            out["grad_norm"] = sums["grad_norm_sum"] / sums["updates"]
+        reduced = acc.reduce(torch.tensor(list(out.values()), device=acc.device), "mean") if out else None
+        return dict(zip(out, reduced.tolist())) if reduced is not None else {}
+
+    def _no_sync(self, skip: bool):
+        if not skip or self.acc.num_processes == 1:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for m in self.modules:
+            stack.enter_context(self.acc.no_sync(m))
+        return stack
+
+    # -- checkpoints, final policy, report ----------------------------------------------------
+    def _checkpoint(self, root: str, epoch: int, wall: float) -> None:
+        if self.main:
+            state = {
+                "samples": self.samples,
+                "reward_queries": self.reward_queries,
+                "wall_seconds": wall,
+                "algorithm": self.algorithm.state_dict(),
+            }
+            checkpoint.write_checkpoint(
+                root, epoch, self.policy.trainable_state_dict(), self.optimizer, state, keep=self.config.train.keep_checkpoints
+            )
+        self.acc.wait_for_everyone()
+
+    def _resume(self, root: str) -> None:
+        path = checkpoint.latest_checkpoint(root)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {root}")
+        trainable, state = checkpoint.read_checkpoint(path, self.optimizer)
+        self.policy.load_trainable_state_dict(trainable)
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.start_epoch = state["epoch"]
+        self.samples, self.reward_queries = state["samples"], state["reward_queries"]
+        self.wall_before = state["wall_seconds"]
+        metrics_path = os.path.join(self.out, "metrics.jsonl")
+        if os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            self.history = [r for r in rows if r["epoch"] <= self.start_epoch]
+            if self.main:  # drop epochs logged after the checkpoint: they will be redone
+                with open(metrics_path, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in self.history)
+        self._warn(f"resumed from {path} (epoch {self.start_epoch})")
+
+    def _save_final(self) -> None:
+        if not self.main:
+            return
+        final = os.path.join(self.out, "final")
+        tmp = tempfile.mkdtemp(prefix=".tmp-final-", dir=self.out)
+        try:
+            self.policy.save_pretrained(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    @torch.no_grad()
+    def _grid(self, tag: str) -> dict[str, Any]:
+        rep = self.config.report
+        prompts = self.prompts.evaluation(rep.num_prompts)
+        n = len(rep.seeds)
+        per_call = max(1, self.config.train.rollout_batch_size // n)
+        images, rewards = [], []
+        for i in range(0, len(prompts), per_call):
+            chunk = prompts[i : i + per_call]
+            with self.acc.autocast():
+                traj = self.policy.rollout(chunk, n, row_generators([s for _ in chunk for s in rep.seeds]))
+            images.append(traj.outputs.cpu())
+            rewards.append(self.reward(traj.outputs, traj.conditions).scores.float().cpu())
+        imgs, r = torch.cat(images), torch.cat(rewards).view(len(prompts), n)
+        png = f"samples_{tag}.png"
+        if self.main:
+            image_grid(imgs, rows=len(prompts), scale=4 if imgs.shape[-1] <= 64 else 1).save(os.path.join(self.out, png))
+        grid = {"png": png, "prompts": prompts, "rewards": r.tolist()}
+        if self.main:
+            grids = self._load_grids()
+            grids[tag] = grid
+            with open(os.path.join(self.out, "grids.json"), "w") as f:
+                json.dump(grids, f)
+        return grid
+
+    def _load_grids(self) -> dict[str, Any]:
+        path = os.path.join(self.out, "grids.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+
+    def _write_report(self, grids: dict[str, Any], timings: dict[str, float]) -> None:
+        keys = ["reward_mean"] + [k for k in (self.history[-1] if self.history else {}) if k.startswith("monitor/")]
+        plot_curves(self.history, os.path.join(self.out, "reward_curve.png"), keys)
+        with open(os.path.join(self.out, "config.yaml")) as f:
+            config_yaml = f.read()
+        write_report(self.out, config_yaml, self.history, grids, dict(timings))
+
+    def _tensorboard(self):
+        if not self.main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=os.path.join(self.out, "tensorboard"))
+
+    def _warn(self, message: str) -> None:
+        if self.main:
+            tqdm.write(f"[genalign] {message}")
+
+
+def train(config: TrainConfig, resume: bool = False) -> list[dict[str, Any]]:
+    """Python API equal to ``genalign train``: returns the per-epoch metrics."""
+    return Trainer(config).train(resume=resume)

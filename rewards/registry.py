@@ -1,0 +1,43 @@
+"""Reward names used in configs -> (config class, builder). A plain dict, nothing more."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from genalign.configs import opt
+from rewards.compose import WeightedSum
+from rewards.jpeg import JpegCompressibility, JpegConfig
+
+
+@dataclass
+class ShapesVerifierConfig:
+    type: Literal["shapes_verifier"] = opt("shapes_verifier", "the Shapes World verifier (a trained detector)")
+    weight: float = opt(1.0, "weight of this component in the summed reward")
+    path: str = opt("assets/models/shapes-verifier", "directory with the verifier's weights and config")
+    score: Literal["strict", "partial"] = opt("strict", "strict 0/1 (all clauses hold) or partial credit (mean over clauses)")
+
+    def validate(self) -> None:
+        import os
+
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"'path': no verifier directory at {self.path!r}")
+
+
+def _shapes_verifier(config: ShapesVerifierConfig) -> Any:
+    from rewards.shapes_verifier import ShapesVerifierReward
+
+    return ShapesVerifierReward.from_pretrained(config.path, score=config.score)
+
+
+REWARDS = {
+    "jpeg_compressibility": (JpegConfig, JpegCompressibility),
+    "jpeg_incompressibility": (JpegConfig, JpegCompressibility),
+    "shapes_verifier": (ShapesVerifierConfig, _shapes_verifier),
+}
+
+
+def build_reward(components: list[Any]) -> WeightedSum:
+    """Build the weighted sum of configured components (weights from each config)."""
+    models = [REWARDS[c.type][1](c) for c in components]
+    return WeightedSum(models, [c.weight for c in components])

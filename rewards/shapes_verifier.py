@@ -1,0 +1,217 @@
+"""Shapes World verifier: a tiny grid detector whose detections are judged by the world's
+own :func:`genalign.toyworld.check_scene`.
+
+The detector (YOLO-v1 style, one object per cell) sees the image at 32x32 (larger
+inputs are resized with antialiasing) and predicts, for each cell of an 8x8 grid,
+
+    objectness (1) | shape logits (3) | colour logits (6) | size logits (2) | centre offset (2)
+
+Cells whose objectness clears ``threshold`` become objects centred at
+``(cell + sigmoid(offset)) / grid``; of two detections closer than ``nms_distance`` the
+weaker is dropped. The reward is the strict (0/1) or partial verdict of
+``check_scene(parse_prompt(prompt), detections)``.
+
+Weights: ``model.safetensors`` plus ``config.json`` in one folder, made by
+``python -m genalign.toyworld.train_verifier --out DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from genalign.toyworld import COLORS, SHAPES, SIZES, SceneSpec, check_scene, parse_prompt
+
+from .base import RewardOutput, images_to_tensor
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Channel layout of the detector head, in order.
+HEAD_CHANNELS: dict[str, int] = {
+    "objectness": 1,
+    "shape": len(SHAPES),
+    "color": len(COLORS),
+    "size": len(SIZES),
+    "offset": 2,
+}
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    """One detection in normalised coordinates (x right, y down, in [0, 1])."""
+
+    shape: str
+    color: str
+    size: str
+    x: float
+    y: float
+    score: float
+
+
+def _conv(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class ShapesGridDetector(nn.Module):
+    """Fully convolutional grid detector: ``[B, 3, S, S]`` -> ``[B, 14, G, G]`` head logits.
+
+    Three stages (``channels``) at S, S/2 and S/4 with two max-pools, so ``grid`` must
+    be ``input_size / 4``. Inputs of another size are resized to ``input_size``.
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 64), input_size: int = 32, grid: int = 8) -> None:
+        super().__init__()
+        if input_size != 4 * grid:
+            raise ValueError(f"input_size must be 4 * grid, got input_size={input_size}, grid={grid}")
+        c0, c1, c2 = channels
+        self.input_size, self.grid, self.channels = input_size, grid, tuple(channels)
+        self.body = nn.Sequential(
+            _conv(3, c0),
+            nn.MaxPool2d(2),
+            _conv(c0, c1),
+            _conv(c1, c1),
+            nn.MaxPool2d(2),
+            _conv(c1, c2),
+            _conv(c2, c2),
+            _conv(c2, c2),
+        )
+        self.head = nn.Conv2d(c2, sum(HEAD_CHANNELS.values()), 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images ``[B, 3, H, W]`` in [0, 1] -> logits ``[B, 14, G, G]``."""
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            images = F.interpolate(
+                images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
+            )
+        return self.head(self.body((images - 0.5) / 0.25))
+
+    def split_head(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[B, 14, G, G]`` -> named parts, e.g. ``shape`` ``[B, 3, G, G]``, objectness ``[B, G, G]``."""
+        parts = dict(zip(HEAD_CHANNELS, logits.split(list(HEAD_CHANNELS.values()), dim=1)))
+        parts["objectness"] = parts["objectness"].squeeze(1)
+        return parts
+
+
+def decode_detections(
+    logits: torch.Tensor, grid: int, threshold: float = 0.5, nms_distance: float = 0.12
+) -> list[list[DetectedObject]]:
+    """Head logits ``[B, 14, G, G]`` -> per-image detections, strongest first."""
+    sizes = list(HEAD_CHANNELS.values())
+    obj, shape, color, size, offset = logits.float().split(sizes, dim=1)
+    score = obj.squeeze(1).sigmoid()  # [B, G, G]
+    shape_id, color_id, size_id = shape.argmax(1), color.argmax(1), size.argmax(1)  # [B, G, G] each
+    cells = torch.arange(grid, dtype=torch.float32, device=logits.device)
+    centre_x = (cells.view(1, 1, grid) + offset[:, 0].sigmoid()) / grid  # [B, G, G]
+    centre_y = (cells.view(1, grid, 1) + offset[:, 1].sigmoid()) / grid  # [B, G, G]
+    colors = list(COLORS)
+    out: list[list[DetectedObject]] = []
+    for b in range(logits.shape[0]):
+        hits = (score[b] > threshold).nonzero().tolist()
+        candidates = sorted(
+            (
+                DetectedObject(
+                    SHAPES[int(shape_id[b, i, j])], colors[int(color_id[b, i, j])], SIZES[int(size_id[b, i, j])],
+                    float(centre_x[b, i, j]), float(centre_y[b, i, j]), float(score[b, i, j]),
+                )
+                for i, j in hits
+            ),
+            key=lambda d: -d.score,
+        )
+        kept: list[DetectedObject] = []
+        for d in candidates:
+            if all((d.x - k.x) ** 2 + (d.y - k.y) ** 2 >= nms_distance**2 for k in kept):
+                kept.append(d)
+        out.append(kept)
+    return out
+
+
+class ShapesVerifierReward:
+    """Reward 1 when a detector's reading of the image satisfies the prompt's scene spec.
+
+    ``score="strict"`` (default) gives 0/1 per image, ``score="partial"`` the fraction of
+    satisfied clauses. Both are in ``components``; ``details`` lists per-clause verdicts
+    and detections. Not differentiable (detections are discrete).
+    """
+
+    name = "shapes_verifier"
+    differentiable = False
+
+    def __init__(
+        self,
+        detector: ShapesGridDetector,
+        score: str = "strict",
+        threshold: float = 0.5,
+        nms_distance: float = 0.12,
+        batch_size: int = 256,
+    ) -> None:
+        if score not in ("strict", "partial"):
+            raise ValueError(f"score must be 'strict' or 'partial', got {score!r}")
+        self.detector = detector.float().eval()
+        self.score, self.threshold, self.nms_distance, self.batch_size = score, threshold, nms_distance, batch_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, score: str = "strict", device: str | torch.device = "cpu",
+                        **kwargs: Any) -> ShapesVerifierReward:
+        """Load ``config.json`` + ``model.safetensors`` from a folder."""
+        path = Path(path)
+        config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for file in (config_file, weights_file):
+            if not file.is_file():
+                raise FileNotFoundError(
+                    f"no Shapes verifier at {path}: missing {file.name} (train one with "
+                    f"`python -m genalign.toyworld.train_verifier --out {path}`)"
+                )
+        config = json.loads(config_file.read_text())
+        vocab = {"shapes": list(SHAPES), "colors": list(COLORS), "sizes": list(SIZES)}
+        for key, expected in vocab.items():
+            if config.get(key) != expected:
+                raise ValueError(f"{config_file}: {key} {config.get(key)} do not match Shapes World's {expected}")
+        detector = ShapesGridDetector(config["channels"], config["input_size"], config["grid"])
+        detector.load_state_dict(load_file(str(weights_file)))
+        kwargs.setdefault("threshold", config.get("threshold", 0.5))
+        kwargs.setdefault("nms_distance", config.get("nms_distance", 0.12))
+        return cls(detector.to(device), score=score, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.detector.parameters()).device
+
+    def to(self, device: str | torch.device) -> ShapesVerifierReward:
+        self.detector.to(device)
+        return self
+
+    @torch.no_grad()
+    def detect(self, images: Any) -> list[list[DetectedObject]]:
+        """Images (``[B, 3, H, W]`` in [0, 1] or PIL list) -> detected objects per image."""
+        pixels = images_to_tensor(images)
+        out: list[list[DetectedObject]] = []
+        for chunk in pixels.split(self.batch_size):
+            logits = self.detector(chunk.to(self.device, torch.float32))  # [b, 14, G, G]
+            out.extend(decode_detections(logits, self.detector.grid, self.threshold, self.nms_distance))
+        return out
+
+    def __call__(self, images: Any, prompts: Sequence[str | SceneSpec]) -> RewardOutput:
+        """Score images against prompts (strings or :class:`SceneSpec`); ``scores`` ``[B]``."""
+        detections = self.detect(images)
+        if len(prompts) != len(detections):
+            raise ValueError(f"got {len(detections)} images but {len(prompts)} prompts")
+        strict, partial, details = [], [], []
+        for prompt, found in zip(prompts, detections):
+            spec = prompt if isinstance(prompt, SceneSpec) else parse_prompt(prompt)
+            verdict = check_scene(spec, found)
+            strict.append(float(verdict.strict))
+            partial.append(verdict.partial)
+            details.append({"clauses": [list(c) for c in verdict.clauses], "detected": [asdict(d) for d in found]})
+        components = {
+            "strict": torch.tensor(strict, dtype=torch.float32),
+            "partial": torch.tensor(partial, dtype=torch.float32),
+        }
+        return RewardOutput(scores=components[self.score].clone(), components=components, details=details)
