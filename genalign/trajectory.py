@@ -92,9 +92,12 @@ class Trajectory:
             index = [index]
         if isinstance(index, slice):
             index = range(*index.indices(self.batch_size))
-        idx = torch.as_tensor(list(index) if not isinstance(index, torch.Tensor) else index, dtype=torch.long)
+        idx = torch.as_tensor(list(index) if not isinstance(index, torch.Tensor) else index).cpu()
         if idx.dtype == torch.bool:
+            if idx.shape != (self.batch_size,):
+                raise IndexError(f"boolean index of shape {tuple(idx.shape)} for a batch of {self.batch_size}")
             idx = idx.nonzero().flatten()
+        idx = idx.long()
         values = {f.name: _index_any(getattr(self, f.name), idx) for f in fields(self) if f.name != "extras"}
         values["extras"] = {k: _index_any(v, idx) for k, v in self.extras.items()}
         return Trajectory(**values)
@@ -104,6 +107,8 @@ class Trajectory:
         """Concatenate along the batch dim (all must have the same number of steps)."""
         if not trajs:
             raise ValueError("Trajectory.cat needs at least one trajectory")
+        if len({t.num_steps for t in trajs}) > 1:
+            raise ValueError(f"cannot concatenate trajectories with different numbers of steps: {[t.num_steps for t in trajs]}")
         keys = set(trajs[0].extras)
         if any(set(t.extras) != keys for t in trajs):
             raise ValueError("cannot concatenate trajectories with different extras keys")

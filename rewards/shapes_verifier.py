@@ -1,8 +1,10 @@
 """Shapes World verifier: a tiny grid detector whose detections are judged by the world's
 own :func:`genalign.toyworld.check_scene`.
 
-The detector (YOLO-v1 style, one object per cell) sees the image at 32x32 (larger
-inputs are resized with antialiasing) and predicts, for each cell of an 8x8 grid,
+The detector (YOLO-v1 style, one object per cell; see :class:`ShapesGridDetector` for
+its colour-blind geometry branch and shape-blind colour branch) sees the image at
+32x32 (larger inputs are resized with antialiasing) and predicts, for each cell of an
+8x8 grid,
 
     objectness (1) | shape logits (3) | colour logits (6) | size logits (2) | centre offset (2)
 
@@ -61,37 +63,62 @@ def _conv(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class ShapesGridDetector(nn.Module):
-    """Fully convolutional grid detector: ``[B, 3, S, S]`` -> ``[B, 14, G, G]`` head logits.
+    """Two-branch grid detector: ``[B, 3, S, S]`` -> ``[B, 14, G, G]`` head logits.
 
-    Three stages (``channels``) at S, S/2 and S/4 with two max-pools, so ``grid`` must
-    be ``input_size / 4``. Inputs of another size are resized to ``input_size``.
+    The branches are factorised so that a colour x shape pair never seen in training
+    is read as well as seen ones:
+
+    * geometry (objectness, shape, size, offset) sees only the colour-blind intensity
+      ``max(R, G, B)``: pixel-unshuffle to S/2, two 3x3 convs of ``channels[0]``,
+      max-pool to S/4, three 3x3 convs of ``channels[1]``, a 1x1 head;
+    * colour sees only single pixels: a per-pixel MLP (1x1 convs, ``color_hidden``
+      wide) gives colour probabilities and a foreground weight; a cell's colour is the
+      weighted mean over its 4x4 pixels (returned as log-probabilities).
+
+    ``grid`` must be ``input_size / 4``; inputs of another size are resized to
+    ``input_size``.
     """
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64), input_size: int = 32, grid: int = 8) -> None:
+    def __init__(self, channels: Sequence[int] = (32, 64), color_hidden: int = 16, input_size: int = 32,
+                 grid: int = 8) -> None:
         super().__init__()
         if input_size != 4 * grid:
             raise ValueError(f"input_size must be 4 * grid, got input_size={input_size}, grid={grid}")
-        c0, c1, c2 = channels
-        self.input_size, self.grid, self.channels = input_size, grid, tuple(channels)
-        self.body = nn.Sequential(
-            _conv(3, c0),
-            nn.MaxPool2d(2),
+        c0, c1 = channels
+        self.input_size, self.grid, self.channels, self.color_hidden = input_size, grid, tuple(channels), color_hidden
+        self.geometry = nn.Sequential(
+            nn.PixelUnshuffle(2),  # [B, 4, S/2, S/2]
+            _conv(4, c0),
+            _conv(c0, c0),
+            nn.MaxPool2d(2),  # [B, c0, G, G]
             _conv(c0, c1),
             _conv(c1, c1),
-            nn.MaxPool2d(2),
-            _conv(c1, c2),
-            _conv(c2, c2),
-            _conv(c2, c2),
+            _conv(c1, c1),
+            nn.Conv2d(c1, sum(HEAD_CHANNELS.values()) - len(COLORS), 1),
         )
-        self.head = nn.Conv2d(c2, sum(HEAD_CHANNELS.values()), 1)
+        self.pixel_color = nn.Sequential(
+            nn.Conv2d(3, color_hidden, 1),
+            nn.ReLU(),
+            nn.Conv2d(color_hidden, color_hidden, 1),
+            nn.ReLU(),
+            nn.Conv2d(color_hidden, 1 + len(COLORS), 1),
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images ``[B, 3, H, W]`` in [0, 1] -> logits ``[B, 14, G, G]``."""
+        """images ``[B, 3, H, W]`` in [0, 1] -> logits ``[B, 14, G, G]`` (layout :data:`HEAD_CHANNELS`)."""
         if images.shape[-2:] != (self.input_size, self.input_size):
             images = F.interpolate(
                 images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
             )
-        return self.head(self.body((images - 0.5) / 0.25))
+        intensity = images.amax(1, keepdim=True)  # [B, 1, S, S]
+        obj, shape, size, offset = self.geometry((intensity - 0.5) / 0.25).split(
+            [HEAD_CHANNELS[k] for k in ("objectness", "shape", "size", "offset")], dim=1
+        )  # [B, 1 | 3 | 2 | 2, G, G]
+        pixels = self.pixel_color((images - 0.5) / 0.25)  # [B, 1 + 6, S, S]
+        weight, probs = pixels[:, :1].sigmoid(), pixels[:, 1:].softmax(1)  # [B, 1, S, S], [B, 6, S, S]
+        cell = F.avg_pool2d(weight * probs, 4) / F.avg_pool2d(weight, 4).clamp_min(1e-6)  # [B, 6, G, G]
+        color = cell.clamp_min(1e-6).log()
+        return torch.cat([obj, shape, color, size, offset], dim=1)
 
     def split_head(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[B, 14, G, G]`` -> named parts, e.g. ``shape`` ``[B, 3, G, G]``, objectness ``[B, G, G]``."""
@@ -174,7 +201,7 @@ class ShapesVerifierReward:
         for key, expected in vocab.items():
             if config.get(key) != expected:
                 raise ValueError(f"{config_file}: {key} {config.get(key)} do not match Shapes World's {expected}")
-        detector = ShapesGridDetector(config["channels"], config["input_size"], config["grid"])
+        detector = ShapesGridDetector(config["channels"], config["color_hidden"], config["input_size"], config["grid"])
         detector.load_state_dict(load_file(str(weights_file)))
         kwargs.setdefault("threshold", config.get("threshold", 0.5))
         kwargs.setdefault("nms_distance", config.get("nms_distance", 0.12))

@@ -34,9 +34,10 @@ def build_tiny_pipeline(tmp_dir) -> StableDiffusionPipeline:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     )
+    # 4 blocks: 8×8 latents decode to 64×64 images, large enough for JPEG sizes to vary.
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
     )
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -50,7 +51,7 @@ def build_tiny_pipeline(tmp_dir) -> StableDiffusionPipeline:
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
-    """A saved tiny StableDiffusionPipeline (16×16 images, 8×8×4 latents)."""
+    """A saved tiny StableDiffusionPipeline (64×64 images, 8×8×4 latents)."""
     d = tmp_path_factory.mktemp("tiny_sd")
     tok_dir = tmp_path_factory.mktemp("tok")
     build_tiny_pipeline(tok_dir).save_pretrained(d, safe_serialization=True)

@@ -87,12 +87,15 @@ class StableDiffusionPolicy:
         self.height = config.height or pipeline.unet.config.sample_size * self.vae_scale
         self.width = config.width or self.height
         self._reference_unet: torch.nn.Module | None = None
-
         dtype = _DTYPES[config.weight_dtype]
-        pipeline.vae.requires_grad_(False).to(dtype=dtype)
-        pipeline.text_encoder.requires_grad_(False).to(dtype=dtype)
+        for module in (pipeline.vae, pipeline.text_encoder):
+            module.requires_grad_(False)
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
         if config.finetune == "lora":
-            self.unet.requires_grad_(False).to(dtype=dtype)
+            self.unet.requires_grad_(False)
+            if self.unet.dtype != dtype:
+                self.unet.to(dtype=dtype)
             if "default" not in (getattr(self.unet, "peft_config", None) or {}):
                 self.unet.add_adapter(self.lora_config())
             for name, p in self.unet.named_parameters():
@@ -100,7 +103,12 @@ class StableDiffusionPolicy:
                     p.data = p.data.float()
                     p.requires_grad_(True)
         else:
-            self.unet.requires_grad_(True).to(dtype=torch.float32)
+            self.unet.requires_grad_(True)
+            if self.unet.dtype != torch.float32:
+                self.unet.to(dtype=torch.float32)
+            # Full fine-tuning has no adapters to switch off: the reference is a frozen copy of
+            # the starting weights (twice the UNet memory; LoRA avoids it).
+            self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if config.xformers:
@@ -163,6 +171,8 @@ class StableDiffusionPolicy:
 
     def prepare(self, accelerator: Any) -> list[torch.nn.Module]:
         self.pipe.to(accelerator.device)
+        if self._reference_unet is not None:
+            self._reference_unet.to(accelerator.device)
         self._unet_call = accelerator.prepare_model(self.unet)
         return [self._unet_call]
 
@@ -175,10 +185,6 @@ class StableDiffusionPolicy:
             finally:
                 self.unet.enable_adapters()
             return
-        if self._reference_unet is None:
-            # Full fine-tuning has no adapters to switch off: keep one frozen copy, made lazily
-            # so that algorithms without a reference term never pay for it.
-            self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         saved = self._unet_call
         self._unet_call = self._reference_unet
         try:

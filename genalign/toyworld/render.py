@@ -159,8 +159,8 @@ def _make_item(shape: str, color: str, size: str | None, position: str | None, g
     size = size if size is not None else rng.choice(SIZES)
     radius = SIZE_RADIUS[size] * rng.uniform(0.92, 1.08)
     angle = rng.uniform(-8.0, 8.0) if shape != "circle" else 0.0
-    rgb = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in COLORS[color])
-    return _Item(shape, color, size, position, group, radius, angle, rgb)  # type: ignore[arg-type]
+    r, g, b = (min(255, max(0, c + rng.randint(-12, 12))) for c in COLORS[color])
+    return _Item(shape, color, size, position, group, radius, angle, (r, g, b))
 
 
 def draw_objects(objects: Sequence[PlacedObject], size: int = 32,
@@ -179,7 +179,8 @@ def draw_objects(objects: Sequence[PlacedObject], size: int = 32,
 
 
 def _background(rng: random.Random) -> tuple[int, int, int]:
-    return tuple(c + rng.randint(-4, 4) for c in BACKGROUND)  # type: ignore[return-value]
+    r, g, b = (c + rng.randint(-4, 4) for c in BACKGROUND)
+    return r, g, b
 
 
 def render_scene(spec: SceneSpec, seed: int, size: int = 32) -> tuple[Image.Image, list[PlacedObject]]:

@@ -1,0 +1,78 @@
+"""The DDIM step kernel against diffusers' DDIMScheduler.step and the Gaussian density."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from genalign.distributions import gaussian_log_prob
+from genalign.policies.ddim import DDIMConstants, ddim_step
+
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def _scheduler(**overrides):
+    s = DDIMScheduler(**{**SD_SCHEDULER, **overrides})
+    s.set_timesteps(10)
+    return s
+
+
+@pytest.mark.parametrize("overrides", [{}, {"prediction_type": "v_prediction"}, {"clip_sample": True}, {"prediction_type": "sample"}])
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_mean_matches_diffusers_step(overrides, eta):
+    """With the same variance noise z, diffusers returns μ + σ z; our kernel must give the same."""
+    sched = _scheduler(**overrides)
+    consts = DDIMConstants.from_scheduler(sched, 10)
+    g = torch.Generator().manual_seed(0)
+    for t in sched.timesteps:  # every step, including the last one (ᾱ_prev = ᾱ_0, σ > 0)
+        sample = torch.randn(3, 4, 8, 8, generator=g)
+        model_out = torch.randn(3, 4, 8, 8, generator=g)
+        noise = torch.randn(3, 4, 8, 8, generator=g)
+        expected = sched.step(model_out, t, sample, eta=eta, variance_noise=noise).prev_sample
+        ours = ddim_step(consts, model_out, torch.full((3,), int(t)), sample, eta)
+        std = ours.std.view(-1, 1, 1, 1)
+        torch.testing.assert_close(ours.mean + std * noise, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_draw_matches_diffusers_generator():
+    """Drawing with a generator gives the same x_t' as diffusers with an equally seeded generator."""
+    sched = _scheduler()
+    consts = DDIMConstants.from_scheduler(sched, 10)
+    sample, model_out = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = sched.timesteps[3]
+    expected = sched.step(model_out, t, sample, eta=1.0, generator=torch.Generator().manual_seed(7)).prev_sample
+    ours = ddim_step(consts, model_out, torch.full((2,), int(t)), sample, 1.0, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(ours.prev_sample, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_log_prob_is_closed_form_gaussian_mean_over_dims():
+    """log π = mean_d [−(x−μ)²/(2σ²) − log σ − ½ log 2π]; checked against torch.distributions."""
+    sched = _scheduler()
+    consts = DDIMConstants.from_scheduler(sched, 10)
+    sample, model_out = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([901, 501, 101, 1])  # per-row timesteps
+    out = ddim_step(consts, model_out, t, sample, 1.0, generator=torch.Generator().manual_seed(1))
+    normal = torch.distributions.Normal(out.mean, out.std.view(-1, 1, 1, 1))
+    expected = normal.log_prob(out.prev_sample).flatten(1).mean(1)
+    torch.testing.assert_close(out.log_prob, expected, rtol=1e-5, atol=1e-5)
+    # scoring a given action recomputes the same value
+    again = ddim_step(consts, model_out, t, sample, 1.0, prev_sample=out.prev_sample)
+    torch.testing.assert_close(again.log_prob, out.log_prob)
+
+
+def test_gaussian_log_prob_hand_value():
+    """x = μ + σ: each dim contributes −½ − log σ − ½ log 2π."""
+    mean, std = torch.zeros(1, 5), torch.full((1, 1), 2.0)
+    lp = gaussian_log_prob(mean + 2.0, mean, std)
+    assert lp.item() == pytest.approx(-0.5 - math.log(2.0) - 0.5 * math.log(2 * math.pi), abs=1e-6)
+
+
+def test_refuses_configs_without_density():
+    with pytest.raises(ValueError, match="set_alpha_to_one"):
+        DDIMConstants.from_scheduler(_scheduler(set_alpha_to_one=True), 10)
+    with pytest.raises(ValueError, match="thresholding"):
+        DDIMConstants.from_scheduler(_scheduler(thresholding=True), 10)
+    consts = DDIMConstants.from_scheduler(_scheduler(), 10)
+    with pytest.raises(ValueError, match="eta"):
+        ddim_step(consts, torch.zeros(1, 4, 2, 2), torch.tensor([500]), torch.zeros(1, 4, 2, 2), eta=0.0)

@@ -1,0 +1,130 @@
+"""StableDiffusionPolicy: rollouts equal plain diffusers, log-probs recompute exactly, LoRA I/O."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from genalign.policies import Policy, StableDiffusionPolicy, StableDiffusionPolicyConfig
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+def gens(n, base=0):
+    return [torch.Generator().manual_seed(base + i) for i in range(n)]
+
+
+def make_policy(path, **kw):
+    cfg = StableDiffusionPolicyConfig(pretrained=path, num_steps=kw.pop("num_steps", 4), **kw)
+    return StableDiffusionPolicy.from_pretrained(path, cfg)
+
+
+def perturb_lora(policy, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def plain_pipeline(path, lora_dir=None):
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_implements_protocol(tiny_sd_dir):
+    assert isinstance(make_policy(tiny_sd_dir), Policy)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_log_prob_recomputation_equals_rollout(tiny_sd_dir, guidance_scale):
+    """π_θ/π_old must be exactly 1 before any update, with and without CFG."""
+    policy = make_policy(tiny_sd_dir, guidance_scale=guidance_scale)
+    perturb_lora(policy)  # non-zero adapters so the check covers the LoRA path
+    traj = policy.rollout(PROMPTS, 2, gens(4))
+    assert traj.states.shape == (4, 4, 4, 8, 8) and traj.log_probs.shape == (4, 4)
+    lp = policy.log_prob(traj, list(range(4)))
+    torch.testing.assert_close(lp, traj.log_probs, rtol=0, atol=1e-5)
+    assert lp.requires_grad
+    per_row = policy.log_prob(traj, torch.tensor([[3], [2], [1], [0]]))
+    torch.testing.assert_close(per_row[:, 0], traj.log_probs[torch.arange(4), torch.tensor([3, 2, 1, 0])], rtol=0, atol=1e-5)
+
+
+def test_rollout_equals_plain_pipeline(tiny_sd_dir):
+    """Same seeds per row -> the same images as StableDiffusionPipeline with DDIM, eta=1."""
+    policy = make_policy(tiny_sd_dir, guidance_scale=3.0)
+    traj = policy.rollout(PROMPTS, 2, gens(4))
+    pipe = plain_pipeline(tiny_sd_dir)
+    images = pipe([p for p in PROMPTS for _ in range(2)], num_inference_steps=4, guidance_scale=3.0, eta=1.0,
+                  generator=gens(4), output_type="pt", height=64, width=64).images
+    torch.testing.assert_close(traj.outputs, images, rtol=0, atol=1e-5)
+    assert traj.group.tolist() == [0, 0, 1, 1]
+
+
+def test_saved_lora_reproduces_in_plain_diffusers(tiny_sd_dir, tmp_path):
+    policy = make_policy(tiny_sd_dir, guidance_scale=3.0, lora_rank=2, lora_alpha=4.0)
+    perturb_lora(policy, scale=0.2)
+    ours = policy.rollout(PROMPTS, 1, gens(2, 10)).outputs
+    base = make_policy(tiny_sd_dir, guidance_scale=3.0).rollout(PROMPTS, 1, gens(2, 10)).outputs
+    assert (ours - base).abs().max() > 1e-3, "perturbed adapters must change the samples"
+    policy.save_pretrained(str(tmp_path / "lora"))
+    pipe = plain_pipeline(tiny_sd_dir, str(tmp_path / "lora"))
+    theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, eta=1.0, generator=gens(2, 10), output_type="pt",
+                  height=64, width=64).images
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    reloaded = StableDiffusionPolicy.from_pretrained(str(tmp_path / "lora"))
+    torch.testing.assert_close(reloaded.rollout(PROMPTS, 1, gens(2, 10)).outputs, ours, rtol=0, atol=1e-5)
+
+
+def test_full_finetune_save_and_reference(tiny_sd_dir, tmp_path):
+    policy = make_policy(tiny_sd_dir, finetune="full")
+    traj = policy.rollout(PROMPTS, 1, gens(2))
+    with torch.no_grad():
+        for p in policy.trainable_parameters()[:4]:
+            p.add_(0.1)
+    moved = policy.log_prob(traj, [0, 1])
+    with torch.no_grad(), policy.reference():
+        ref = policy.log_prob(traj, [0, 1])
+    torch.testing.assert_close(ref, traj.log_probs[:, :2], rtol=0, atol=1e-5)
+    assert (moved - ref).abs().max() > 1e-4
+    policy.save_pretrained(str(tmp_path / "full"))
+    reloaded = StableDiffusionPolicy.from_pretrained(str(tmp_path / "full"))
+    torch.testing.assert_close(reloaded.log_prob(traj, [0, 1]), moved, rtol=0, atol=1e-5)
+
+
+def test_reference_disables_adapters(tiny_sd_dir):
+    policy = make_policy(tiny_sd_dir)
+    traj = policy.rollout(PROMPTS, 1, gens(2))  # adapters start at zero: rollout = reference
+    perturb_lora(policy, scale=0.3)
+    with torch.no_grad():
+        moved = policy.log_prob(traj, [1])
+        with policy.reference():
+            ref = policy.log_prob(traj, [1])
+        after = policy.log_prob(traj, [1])
+    torch.testing.assert_close(ref, traj.log_probs[:, 1:2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(after, moved)
+    assert (moved - ref).abs().max() > 1e-4
+
+
+def test_continue_from_and_predict_final(tiny_sd_dir):
+    policy = make_policy(tiny_sd_dir)
+    traj = policy.rollout(PROMPTS, 1, gens(2))
+    branches = policy.continue_from(traj, 2, 3, gens(6, 100))
+    assert branches.batch_size == 6 and branches.num_steps == 4
+    assert branches.group.tolist() == [0, 0, 0, 1, 1, 1]
+    torch.testing.assert_close(branches.states[:3, :3], traj.states[0:1, :3].expand(3, -1, -1, -1, -1))
+    torch.testing.assert_close(branches.log_probs[:3, :2], traj.log_probs[0:1, :2].expand(3, -1))
+    assert (branches.actions[0, 2] - branches.actions[1, 2]).abs().max() > 1e-3, "continuations must differ"
+    torch.testing.assert_close(policy.log_prob(branches, [2, 3]), branches.log_probs[:, 2:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(policy.predict_final(traj, 4), traj.outputs)
+    x0_images = policy.predict_final(traj, 3)
+    assert x0_images.shape == traj.outputs.shape and 0 <= x0_images.min() and x0_images.max() <= 1
+
+
+def test_clear_errors(tiny_sd_dir):
+    with pytest.raises(FileNotFoundError, match="no model directory"):
+        StableDiffusionPolicy.from_pretrained("./does/not/exist")
+    with pytest.raises(ValueError, match="eta"):
+        make_policy(tiny_sd_dir, eta=0.0)

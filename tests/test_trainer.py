@@ -1,0 +1,111 @@
+"""The trainer: run-directory contract, exact resume, safe checkpoints, NaN rewards."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genalign import checkpoint
+from genalign.configs import load_config
+from genalign.train_config import TrainConfig
+from genalign.trainer import Trainer, train
+from rewards.base import RewardOutput
+from rewards.compose import NonFiniteRewardError, WeightedSum
+
+
+def config(tiny_sd_dir, out, *extra):
+    return load_config(TrainConfig, None, [
+        "policy.type=stable_diffusion", f"policy.pretrained={tiny_sd_dir}", "policy.num_steps=3",
+        "prompts.source=list", "prompts.prompts=[a red circle, a blue square, a green triangle]",
+        "train.epochs=2", "train.prompts_per_epoch=2", "train.samples_per_prompt=2", "train.rollout_batch_size=4",
+        "train.train_batch_size=2", "train.learning_rate=1e-2", "algorithm.timestep_fraction=0.67",
+        "report.num_prompts=2", "report.seeds=[0, 1]", f"output_dir={out}", *extra,
+    ])
+
+
+def test_run_directory_contract(tiny_sd_dir, tmp_path):
+    out = tmp_path / "run"
+    history = train(config(tiny_sd_dir, str(out), "train.gradient_accumulation_steps=2"))
+    assert len(history) == 2
+    for name in ("config.yaml", "metrics.jsonl", "report.html", "samples_before.png", "samples_after.png", "reward_curve.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("reward_mean", "reward_std", "loss", "samples", "reward_queries", "wall_seconds", "approx_kl", "clip_fraction"):
+        assert all(key in r for r in rows), key
+    assert rows[1]["samples"] == 8 and rows[1]["reward_queries"] == 8
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+    assert checkpoint.latest_checkpoint(str(out / "checkpoints")).endswith("epoch_00002")
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    html = (out / "report.html").read_text()
+    assert not re.search(r"(src|href)=['\"]https?:", html), "the report must render offline"
+    for src in re.findall(r"src='([^']+)'", html):
+        assert (out / src).is_file(), src
+    # an existing run is never overwritten without --resume
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config(tiny_sd_dir, str(out)))
+
+
+def test_resume_equals_uninterrupted(tiny_sd_dir, tmp_path):
+    full = train(config(tiny_sd_dir, str(tmp_path / "a"), "train.epochs=3", "report.enabled=false"))
+    train(config(tiny_sd_dir, str(tmp_path / "b"), "train.epochs=1", "report.enabled=false"))
+    resumed = train(config(tiny_sd_dir, str(tmp_path / "b"), "train.epochs=3", "report.enabled=false"), resume=True)
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(full, resumed):
+        for key in ("reward_mean", "loss", "approx_kl", "samples"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
+    wa = load_file(str(tmp_path / "a" / "final" / "pytorch_lora_weights.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "final" / "pytorch_lora_weights.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(config(tiny_sd_dir, str(tmp_path / "c")), resume=True)
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    root = str(tmp_path / "ckpt")
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    checkpoint.write_checkpoint(root, 1, {"w": torch.ones(2)}, opt, {"x": 1})
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.write_checkpoint(root, 2, {"w": torch.zeros(2)}, opt, {"x": 2})
+    latest = checkpoint.latest_checkpoint(root)
+    assert latest.endswith("epoch_00001")
+    assert sorted(os.listdir(root)) == ["epoch_00001", "latest"], "no half-written folder may remain"
+    trainable, state = checkpoint.read_checkpoint(latest, opt)
+    torch.testing.assert_close(trainable["w"], torch.ones(2))
+    assert state["x"] == 1 and state["epoch"] == 1
+
+
+class _NaNEvery2nd:
+    name = "flaky"
+    differentiable = False
+
+    def __call__(self, outputs, conditions):
+        scores = outputs.mean(dim=(1, 2, 3)).float()
+        scores[::2] = float("nan")
+        return RewardOutput(scores=scores)
+
+
+def test_nonfinite_rewards_dropped_or_reported(tiny_sd_dir, tmp_path):
+    trainer = Trainer(config(tiny_sd_dir, str(tmp_path / "d"), "train.epochs=1", "report.enabled=false"))
+    trainer.reward = WeightedSum([_NaNEvery2nd()], [1.0])
+    before = {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()}
+    history = trainer.train()
+    assert history[0]["nonfinite_rewards"] == 2
+    assert history[0]["reward_mean"] == history[0]["reward_mean"], "mean over finite rewards only"
+    after = trainer.policy.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "finite rows still train"
+
+    strict = Trainer(config(tiny_sd_dir, str(tmp_path / "e"), "train.epochs=1", "report.enabled=false", "train.on_nonfinite_reward=error"))
+    strict.reward = WeightedSum([_NaNEvery2nd()], [1.0])
+    with pytest.raises(NonFiniteRewardError, match="flaky"):
+        strict.train()
