@@ -32,6 +32,9 @@ class ListPrompts:
         pool = self.eval_prompts or self.prompts
         return [pool[i % len(pool)] for i in range(n)]
 
+    def eval_sets(self, n: int) -> dict[str, list[str]]:
+        return {"eval": self.evaluation(n)}
+
 
 @dataclass
 class FilePrompts:
@@ -57,6 +60,9 @@ class FilePrompts:
     def evaluation(self, n: int) -> list[str]:
         prompts = self.load()
         return [prompts[i % len(prompts)] for i in range(n)]
+
+    def eval_sets(self, n: int) -> dict[str, list[str]]:
+        return {"eval": self.evaluation(n)}
 
 
 @dataclass
@@ -91,6 +97,12 @@ class ShapesWorldPrompts:
         per_tier = -(-n // len(self.tiers))
         prompts = [p for t in self.tiers for p in sample_prompts(t, per_tier, self.eval_split, seed=12345)]
         return prompts[:n]
+
+    def eval_sets(self, n: int) -> dict[str, list[str]]:
+        """``n`` fixed prompts of the eval split per trained tier."""
+        from genalign.toyworld import sample_prompts
+
+        return {f"tier {t}": sample_prompts(t, n, self.eval_split, seed=12345) for t in self.tiers}
 
 
 PROMPT_SOURCES = {"list": ListPrompts, "file": FilePrompts, "shapes_world": ShapesWorldPrompts}

@@ -59,6 +59,7 @@ def write_report(
     history: list[dict[str, Any]],
     grids: dict[str, dict[str, Any]],
     timings: dict[str, float],
+    evals: list[dict[str, Any]] | None = None,
 ) -> str:
     """Write ``report.html`` referencing PNGs in ``run_dir`` (no network needed to view it).
 
@@ -82,6 +83,20 @@ def write_report(
         head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
         body = "".join("<tr>" + "".join(f"<td>{h.get(k, float('nan')):.4g}</td>" for k in keys) + "</tr>" for h in history)
         metric_rows = f"<table class='metrics'><tr>{head}</tr>{body}</table>"
+    eval_html = ""
+    if evals:
+        keys = [k for k in evals[0] if k not in ("epoch", "set")]
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+        body = "".join(
+            f"<tr><td>{r['epoch']}</td><td>{html.escape(str(r['set']))}</td>"
+            + "".join(f"<td>{r.get(k, float('nan')):.4g}</td>" for k in keys)
+            + "</tr>"
+            for r in evals
+        )
+        eval_html = (
+            "<h2>Evaluation (fixed prompts and seeds; epoch 0 = before training)</h2>"
+            f"<table><tr><th>epoch</th><th>set</th>{head}</tr>{body}</table>"
+        )
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.items())
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>genalign run report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:12px}}
@@ -90,6 +105,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px}} .grids{{display:flex;gap:2em;flex
 <h1>genalign run report</h1>
 <h2>Samples before and after training (same prompts, same seeds)</h2>
 <div class='grids'>{''.join(sections)}</div>
+{eval_html}
 <h2>Reward curve</h2><img src='reward_curve.png'>
 <h2>Metrics per epoch</h2>{metric_rows}
 <h2>Timings</h2><table>{timing_rows}</table>

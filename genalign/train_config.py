@@ -68,6 +68,15 @@ class ReportConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = opt(True, "score fixed eval prompts (fixed seeds) before training, every `every` epochs, and after")
+    prompts_per_set: int = opt(16, "prompts per eval set (Shapes World: per tier of the eval split)")
+    samples_per_prompt: int = opt(2, "samples per eval prompt (seeds seed, seed+1, …)")
+    seed: int = opt(1000, "first sampling seed of the eval samples")
+    every: int = opt(0, "also evaluate every this many epochs (0: only before and after)")
+
+
+@dataclass
 class TrainConfig:
     seed: int = opt(0, "seed for sampling, shuffling and initialisation; fixed seeds give identical CPU runs")
     output_dir: str = opt("runs/default", "run directory: config, metrics, checkpoints, final policy, report")
@@ -77,6 +86,7 @@ class TrainConfig:
     prompts: Any = tagged(PROMPT_SOURCES, "source", help="where conditions come from")
     train: TrainLoop = opt(field(default_factory=TrainLoop), "the optimisation loop")
     report: ReportConfig = opt(field(default_factory=ReportConfig), "the HTML report")
+    eval: EvalConfig = opt(field(default_factory=EvalConfig), "fixed-seed evaluation before/after training")
 
     def validate(self) -> None:
         if self.policy is None:

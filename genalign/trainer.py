@@ -102,6 +102,8 @@ class Trainer:
             t0 = time.perf_counter()
             grids["before"] = self._grid("before")
             timings["report grids"] += time.perf_counter() - t0
+        if self.config.eval.enabled and self.start_epoch == 0:
+            self._evaluate(0, timings)
 
         epochs = self.config.train.epochs
         start = time.perf_counter()
@@ -117,6 +119,9 @@ class Trainer:
                     for k, v in metrics.items():
                         writer.add_scalar(k, v, epoch + 1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
+            ev = self.config.eval
+            if ev.enabled and (epoch + 1 == epochs or (ev.every and (epoch + 1) % ev.every == 0)):
+                self._evaluate(epoch + 1, timings)
             every = self.config.train.checkpoint_every
             if (every and (epoch + 1) % every == 0) or epoch + 1 == epochs:
                 self._checkpoint(ckpt_root, epoch + 1, metrics["wall_seconds"])
@@ -276,14 +281,18 @@ class Trainer:
         self.start_epoch = state["epoch"]
         self.samples, self.reward_queries = state["samples"], state["reward_queries"]
         self.wall_before = state["wall_seconds"]
-        metrics_path = os.path.join(self.out, "metrics.jsonl")
-        if os.path.isfile(metrics_path):
-            with open(metrics_path) as f:
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            path_ = os.path.join(self.out, name)
+            if not os.path.isfile(path_):
+                continue
+            with open(path_) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
-            self.history = [r for r in rows if r["epoch"] <= self.start_epoch]
-            if self.main:  # drop epochs logged after the checkpoint: they will be redone
-                with open(metrics_path, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in self.history)
+            kept = [r for r in rows if r["epoch"] <= self.start_epoch]
+            if name == "metrics.jsonl":
+                self.history = kept
+            if self.main:  # drop what was logged after the checkpoint: it will be redone
+                with open(path_, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
         self._warn(f"resumed from {path} (epoch {self.start_epoch})")
 
     def _save_final(self) -> None:
@@ -299,6 +308,28 @@ class Trainer:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
+
+    def _evaluate(self, epoch: int, timings: dict[str, float]) -> list[dict[str, Any]]:
+        """Score fixed prompts with fixed seeds; rows go to eval.jsonl (epoch 0 = before training)."""
+        from genalign.evaluation import sample_and_score
+
+        ev = self.config.eval
+        t0 = time.perf_counter()
+        rows = []
+        for name, prompts in self.prompts.eval_sets(ev.prompts_per_set).items():
+            with self.acc.autocast():
+                _, out = sample_and_score(self.policy, prompts, ev.samples_per_prompt, ev.seed, self.reward,
+                                          self.config.train.rollout_batch_size, desc=f"eval {name}")
+            row = {"epoch": epoch, "set": name, "samples": len(out.scores), "reward": float(out.scores.nanmean())}
+            row.update({k: float(v.nanmean()) for k, v in out.components.items()})
+            rows.append(row)
+        if self.main:
+            with open(os.path.join(self.out, "eval.jsonl"), "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            summary = ", ".join(f"{r['set']}: {r['reward']:.3f}" for r in rows)
+            self._warn(f"eval after epoch {epoch}: {summary}")
+        timings["evaluation"] += time.perf_counter() - t0
+        return rows
 
     @torch.no_grad()
     def _grid(self, tag: str) -> dict[str, Any]:
@@ -337,7 +368,12 @@ class Trainer:
         plot_curves(self.history, os.path.join(self.out, "reward_curve.png"), keys)
         with open(os.path.join(self.out, "config.yaml")) as f:
             config_yaml = f.read()
-        write_report(self.out, config_yaml, self.history, grids, dict(timings))
+        evals = []
+        path = os.path.join(self.out, "eval.jsonl")
+        if os.path.isfile(path):
+            with open(path) as f:
+                evals = [json.loads(line) for line in f if line.strip()]
+        write_report(self.out, config_yaml, self.history, grids, dict(timings), evals)
 
     def _tensorboard(self):
         if not self.main:

@@ -22,7 +22,8 @@ def config(tiny_sd_dir, out, *extra):
         "prompts.source=list", "prompts.prompts=[a red circle, a blue square, a green triangle]",
         "train.epochs=2", "train.prompts_per_epoch=2", "train.samples_per_prompt=2", "train.rollout_batch_size=4",
         "train.train_batch_size=2", "train.learning_rate=1e-2", "algorithm.timestep_fraction=0.67",
-        "report.num_prompts=2", "report.seeds=[0, 1]", f"output_dir={out}", *extra,
+        "report.num_prompts=2", "report.seeds=[0, 1]", "eval.prompts_per_set=2", "eval.samples_per_prompt=1",
+        f"output_dir={out}", *extra,
     ])
 
 
@@ -30,6 +31,8 @@ def test_run_directory_contract(tiny_sd_dir, tmp_path):
     out = tmp_path / "run"
     history = train(config(tiny_sd_dir, str(out), "train.gradient_accumulation_steps=2"))
     assert len(history) == 2
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["set"], r["samples"]) for r in evals] == [(0, "eval", 2), (2, "eval", 2)]
     for name in ("config.yaml", "metrics.jsonl", "report.html", "samples_before.png", "samples_after.png", "reward_curve.png"):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

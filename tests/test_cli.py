@@ -1,0 +1,32 @@
+"""`genalign sample` writes its outputs; CLI errors are one clear line with exit code 2."""
+
+import json
+
+from genalign.cli import main
+
+
+def test_sample_writes_images_rewards_and_grid(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    code = main(["sample", tiny_sd_dir, "--prompt", "a red circle", "--prompt", "a blue square", "--n", "2",
+                 "--steps", "2", "--reward", "jpeg_compressibility", "--out", str(out)])
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "rewards.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("a red circle", 0), ("a red circle", 1), ("a blue square", 0), ("a blue square", 1)]
+    assert all(r["reward"] < 0 and "jpeg_kb" in r["components"] for r in rows)
+    assert all((out / r["image"]).is_file() for r in rows)
+    assert (out / "grid.png").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 4 and summary["reward_mean"] == sum(r["reward"] for r in rows) / 4
+
+
+def test_sample_errors(tiny_sd_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    assert main(["sample", tiny_sd_dir, "--prompts", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "has no prompts" in capsys.readouterr().err
+    assert main(["sample", tiny_sd_dir, "--out", str(tmp_path / "o")]) == 2
+    assert "no prompts" in capsys.readouterr().err
+    assert main(["sample", tiny_sd_dir, "--prompt", "x", "--reward", "beauty", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown reward 'beauty'" in capsys.readouterr().err
+    assert main(["sample", "./no/such/model", "--prompt", "x", "--reward", "none"]) == 2
+    assert "no model directory" in capsys.readouterr().err
