@@ -51,7 +51,9 @@ def row_generators(seeds: list[int]) -> list[torch.Generator]:
 class Trainer:
     def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None):
         self.config = config
-        self.acc = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
+        # Several processes without CUDA (accelerate launch on CPUs) need cpu=True for gloo DDP.
+        multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.acc = accelerator or Accelerator(mixed_precision=config.train.mixed_precision, cpu=multi_cpu)
         n_proc = self.acc.num_processes
         if config.train.prompts_per_epoch % n_proc:
             raise ConfigError(f"'train.prompts_per_epoch' ({config.train.prompts_per_epoch}) must be divisible by the {n_proc} processes")

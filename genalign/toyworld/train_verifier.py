@@ -312,10 +312,12 @@ def write_model_card(out: Path, args: argparse.Namespace, detector: ShapesGridDe
     heldout = ", ".join(f"{c} {s}" for c, s in sorted(HELDOUT_PAIRS))
     scored = [k for k in rows[0] if k.split("_")[0] in ("pos", "neg", "near")]
     worst = {split: min(r[k] for r in rows if r["split"] == split for k in scored) for split in ("train", "heldout")}
+    c0, c1 = detector.channels
+    total_s = timings["data_s"] + timings["train_s"]
     card = f"""# Shapes World verifier
 
-A {n_params / 1e3:.0f}k-parameter grid detector that reads a Shapes World image
-(circles, squares, triangles; six colours; two sizes) into a list of objects, which
+A {n_params / 1e3:.0f}k-parameter grid detector that reads a Shapes World image (circles,
+squares, triangles; six colours; two sizes) into a list of objects, which
 `genalign.toyworld.check_scene` then judges against the prompt. Used as the reward
 `rewards.shapes_verifier.ShapesVerifierReward`:
 
@@ -326,64 +328,73 @@ out = reward(images, prompts)  # images [B, 3, H, W] in [0, 1] or PIL; out.score
 ```
 
 ## Architecture
-`ShapesGridDetector`: input 32x32 RGB (other sizes are resized with antialiasing);
-per cell of an 8x8 grid it predicts objectness (1), shape (3), colour (6), size (2)
+`ShapesGridDetector`: input 32x32 RGB (other sizes are resized with antialiasing).
+Per cell of an 8x8 grid it predicts objectness (1), shape (3), colour (6), size (2)
 and the centre offset in the cell (2). Two branches keep colour and shape apart, so a
 colour x shape pair never seen in training is read like a seen one:
 
 - geometry (objectness, shape, size, offset) sees only the colour-blind intensity
-  max(R, G, B): pixel-unshuffle to 16x16x4, two 3x3 conv + BatchNorm + ReLU layers of
-  {detector.channels[0]} channels, max-pool to 8x8, three such layers of {detector.channels[1]} channels, 1x1 head;
-- colour sees single pixels only: a per-pixel MLP ({detector.color_hidden} hidden units, two layers)
-  gives colour probabilities and a foreground weight; a cell's colour is the
-  weighted mean over its 4x4 pixels.
+  max(R, G, B): pixel-unshuffle to 16x16x4, two 3x3 conv + BatchNorm + ReLU layers
+  (width {c0}), max-pool to 8x8, three such layers (width {c1}), a 1x1 head;
+- colour sees single pixels only: a per-pixel MLP (two hidden layers of width
+  {detector.color_hidden}) gives colour probabilities and a foreground weight; a cell's
+  colour is the weighted mean over its 4x4 pixels.
 
-Cells with objectness > 0.5 become objects; of two detections closer than 0.12 (in
-image widths) the weaker is dropped. {n_params:,} parameters, {weights_kb:.0f} KB of
-fp32 safetensors.
+Cells with objectness > 0.5 become objects; of two detections closer than 0.12 image
+widths the weaker is dropped.
+
+- parameters: {n_params:,}
+- weights: {weights_kb:.0f} KB, fp32 safetensors (`model.safetensors`, `config.json`)
 
 ## Data
-{args.scenes:,} renders at 32 px, re-sampled with fresh augmentation each step: half
-renders of train-split prompts of all five tiers, half free scenes of 1-4 random
-objects. The held-out colour x shape pairs ({heldout}) never appear in training, so
-the held-out rows below measure generalisation to unseen pairs.
-
-Augmentation, per image: hue rotation ±15° with saturation x0.75-1.15 (p=0.8),
-brightness x0.85-1.15 (p=0.8), downscale to 1/2 or 3/4 and back up (p=0.4), Gaussian
-blur σ 0.3-0.9 px (p=0.5), Gaussian noise σ up to 0.05 (p=0.5).
+- {args.scenes:,} renders at 32 px, re-augmented each step: half are renders of
+  train-split prompts of all five tiers, half free scenes of 1-4 random objects.
+- Held-out colour x shape pairs never appear in training, so the held-out rows
+  below measure generalisation to unseen pairs: {heldout}.
+- Augmentation, per image: hue rotation ±15° with saturation x0.75-1.15 (p=0.8);
+  brightness x0.85-1.15 (p=0.8); downscale to 1/2 or 3/4 and back up (p=0.4);
+  Gaussian blur σ 0.3-0.9 px (p=0.5); Gaussian noise σ up to 0.05 (p=0.5).
 
 ## Training
 ```
-python -m genalign.toyworld.train_verifier --out {args.out} --seed {args.seed} --steps {args.steps} --scenes {args.scenes} --batch-size {args.batch_size} --lr {args.lr} --threads {args.threads}
+python -m genalign.toyworld.train_verifier --out {args.out} --seed {args.seed} \\
+    --steps {args.steps} --scenes {args.scenes} --batch-size {args.batch_size} --lr {args.lr} --threads {args.threads}
 ```
-AdamW (weight decay 1e-4), one-cycle learning rate peaking at {args.lr}, batch
-{args.batch_size}, {args.steps} steps, seed {args.seed}. Loss: objectness BCE (positive weight
-4) on all cells + cross-entropy for shape, colour, size and 4x L1 centre offset on
-cells holding an object. Wall time on 2 CPU cores (shared with another training
-job, {args.threads} torch thread(s)): {timings["data_s"]:.0f} s rendering, {timings["train_s"]:.0f} s training,
-{timings["eval_s"]:.0f} s evaluation.
+- optimiser: AdamW (weight decay 1e-4), one-cycle learning rate peaking at {args.lr}
+- batch {args.batch_size}, {args.steps} steps, seed {args.seed}
+- loss: objectness BCE (positive weight 4) on all cells; cross-entropy for shape,
+  colour and size, and 4x L1 on the centre offset, on cells holding an object
+- wall time on 2 CPU cores shared with another training job ({args.threads} torch thread(s)):
+  {total_s:.0f} s to train ({timings["data_s"]:.0f} s rendering, {timings["train_s"]:.0f} s optimisation),
+  then {timings["eval_s"]:.0f} s to evaluate
 
 ## Evaluation
-`evaluate_verifier` in `genalign/toyworld/train_verifier.py`, seed {args.seed}: per tier and
-split, {rows[0]["n"]} prompts, each scored against three fresh renders (seeds never used
-in training): **pos** its own scene; **neg** the scene of another random prompt of the
-same tier and split; **near** the scene of a near miss, the prompt with exactly one
-colour, shape, count, size, position or relation changed. Labels come from
-`check_scene` on the true objects (so "a red circle" scored against a render of "a
-small red circle" is labelled 1). Columns give the % of strict verdicts that agree
-with the label, on clean 32 px renders, augmented renders (the training augmentation,
-fresh draws) and clean 64 px renders. FPR: % of neg and near scenes labelled 0 that
-the verifier still accepts (a verifier that always says yes scores 100 here).
+`evaluate_verifier` in `genalign/toyworld/train_verifier.py` (seed {args.seed}): per tier
+and split, {rows[0]["n"]} prompts, each scored against three fresh renders whose seeds
+were never used in training:
+
+- **pos**: its own scene;
+- **neg**: the scene of another random prompt of the same tier and split;
+- **near**: the scene of a near miss, the prompt with exactly one colour, shape,
+  count, size, position or relation changed.
+
+Labels come from `check_scene` on the true objects (so "a red circle" scored against
+a render of "a small red circle" is labelled 1). Columns give the % of strict
+verdicts that agree with the label, on clean 32 px renders, augmented renders (the
+training augmentation, fresh draws) and clean 64 px renders. FPR is the % of neg and
+near scenes labelled 0 that the verifier still accepts; a verifier that always says
+yes scores 100 there.
+
 Lowest agreement in any column: train split {100 * worst["train"]:.1f}%, held-out split
 {100 * worst["heldout"]:.1f}%.
 
 {format_table(rows)}
 
 ## Limits
-The augmentation imitates a tiny generator's blur and hue drift, but not every
-failure of a real one: half-drawn or overlapping shapes, and colours between two
-named hues (e.g. orange between red and yellow), get a forced, unreliable reading.
-Objects are assumed not to overlap (one object per grid cell at 32 px).
+- The augmentation imitates a tiny generator's blur and hue drift, not every failure
+  of a real one: half-drawn or overlapping shapes get an unreliable reading, and a
+  colour between two named hues (orange, between red and yellow) is forced to one.
+- Objects are assumed not to overlap (one object per grid cell at 32 px).
 """
     (out / "README.md").write_text(card)
 
