@@ -6,11 +6,14 @@ its colour-blind geometry branch and shape-blind colour branch) sees the image a
 32x32 (larger inputs are resized with antialiasing) and predicts, for each cell of an
 8x8 grid,
 
-    objectness (1) | shape logits (3) | colour logits (6) | size logits (2) | centre offset (2)
+    objectness (1) | shape logits (3 + "other") | colour logits (6) | size logits (2) | centre offset (2)
 
-Cells whose objectness clears ``threshold`` become objects centred at
-``(cell + sigmoid(offset)) / grid``; of two detections closer than ``nms_distance`` the
-weaker is dropped. The reward is the strict (0/1) or partial verdict of
+The extra shape class ``"other"`` is trained on elongated ellipses, two-lump smudges,
+bars and crescents, the kind of smudge a poorly trained generator draws; an "other" detection matches no
+clause, so it fails the prompt as an extra object instead of passing for a shape.
+Cells whose objectness, summed over a 2x2 block of cells, clears ``threshold`` become
+objects centred at ``(cell + sigmoid(offset)) / grid`` (see :func:`decode_detections`);
+of two detections closer than ``nms_distance`` the weaker is dropped. The reward is the strict (0/1) or partial verdict of
 ``check_scene(parse_prompt(prompt), detections)``.
 
 Weights: ``model.safetensors`` plus ``config.json`` in one folder, made by
@@ -34,12 +37,14 @@ from genalign.toyworld import COLORS, SHAPES, SIZES, SceneSpec, check_scene, par
 
 from .base import RewardOutput, images_to_tensor
 
+OTHER_SHAPE = "other"  # shape class of a detected object that is no circle, square or triangle
+SHAPE_CLASSES: tuple[str, ...] = (*SHAPES, OTHER_SHAPE)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Channel layout of the detector head, in order.
 HEAD_CHANNELS: dict[str, int] = {
     "objectness": 1,
-    "shape": len(SHAPES),
+    "shape": len(SHAPE_CLASSES),
     "color": len(COLORS),
     "size": len(SIZES),
     "offset": 2,
@@ -48,7 +53,8 @@ HEAD_CHANNELS: dict[str, int] = {
 
 @dataclass(frozen=True)
 class DetectedObject:
-    """One detection in normalised coordinates (x right, y down, in [0, 1])."""
+    """One detection in normalised coordinates (x right, y down, in [0, 1]); ``shape`` is
+    one of :data:`SHAPE_CLASSES` (``"other"`` for a blob that is no known shape)."""
 
     shape: str
     color: str
@@ -63,7 +69,7 @@ def _conv(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class ShapesGridDetector(nn.Module):
-    """Two-branch grid detector: ``[B, 3, S, S]`` -> ``[B, 14, G, G]`` head logits.
+    """Two-branch grid detector: ``[B, 3, S, S]`` -> ``[B, 15, G, G]`` head logits.
 
     The branches are factorised so that a colour x shape pair never seen in training
     is read as well as seen ones:
@@ -105,7 +111,7 @@ class ShapesGridDetector(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images ``[B, 3, H, W]`` in [0, 1] -> logits ``[B, 14, G, G]`` (layout :data:`HEAD_CHANNELS`)."""
+        """images ``[B, 3, H, W]`` in [0, 1] -> logits ``[B, 15, G, G]`` (layout :data:`HEAD_CHANNELS`)."""
         if images.shape[-2:] != (self.input_size, self.input_size):
             images = F.interpolate(
                 images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
@@ -113,7 +119,7 @@ class ShapesGridDetector(nn.Module):
         intensity = images.amax(1, keepdim=True)  # [B, 1, S, S]
         obj, shape, size, offset = self.geometry((intensity - 0.5) / 0.25).split(
             [HEAD_CHANNELS[k] for k in ("objectness", "shape", "size", "offset")], dim=1
-        )  # [B, 1 | 3 | 2 | 2, G, G]
+        )  # [B, 1 | 4 | 2 | 2, G, G]
         pixels = self.pixel_color((images - 0.5) / 0.25)  # [B, 1 + 6, S, S]
         weight, probs = pixels[:, :1].sigmoid(), pixels[:, 1:].softmax(1)  # [B, 1, S, S], [B, 6, S, S]
         cell = F.avg_pool2d(weight * probs, 4) / F.avg_pool2d(weight, 4).clamp_min(1e-6)  # [B, 6, G, G]
@@ -121,19 +127,29 @@ class ShapesGridDetector(nn.Module):
         return torch.cat([obj, shape, color, size, offset], dim=1)
 
     def split_head(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[B, 14, G, G]`` -> named parts, e.g. ``shape`` ``[B, 3, G, G]``, objectness ``[B, G, G]``."""
+        """``[B, 15, G, G]`` -> named parts, e.g. ``shape`` ``[B, 4, G, G]``, objectness ``[B, G, G]``."""
         parts = dict(zip(HEAD_CHANNELS, logits.split(list(HEAD_CHANNELS.values()), dim=1)))
         parts["objectness"] = parts["objectness"].squeeze(1)
         return parts
 
 
 def decode_detections(
-    logits: torch.Tensor, grid: int, threshold: float = 0.5, nms_distance: float = 0.12
+    logits: torch.Tensor, grid: int, threshold: float = 0.5, nms_distance: float = 0.12, min_cell: float = 0.15
 ) -> list[list[DetectedObject]]:
-    """Head logits ``[B, 14, G, G]`` -> per-image detections, strongest first."""
+    """Head logits ``[B, 15, G, G]`` -> per-image detections, strongest first.
+
+    An object whose centre lies near a cell border spreads its objectness over the 2 or
+    4 cells that meet there, each below ``threshold``. So a cell is a candidate when its
+    own objectness is at least ``min_cell`` and the objectness summed over some 2x2
+    block of cells containing it reaches ``threshold``; of candidates closer than
+    ``nms_distance`` only the one with the highest own objectness is kept.
+    """
     sizes = list(HEAD_CHANNELS.values())
     obj, shape, color, size, offset = logits.float().split(sizes, dim=1)
-    score = obj.squeeze(1).sigmoid()  # [B, G, G]
+    cell_p = obj.sigmoid()  # [B, 1, G, G]
+    block = F.avg_pool2d(F.pad(cell_p, (1, 1, 1, 1)), 2, stride=1) * 4  # [B, 1, G+1, G+1] 2x2 sums
+    support = F.max_pool2d(block, 2, stride=1).squeeze(1)  # [B, G, G] best block holding the cell
+    cell_p = cell_p.squeeze(1)  # [B, G, G]
     shape_id, color_id, size_id = shape.argmax(1), color.argmax(1), size.argmax(1)  # [B, G, G] each
     cells = torch.arange(grid, dtype=torch.float32, device=logits.device)
     centre_x = (cells.view(1, 1, grid) + offset[:, 0].sigmoid()) / grid  # [B, G, G]
@@ -141,21 +157,16 @@ def decode_detections(
     colors = list(COLORS)
     out: list[list[DetectedObject]] = []
     for b in range(logits.shape[0]):
-        hits = (score[b] > threshold).nonzero().tolist()
-        candidates = sorted(
-            (
-                DetectedObject(
-                    SHAPES[int(shape_id[b, i, j])], colors[int(color_id[b, i, j])], SIZES[int(size_id[b, i, j])],
-                    float(centre_x[b, i, j]), float(centre_y[b, i, j]), float(score[b, i, j]),
-                )
-                for i, j in hits
-            ),
-            key=lambda d: -d.score,
-        )
+        hits = ((cell_p[b] >= min_cell) & (support[b] >= threshold)).nonzero().tolist()
+        hits.sort(key=lambda ij: -float(cell_p[b, ij[0], ij[1]]))
         kept: list[DetectedObject] = []
-        for d in candidates:
-            if all((d.x - k.x) ** 2 + (d.y - k.y) ** 2 >= nms_distance**2 for k in kept):
-                kept.append(d)
+        for i, j in hits:
+            x, y = float(centre_x[b, i, j]), float(centre_y[b, i, j])
+            if all((x - k.x) ** 2 + (y - k.y) ** 2 >= nms_distance**2 for k in kept):
+                kept.append(DetectedObject(
+                    SHAPE_CLASSES[int(shape_id[b, i, j])], colors[int(color_id[b, i, j])], SIZES[int(size_id[b, i, j])],
+                    x, y, min(1.0, float(support[b, i, j])),
+                ))
         out.append(kept)
     return out
 
@@ -197,7 +208,7 @@ class ShapesVerifierReward:
                     f"`python -m genalign.toyworld.train_verifier --out {path}`)"
                 )
         config = json.loads(config_file.read_text())
-        vocab = {"shapes": list(SHAPES), "colors": list(COLORS), "sizes": list(SIZES)}
+        vocab = {"shapes": list(SHAPE_CLASSES), "colors": list(COLORS), "sizes": list(SIZES)}
         for key, expected in vocab.items():
             if config.get(key) != expected:
                 raise ValueError(f"{config_file}: {key} {config.get(key)} do not match Shapes World's {expected}")
@@ -221,7 +232,7 @@ class ShapesVerifierReward:
         pixels = images_to_tensor(images)
         out: list[list[DetectedObject]] = []
         for chunk in pixels.split(self.batch_size):
-            logits = self.detector(chunk.to(self.device, torch.float32))  # [b, 14, G, G]
+            logits = self.detector(chunk.to(self.device, torch.float32))  # [b, 15, G, G]
             out.extend(decode_detections(logits, self.detector.grid, self.threshold, self.nms_distance))
         return out
 

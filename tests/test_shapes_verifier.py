@@ -15,7 +15,7 @@ from genalign.toyworld import (
     render_scene,
     sample_prompts,
 )
-from genalign.toyworld.train_verifier import augment
+from genalign.toyworld.train_verifier import augment, draw_with_junk, main, near_misses
 from rewards.base import RewardModel, images_to_tensor
 from rewards.shapes_verifier import ShapesVerifierReward
 
@@ -113,6 +113,37 @@ def test_partial_score_and_spec_conditions():
     assert out.components["strict"].tolist() == [0.0]
     with pytest.raises(ValueError, match="score must be 'strict' or 'partial'"):
         ShapesVerifierReward.from_pretrained(ASSET, score="best")
+
+
+def test_rejects_junk_in_place_of_a_shape(verifier):
+    """A smudge where the prompt's object should be must not pass for that object."""
+    prompts = [p for tier in (1, 3, 5) for p in sample_prompts(tier, 6, "heldout", seed=7)]
+    images = []
+    for k, prompt in enumerate(prompts):
+        rng = random.Random(k)
+        _, objects = render_scene(parse_prompt(prompt), seed=k)
+        images.append(draw_with_junk(objects, rng.randrange(len(objects)), 32, rng)[0])
+    out = verifier(images, prompts)
+    assert out.scores.mean() <= 0.1
+    assert sum(d["shape"] == "other" for det in out.details for d in det["detected"]) >= 0.8 * len(prompts)
+
+
+def test_near_misses_change_one_field():
+    pool = all_prompts(4)
+    near = near_misses("a red circle above a blue square", pool)
+    assert "a red circle below a blue square" in near and "a red square above a blue square" in near
+    assert "a blue square below a red circle" not in near
+    assert sorted(near_misses("two red circles", all_prompts(5))) == sorted(
+        ["two red squares", "two red triangles", "three red circles", "four red circles"]
+        + [f"two {color} circles" for color in ("yellow", "green", "blue", "purple", "white")]
+    )
+
+
+def test_training_script_runs_end_to_end(tmp_path):
+    main(["--out", str(tmp_path), "--steps", "2", "--scenes", "64", "--batch-size", "16", "--eval-per-tier", "2"])
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "README.md", "eval.json"}
+    assert "| tier | split | pos clean |" in (tmp_path / "README.md").read_text()
+    assert ShapesVerifierReward.from_pretrained(tmp_path).detect(torch.zeros(1, 3, 32, 32)) is not None
 
 
 def test_missing_weights_name_the_path(tmp_path):

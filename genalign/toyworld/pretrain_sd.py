@@ -324,7 +324,7 @@ def train_vae(vae, stream: ShapesStream, args, log_every: int = 25) -> dict:
     bar = tqdm(total=args.vae_steps, desc="vae", dynamic_ncols=True)
     while not budget.done(step):
         _set_lr(opt, args.vae_lr * budget.lr_factor(step))
-        x, _ = stream.batch(args.batch_size)  # [B, 3, S, S]
+        x, _ = stream.batch(args.vae_batch_size)  # [B, 3, S, S]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample  # [B, 3, S, S]
         mse, l1 = F.mse_loss(recon, x), F.l1_loss(recon, x)
@@ -491,14 +491,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="assets/models/tiny-sd", help="output pipeline folder")
     p.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, python and data")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step (both phases)")
-    p.add_argument("--vae-steps", type=int, default=1200, help="VAE optimisation steps")
-    p.add_argument("--vae-minutes", type=float, default=6.0, help="wall-clock cap on the VAE phase")
+    p.add_argument("--batch-size", type=int, default=32, help="UNet images per step")
+    p.add_argument("--vae-batch-size", type=int, default=16, help="VAE images per step")
+    p.add_argument("--vae-steps", type=int, default=2400, help="VAE optimisation steps")
+    p.add_argument("--vae-minutes", type=float, default=9.0, help="wall-clock cap on the VAE phase")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate")
     p.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the per-pixel KL term")
     p.add_argument("--unet-steps", type=int, default=6000, help="UNet + text encoder steps")
     p.add_argument(
-        "--unet-minutes", type=float, default=22.0, help="wall-clock cap on the UNet phase"
+        "--unet-minutes", type=float, default=19.0, help="wall-clock cap on the UNet phase"
     )
     p.add_argument(
         "--unet-lr", type=float, default=5e-4, help="UNet + text encoder peak learning rate"
@@ -592,6 +593,8 @@ def main(argv=None) -> Path:
         log["total_wall_s"] = round(time.monotonic() - t0, 1)
         log["folder_bytes"] = _folder_bytes(tmp)
         (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors leave owner-only modes
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
         if out.exists():
             old = out.with_name(f".{out.name}-old-{os.getpid()}")

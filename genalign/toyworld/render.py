@@ -164,9 +164,10 @@ def _make_item(shape: str, color: str, size: str | None, position: str | None, g
 
 
 def draw_objects(objects: Sequence[PlacedObject], size: int = 32,
-                 background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
-    """Draw placed objects on a plain background: ``size`` x ``size`` RGB, antialiased."""
-    scale = size * SUPERSAMPLE
+                 background: tuple[int, int, int] = BACKGROUND, supersample: int = SUPERSAMPLE) -> Image.Image:
+    """Draw placed objects on a plain background: ``size`` x ``size`` RGB, antialiased by
+    drawing ``supersample`` times larger and box-filtering down (1: aliased)."""
+    scale = size * supersample
     canvas = Image.new("RGB", (scale, scale), background)
     draw = ImageDraw.Draw(canvas)
     for o in objects:
@@ -175,7 +176,7 @@ def draw_objects(objects: Sequence[PlacedObject], size: int = 32,
             draw.ellipse([(o.x - r) * scale, (o.y - r) * scale, (o.x + r) * scale, (o.y + r) * scale], fill=o.rgb)
         else:
             draw.polygon([(vx * scale, vy * scale) for vx, vy in o.vertices()], fill=o.rgb)
-    return canvas.resize((size, size), Image.Resampling.BOX)
+    return canvas.resize((size, size), Image.Resampling.BOX) if supersample > 1 else canvas
 
 
 def _background(rng: random.Random) -> tuple[int, int, int]:
