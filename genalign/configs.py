@@ -169,7 +169,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML (quote lists as one argument)") from None
         parts = key.strip().split(".")
         node: Any = data
         for i, part in enumerate(parts[:-1]):

@@ -63,6 +63,8 @@ def test_overrides_and_defaults(tmp_path):
     assert cfg.algorithm.name == "ddpo"
     data = apply_overrides({"a": [{"b": 1}]}, ["a.0.b=2"])
     assert data == {"a": [{"b": 2}]}
+    with pytest.raises(ConfigError, match=r"override 'train\.epochs'.*not valid YAML"):
+        apply_overrides({}, ["train.epochs=[1,"])
     with pytest.raises(ConfigError, match="not an index"):
         apply_overrides({"a": [{"b": 1}]}, ["a.3.b=2"])
 

@@ -12,7 +12,10 @@ train-split prompts only, in two phases:
    captions dropped to "" for classifier-free guidance, min-SNR-5 loss weighting
    (Hang et al. 2023, https://arxiv.org/abs/2303.09556) and an EMA of the weights.
 
-Run (about 30 minutes on 2 CPU cores)::
+Every batch is fresh renders (new seeds) of prompts drawn by ``TIER_WEIGHTS``. Each
+phase stops at its step count or its wall-clock cap, whichever comes first; the
+learning-rate schedule follows the same progress, so it completes either way. The
+defaults fit about 32 minutes on 2 shared CPU cores (VAE 7, UNet 23)::
 
     python -m genalign.toyworld.pretrain_sd --out assets/models/tiny-sd
 
@@ -51,7 +54,7 @@ MAX_TOKENS = 16
 # Characters always in the vocabulary, so that any lowercase word still tokenizes.
 BASE_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 # Sampling weight of each prompt tier (1 = one object ... 5 = counts) during training.
-TIER_WEIGHTS = {1: 0.35, 2: 0.2, 3: 0.2, 4: 0.15, 5: 0.1}
+TIER_WEIGHTS = {1: 0.4, 2: 0.2, 3: 0.2, 4: 0.1, 5: 0.1}
 # Stable Diffusion v1's scheduler config; diffusers' DDIMScheduler defaults differ.
 SD_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -494,12 +497,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="UNet images per step")
     p.add_argument("--vae-batch-size", type=int, default=16, help="VAE images per step")
     p.add_argument("--vae-steps", type=int, default=2400, help="VAE optimisation steps")
-    p.add_argument("--vae-minutes", type=float, default=9.0, help="wall-clock cap on the VAE phase")
+    p.add_argument("--vae-minutes", type=float, default=7.0, help="wall-clock cap on the VAE phase")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate")
     p.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the per-pixel KL term")
     p.add_argument("--unet-steps", type=int, default=6000, help="UNet + text encoder steps")
     p.add_argument(
-        "--unet-minutes", type=float, default=19.0, help="wall-clock cap on the UNet phase"
+        "--unet-minutes", type=float, default=23.0, help="wall-clock cap on the UNet phase"
     )
     p.add_argument(
         "--unet-lr", type=float, default=5e-4, help="UNet + text encoder peak learning rate"
