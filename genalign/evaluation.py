@@ -24,18 +24,16 @@ from genalign.report import image_grid
 
 def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float | None = None) -> Any:
     """A policy from a pipeline dir / hub id / genalign policy dir, with sampling overrides."""
-    kind = "stable_diffusion"
+    meta = None
     meta_path = os.path.join(path_or_id, POLICY_FILE)
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
-            kind = json.load(f)["type"]
+            meta = json.load(f)
+    kind = meta["type"] if meta else "stable_diffusion"  # a bare diffusers pipeline
     if kind not in POLICIES:
         raise ValueError(f"{path_or_id}: unknown policy type {kind!r}; known: {sorted(POLICIES)}")
     config_cls, policy_cls = POLICIES[kind]
-    config = config_cls(pretrained=path_or_id)
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            config = config_cls(**json.load(f)["config"])
+    config = config_cls(**meta["config"]) if meta else config_cls(pretrained=path_or_id)
     if steps is not None:
         config.num_steps = steps
     if guidance_scale is not None:
