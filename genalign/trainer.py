@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from genalign import checkpoint
 from genalign.algorithms import ALGORITHMS
+from genalign.algorithms.base import SamplingPlan
 from genalign.configs import ConfigError, to_dict
 from genalign.policies import POLICIES
 from genalign.report import image_grid, plot_curves, write_report
@@ -83,6 +84,7 @@ class Trainer:
         self.samples = 0
         self.reward_queries = 0
         self.wall_before = 0.0
+        self.snapshots: list[dict[str, torch.Tensor]] = []  # trainable weights per epoch start (algorithms that ask)
 
     # -- public ------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> list[dict[str, Any]]:
@@ -147,23 +149,35 @@ class Trainer:
         n = cfg.train.samples_per_prompt
         prompts = self.prompts.sample(cfg.train.prompts_per_epoch, seed=derive_seed(cfg.seed, epoch))
         local = list(range(acc.process_index, len(prompts), acc.num_processes))
-        per_call = cfg.train.rollout_batch_size // n
+        per_call = max(1, cfg.train.rollout_batch_size // n)
+        if self.algorithm.needs_snapshots:
+            self.snapshots.append(self.policy.trainable_state_dict())  # index e = weights at the start of epoch e
+        plan = self.algorithm.plan(epoch, len(self.snapshots), torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 3)))
 
         t0 = time.perf_counter()
-        trajs, comps, monitor = [], defaultdict(list), defaultdict(list)
+        trajs, comps, monitor, scores = [], defaultdict(list), defaultdict(list), []
         chunks = [local[i : i + per_call] for i in range(0, len(local), per_call)]
         for chunk in tqdm(chunks, desc=f"epoch {epoch + 1} rollouts", leave=False, disable=not self.main):
             seeds = [derive_seed(cfg.seed, epoch, p * n + j) for p in chunk for j in range(n)]
-            with acc.autocast():
-                traj = self.policy.rollout([prompts[p] for p in chunk], n, row_generators(seeds))
-            traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
-            scored = self.reward(traj.outputs, traj.conditions)
+            traj, outputs, conditions = self._collect(plan, [prompts[p] for p in chunk], seeds, epoch, chunk)
+            scored = self.reward(outputs, conditions)
             for k, v in scored.components.items():
                 comps[k].append(v.float().cpu())
             if self.monitor is not None:
-                for k, v in self.monitor(traj.outputs, traj.conditions).components.items():
+                for k, v in self.monitor(outputs, conditions).components.items():
                     monitor[k].append(v.float().cpu())
-            trajs.append(traj.with_rewards(scored.scores.to(traj.log_probs.device)))
+            scores.append(scored.scores.float().cpu())
+            if plan.kind == "off_policy":  # the reward only monitors the reference samples; roles are the labels
+                traj = traj.with_rewards(torch.zeros(traj.batch_size, device=traj.log_probs.device))
+            else:
+                traj = traj.with_rewards(scored.scores.to(traj.log_probs.device))
+                traj.extras["reward_components"] = torch.stack([v.float() for v in scored.components.values()], 1).to(
+                    traj.log_probs.device
+                )  # [n, C]
+            traj.extras["sample_id"] = [f"s{cfg.seed}-e{epoch + 1}-r{p * n + j}" for p in chunk for j in range(n)] * (
+                traj.batch_size // (len(chunk) * n)
+            )
+            trajs.append(traj)
         traj = Trajectory.cat(trajs)
         timings["rollout + reward"] += time.perf_counter() - t0
 
@@ -171,48 +185,139 @@ class Trainer:
         rewards_all = acc.gather(traj.rewards.float())  # [N_global]
         conds_all = gather_object(list(traj.conditions)) if acc.num_processes > 1 else list(traj.conditions)
         group_all = acc.gather(traj.group)
-        valid_all = torch.isfinite(rewards_all)
-        if not bool(valid_all.all()):
+        measured = acc.gather(torch.cat(scores).to(acc.device))  # rewards of the samples this epoch produced
+        bad = int((~torch.isfinite(measured)).sum())
+        if bad:
             if cfg.train.on_nonfinite_reward == "error":
                 for k, v in comps.items():
                     check_finite(k, torch.cat(v), traj.conditions)
                 raise NonFiniteRewardError(f"non-finite rewards in epoch {epoch + 1}")
-            self._warn(f"epoch {epoch + 1}: {int((~valid_all).sum())} non-finite rewards dropped from training")
+            self._warn(f"epoch {epoch + 1}: {bad} non-finite rewards dropped from training")
         adv_all = self.algorithm.advantages(rewards_all.cpu(), conds_all, group_all.cpu())
         lo = acc.process_index * traj.batch_size
-        traj.advantages = adv_all[lo : lo + traj.batch_size].to(traj.log_probs.device)
-        valid = torch.isfinite(traj.rewards)
-        traj.mask = traj.mask & valid.unsqueeze(1)  # a dropped row trains on no step
+        adv = adv_all[lo : lo + traj.batch_size].to(traj.log_probs.device)
+        trained = torch.isfinite(traj.rewards) & torch.isfinite(adv)  # NaN reward: dropped; NaN advantage: not selected
+        traj.advantages = torch.nan_to_num(adv, nan=0.0)
+        traj.mask = traj.mask & trained.unsqueeze(1)
+        if acc.num_processes == 1 and not bool(trained.all()):
+            traj = traj[trained.nonzero().view(-1)]  # skip untrained rows (with DDP every process keeps its shape)
+        if self.algorithm.needs_reference and plan.reference != "initial":
+            traj.extras["ref_log_probs"] = self._snapshot_log_probs(traj, int(plan.reference))
 
         t0 = time.perf_counter()
-        train_metrics = self._optimise(traj, epoch)
+        train_metrics = self._optimise(traj, epoch, plan) if traj.batch_size else {}
         timings["optimisation"] += time.perf_counter() - t0
 
         self.samples += len(prompts) * n
-        self.reward_queries += len(prompts) * n
-        good = rewards_all[valid_all]
+        self.reward_queries += len(measured)
+        good = measured[torch.isfinite(measured)]
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "reward_mean": float(good.mean()) if len(good) else float("nan"),
             "reward_std": float(good.std(unbiased=False)) if len(good) else float("nan"),
             "samples": self.samples,
             "reward_queries": self.reward_queries,
-            "nonfinite_rewards": int((~valid_all).sum()),
+            "nonfinite_rewards": bad,
+            "trained_rows": int(acc.gather(trained.sum().view(1).to(acc.device)).sum()),
             **train_metrics,
         }
+        if plan.kind == "branches":
+            metrics["branch_step"] = int(traj.extras["branch_step"].min()) if traj.batch_size else -1
+        if plan.kind == "off_policy":
+            metrics["reference_snapshot"] = int(plan.reference)
         for prefix, table in (("reward/", comps), ("monitor/", monitor)):
             for k, v in table.items():
                 metrics[prefix + k] = float(acc.gather(torch.cat(v).to(acc.device)).nanmean())
         return metrics
 
-    def _optimise(self, traj: Trajectory, epoch: int) -> dict[str, float]:
+    def _collect(
+        self, plan: SamplingPlan, chunk_prompts: list[str], seeds: list[int], epoch: int, chunk: list[int]
+    ) -> tuple[Trajectory, Any, list[Any]]:
+        """One rollout call of the epoch, shaped by the plan.
+
+        Returns the trajectory to train on, and the outputs/conditions the reward scores (for
+        ``off_policy``: the reference samples, whose scores are only monitored).
+        """
+        n = self.config.train.samples_per_prompt
+        device = self.acc.device
+        with self.acc.autocast():
+            if plan.kind == "rollouts":
+                traj = self.policy.rollout(chunk_prompts, n, row_generators(seeds), shared_noise=plan.shared_noise)
+                traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
+                return traj, traj.outputs, traj.conditions
+            if plan.kind == "branches":
+                prefix_seeds = [derive_seed(self.config.seed, epoch, 5_000_000 + p) for p in chunk]
+                prefix = self.policy.rollout(chunk_prompts, 1, row_generators(prefix_seeds))
+                step = min(prefix.num_steps - 1, int(round(plan.branch_at * prefix.num_steps)))
+                traj = self.policy.continue_from(prefix, step, n, row_generators(seeds))
+                traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
+                return traj, traj.outputs, traj.conditions
+            # off_policy: reference samples (losers or anchors) and off-policy targets (winners)
+            with self._weights(plan.reference):
+                ref = self.policy.rollout(chunk_prompts, n, row_generators(seeds))
+            conds = list(ref.conditions)
+            targets = self.algorithm.targets(conds, seeds, ref.outputs.shape[-1]).to(ref.outputs.device)
+            g = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch, 2_000_000 + chunk[0]))
+            k = min(plan.steps_per_sample, ref.num_steps)
+            steps = torch.stack([torch.randperm(ref.num_steps, generator=g)[:k].sort().values for _ in conds])  # [M, K]
+            # the pair shares chain steps and forward noise (same generator seeds)
+            traj = self.policy.forward_process(
+                conds + conds, torch.cat([targets, ref.outputs]), torch.cat([steps, steps]),
+                row_generators(seeds) + row_generators(seeds),
+            )
+            pair = torch.tensor([p * n + j for p in chunk for j in range(n)], device=device)
+            traj.group = torch.cat([pair, pair]).to(traj.group.device)
+            traj.extras["role"] = torch.cat([torch.ones(len(conds)), torch.zeros(len(conds))]).long().to(traj.group.device)
+            return traj, ref.outputs, conds
+
+    @contextlib.contextmanager
+    def _weights(self, reference: int | str):
+        """Run with the trainable weights of snapshot ``reference`` (``"initial"``: unchanged)."""
+        if reference == "initial" or not self.snapshots:
+            yield
+            return
+        current = self.policy.trainable_state_dict()
+        self.policy.load_trainable_state_dict(self.snapshots[int(reference)])
+        try:
+            yield
+        finally:
+            self.policy.load_trainable_state_dict(current)
+
+    @torch.no_grad()
+    def _snapshot_log_probs(self, traj: Trajectory, index: int) -> torch.Tensor:
+        """log π_ref at every step of every row, under snapshot ``index``: ``[N, T]``."""
+        out = []
+        steps = torch.arange(traj.num_steps)
+        bs = self.config.train.train_batch_size
+        with self._weights(index), self.acc.autocast():
+            for i in range(0, traj.batch_size, bs):
+                out.append(self.policy.log_prob(traj[torch.arange(i, min(i + bs, traj.batch_size))], steps).float())
+        return torch.cat(out)
+
+    def _minibatches(self, traj: Trajectory, g: torch.Generator, whole_groups: bool) -> list[torch.Tensor]:
+        size = self.config.train.train_batch_size
+        if not whole_groups:
+            perm = torch.randperm(traj.batch_size, generator=g)
+            return [perm[i : i + size] for i in range(0, traj.batch_size, size)]
+        group = traj.group.cpu()
+        uniq = group.unique()
+        batches, current = [], []
+        for gi in uniq[torch.randperm(len(uniq), generator=g)]:
+            current.extend((group == gi).nonzero().view(-1).tolist())
+            if len(current) >= size:
+                batches.append(torch.tensor(current))
+                current = []
+        if current:
+            batches.append(torch.tensor(current))
+        return batches
+
+    def _optimise(self, traj: Trajectory, epoch: int, plan: SamplingPlan) -> dict[str, float]:
         cfg, acc = self.config.train, self.acc
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for inner in range(cfg.inner_epochs):
             g = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch, 1_000_000 + inner))
-            perm = torch.randperm(traj.batch_size, generator=g)
-            batches = [perm[i : i + cfg.train_batch_size] for i in range(0, traj.batch_size, cfg.train_batch_size)]
+            batches = self._minibatches(traj, g, plan.whole_groups)
             ga = cfg.gradient_accumulation_steps
             for i, idx in enumerate(batches):
                 window_start = (i // ga) * ga
@@ -229,7 +334,9 @@ class Trainer:
                     with self._no_sync(not sync), acc.autocast():
                         log_probs = self.policy.log_prob(mb, sub_steps)  # [b, k]
                         ref = None
-                        if self.algorithm.needs_reference:
+                        if "ref_log_probs" in mb.extras:
+                            ref = mb.extras["ref_log_probs"].to(log_probs.device).gather(1, sub_steps.to(log_probs.device))
+                        elif self.algorithm.needs_reference:
                             with torch.no_grad(), self.policy.reference():
                                 ref = self.policy.log_prob(mb, sub_steps)
                         loss, m = self.algorithm.loss(mb.subset(sub_steps), log_probs, ref)

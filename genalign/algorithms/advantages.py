@@ -89,3 +89,21 @@ def ppo_clip_loss(
             "ratio_mean": float((ratio * m).sum() / denom),
         }
     return loss, metrics
+
+
+def window_steps(
+    batch_size: int, num_steps: int, window: Sequence[float], fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Indices of the steps each row trains: ``[B, K]``.
+
+    ``window`` = [start, end) as fractions of the chain (step ``i`` is inside when
+    ``start <= i / T < end``; at least one step always is); ``fraction`` of those steps is
+    drawn at random per row (all of them when it is 1).
+    """
+    lo, hi = window
+    inside = [i for i in range(num_steps) if lo <= i / num_steps < hi] or [min(int(lo * num_steps), num_steps - 1)]
+    steps = torch.tensor(inside, dtype=torch.long)  # [W]
+    k = max(1, int(round(len(inside) * fraction)))
+    if k == len(inside):
+        return steps.unsqueeze(0).expand(batch_size, -1).clone()  # [B, W]
+    return torch.stack([steps[torch.randperm(len(inside), generator=generator)[:k].sort().values] for _ in range(batch_size)])

@@ -24,7 +24,13 @@ from typing import Any, Literal
 
 import torch
 
-from genalign.algorithms.advantages import PerPromptStats, batch_normalize, ppo_clip_loss
+from genalign.algorithms.advantages import (
+    PerPromptStats,
+    batch_normalize,
+    ppo_clip_loss,
+    window_steps,
+)
+from genalign.algorithms.base import SamplingPlan
 from genalign.configs import opt
 from genalign.trajectory import Trajectory
 
@@ -37,22 +43,34 @@ class DDPOConfig:
     per_prompt_stat_tracking: bool = opt(True, "normalise rewards per prompt (with a history buffer), else per batch")
     stat_buffer_size: int = opt(32, "rewards kept per prompt for its running mean/std")
     stat_min_count: int = opt(16, "below this many rewards for a prompt, use the batch's mean/std")
-    timestep_fraction: float = opt(1.0, "fraction of denoising steps trained per rollout (random per row)")
+    timestep_fraction: float = opt(1.0, "fraction of the window's steps trained per rollout (random per row)")
+    step_window: list[float] = opt(
+        [0.0, 1.0],
+        "[start, end) of the chain, as fractions of its steps, that is trained: [0, 0.6] trains the first 60% "
+        "(the steps that decide composition); late low-noise steps add gradient noise but little credit",
+    )
 
     def validate(self) -> None:
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"'timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
+        lo, hi = (self.step_window + [None, None])[:2]
+        if len(self.step_window) != 2 or not 0 <= lo < hi <= 1:
+            raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
         if self.clip_range <= 0:
             raise ValueError(f"'clip_range' must be > 0, got {self.clip_range}")
 
 
 class DDPO:
     needs_reference = False
+    needs_snapshots = False
 
     def __init__(self, config: DDPOConfig | None = None):
         self.config = config or DDPOConfig()
         self.name = "ddpo"
         self.stats = PerPromptStats(self.config.stat_buffer_size, self.config.stat_min_count)
+
+    def plan(self, epoch: int, num_snapshots: int, generator: torch.Generator) -> SamplingPlan:
+        return SamplingPlan()  # independent rollouts, shuffled rows
 
     def advantages(self, rewards: torch.Tensor, conditions: Sequence[Any], group: torch.Tensor) -> torch.Tensor:
         if self.config.per_prompt_stat_tracking:
@@ -60,11 +78,7 @@ class DDPO:
         return batch_normalize(rewards)
 
     def train_steps(self, traj: Trajectory, generator: torch.Generator) -> torch.Tensor:
-        b, t = traj.batch_size, traj.num_steps
-        k = max(1, int(round(t * self.config.timestep_fraction)))
-        if k == t:
-            return torch.arange(t).unsqueeze(0).expand(b, -1)  # [B, T]
-        return torch.stack([torch.randperm(t, generator=generator)[:k].sort().values for _ in range(b)])  # [B, K]
+        return window_steps(traj.batch_size, traj.num_steps, self.config.step_window, self.config.timestep_fraction, generator)
 
     def loss(
         self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None

@@ -21,11 +21,15 @@ class Policy(Protocol):
     #: how many steps one ``log_prob`` call should score at most (None: all at once).
     step_chunk: int | None
 
-    def rollout(self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Generators = None) -> Trajectory:
+    def rollout(
+        self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Generators = None, shared_noise: bool = False
+    ) -> Trajectory:
         """Sample ``len(conditions) * n_per_condition`` rollouts without gradients.
 
         Rows are ordered condition-major (all samples of condition 0 first) and ``group``
         holds the condition index. ``generator`` is one generator or one per output row.
+        ``shared_noise``: the rows of one condition start from the same initial noise (D3PO's
+        pairs); a policy with no initial noise (an LM) treats it as a no-op by definition.
         """
         ...
 
@@ -42,6 +46,18 @@ class Policy(Protocol):
 
         Returns full-length trajectories (``B * n`` rows): steps before ``step`` are copied
         from the parent, ``group`` is the parent row index, ``extras['branch_step']`` = step.
+        """
+        ...
+
+    def forward_process(
+        self, conditions: Sequence[Any], outputs: Any, steps: torch.Tensor, generator: Generators = None
+    ) -> Trajectory:
+        """Trajectories whose actions lead to given outputs (off-policy data, e.g. SePPO's winners).
+
+        ``steps`` ``[B, K]`` picks chain steps per row; states/actions at those steps are drawn
+        from the forward process conditioned on the output (diffusion: q(x_t' | x_t, x_0);
+        an LM: the output's own tokens, teacher-forced). ``log_probs`` are the behaviour
+        log-probs of that process.
         """
         ...
 

@@ -27,6 +27,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from genalign.configs import opt
+from genalign.distributions import gaussian_log_prob
 from genalign.policies.ddim import DDIMConstants, ddim_step, predict_x0_eps
 from genalign.trajectory import Trajectory
 
@@ -241,12 +242,21 @@ class StableDiffusionPolicy:
         return torch.stack(states, 1), torch.stack(actions, 1), torch.stack(log_probs, 1)
 
     @torch.no_grad()
-    def rollout(self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Any = None) -> Trajectory:
+    def rollout(
+        self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Any = None, shared_noise: bool = False
+    ) -> Trajectory:
         prompts = [str(c) for c in conditions for _ in range(n_per_condition)]
         n = len(prompts)
         cond, uncond = self.encode(prompts)
         shape = (n, self.unet.config.in_channels, self.height // self.vae_scale, self.width // self.vae_scale)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=cond.dtype)
+        if shared_noise:
+            # x_T from each condition's first generator, repeated over its group; later step noise
+            # still comes from every row's own generator, so the samples differ.
+            first = generator[::n_per_condition] if isinstance(generator, list) else generator
+            latents = randn_tensor((len(conditions), *shape[1:]), generator=first, device=self.device, dtype=cond.dtype)
+            latents = latents.repeat_interleave(n_per_condition, 0)  # [N, C, h, w]
+        else:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=cond.dtype)
         latents = latents * self.scheduler.init_noise_sigma  # x_T [N, C, h, w]
         states, actions, log_probs = self._denoise(latents.float(), cond, uncond, 0, generator)
         steps = self.scheduler.timesteps.to(self.device)
@@ -297,6 +307,54 @@ class StableDiffusionPolicy:
             step_ids=parent.step_ids,
             outputs=self.decode(new_actions[:, -1]),
             extras=extras,
+        )
+
+    @torch.no_grad()
+    def forward_process(
+        self, conditions: Sequence[Any], outputs: torch.Tensor, steps: torch.Tensor, generator: Any = None
+    ) -> Trajectory:
+        """Trajectories that reach given images, drawn from the forward (noising) process.
+
+        ``outputs`` ``[B, 3, H, W]`` in [0, 1] are encoded to x_0 (VAE mean); for every chain
+        step index in ``steps`` ``[B, K]`` (timestep t, previous timestep t') the state is
+        x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε and the action x_t' = √ᾱ_t' x_0 + √(1−ᾱ_t'−σ_t²) ε + σ_t z,
+        the DDIM(η) step taken with the true x_0 and ε — a draw from q(x_t' | x_t, x_0).
+        ``log_prob`` of these actions is the Gaussian that Diffusion-DPO's noise-prediction loss
+        comes from, so preference losses over them need nothing beyond the trajectory seam.
+        """
+        prompts = [str(c) for c in conditions]
+        b, k = steps.shape
+        if len(prompts) != b or outputs.shape[0] != b:
+            raise ValueError(f"{len(prompts)} conditions, {outputs.shape[0]} outputs and {b} step rows must match")
+        vae = self.pipe.vae
+        pixels = outputs.to(self.device, vae.dtype) * 2 - 1
+        x0 = vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor  # [B, C, h, w]
+        timesteps = self.scheduler.timesteps.to(self.device)[steps.to(self.device)]  # [B, K]
+        gens = generator if isinstance(generator, list) else [generator] * b
+        shape = x0.shape[1:]
+        eps = torch.stack([randn_tensor((k, *shape), generator=g, device=self.device) for g in gens])  # [B, K, C, h, w]
+        z = torch.stack([randn_tensor((k, *shape), generator=g, device=self.device) for g in gens])
+        x0k = x0.unsqueeze(1).expand(-1, k, *shape)  # [B, K, C, h, w]
+        a_t, a_prev = self.consts.alphas(timesteps.flatten())  # [B*K] each
+        a_t, a_prev = a_t.view(b, k, 1, 1, 1), a_prev.view(b, k, 1, 1, 1)
+        sigma = self.config.eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+        states = a_t.sqrt() * x0k + (1 - a_t).sqrt() * eps  # x_t
+        mean = a_prev.sqrt() * x0k + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        actions = mean + sigma * z  # x_t' ~ q(x_t' | x_t, x_0)
+        # The behaviour log-prob is that of the forward posterior q, which drew the actions.
+        log_probs = gaussian_log_prob(actions.flatten(0, 1), mean.flatten(0, 1), sigma.flatten(0, 1)).view(b, k)
+        cond, uncond = self.encode(prompts)
+        return Trajectory(
+            conditions=prompts,
+            group=torch.arange(b, device=self.device),
+            states=states,
+            actions=actions,
+            timesteps=timesteps,
+            log_probs=log_probs,
+            mask=torch.ones(b, k, dtype=torch.bool, device=self.device),
+            step_ids=steps.to(self.device).clone(),
+            outputs=outputs,
+            extras={"prompt_embeds": cond, "negative_prompt_embeds": uncond},
         )
 
     @torch.no_grad()

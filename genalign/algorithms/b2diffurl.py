@@ -1,0 +1,138 @@
+"""B²-DiffuRL: backward progressive training with branch sampling, on a PPO or a DPO loss.
+
+Paper: Hu, Chen, Liang, Tang, Zhao, Liu, "Towards Better Alignment: Training Diffusion Models
+with Reinforcement Learning Against Sparse Rewards" (CVPR 2025). Symbols: ``branch_step -> b``
+(the split point of stage k), ``z -> the branch-normalised score``, ``threshold -> ±0.5``.
+
+Backward progressive training: the chain is cut at a branch step b that starts near the end
+(only the last steps are trained) and moves toward the first step, stage by stage, so the
+sparse final reward is first credited to the few steps closest to it:
+
+    b_k = round(T · (start + (end − start) · k / (stages − 1))),  k = 0 … stages−1
+
+(then b stays at ``end`` for the remaining epochs). Branch sampling: per prompt one prefix
+x_T … x_b, then n continuations from x_b (``Policy.continue_from``). Their rewards are
+z-scored against the prompt's history (DDPO's per-prompt statistics), so the comparison
+measures what the steps after b contributed. Only the best and the worst branch of each
+prefix are trained, each only when |z| exceeds the threshold, and only on steps >= b.
+
+Loss ``ppo``: DDPO's PPO-clip with advantage z on the selected rows. Loss ``dpo``: the
+best and worst branch form one pair, trained with D3PO's per-step loss against the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from genalign.algorithms.advantages import PerPromptStats, ppo_clip_loss
+from genalign.algorithms.base import SamplingPlan
+from genalign.algorithms.pairs import per_step_dpo_loss
+from genalign.configs import opt
+from genalign.trajectory import Trajectory
+
+
+@dataclass
+class B2DiffuRLConfig:
+    name: Literal["b2diffurl"] = opt("b2diffurl", "algorithm name")
+    loss: Literal["ppo", "dpo"] = opt("ppo", "base loss: DDPO's PPO-clip, or D3PO's per-step DPO on (best, worst)")
+    stages: int = opt(5, "stages of backward progressive training")
+    epochs_per_stage: int = opt(4, "epochs spent at each branch step")
+    branch_start: float = opt(0.8, "branch step of the first stage, as a fraction of the chain (1 = the end)")
+    branch_end: float = opt(0.0, "branch step of the last stage (0 = the first step: the whole chain)")
+    select_threshold: float = opt(0.5, "a best/worst branch is trained only when its |z| exceeds this")
+    clip_range: float = opt(1e-4, "PPO clip ε (loss: ppo)")
+    adv_clip_max: float = opt(5.0, "z is clipped to ±adv_clip_max (loss: ppo)")
+    beta: float = opt(0.1, "DPO β (loss: dpo)")
+    clip_eps: float = opt(0.1, "DPO ratio clip ε (loss: dpo)")
+    stat_buffer_size: int = opt(32, "rewards kept per prompt for its running mean/std")
+    stat_min_count: int = opt(16, "below this many rewards for a prompt, use the batch's mean/std")
+
+    def validate(self) -> None:
+        if self.stages < 1 or self.epochs_per_stage < 1:
+            raise ValueError(f"'stages' and 'epochs_per_stage' must be >= 1, got {self.stages}, {self.epochs_per_stage}")
+        if not 0 <= self.branch_end <= self.branch_start < 1:
+            raise ValueError(
+                f"need 0 <= branch_end <= branch_start < 1, got branch_start={self.branch_start}, branch_end={self.branch_end}"
+            )
+
+
+class B2DiffuRL:
+    needs_snapshots = False
+
+    def __init__(self, config: B2DiffuRLConfig | None = None):
+        self.config = config or B2DiffuRLConfig()
+        self.name = "b2diffurl"
+        self.needs_reference = self.config.loss == "dpo"
+        self.stats = PerPromptStats(self.config.stat_buffer_size, self.config.stat_min_count)
+
+    def branch_fraction(self, epoch: int) -> float:
+        c = self.config
+        stage = min(epoch // c.epochs_per_stage, c.stages - 1)
+        if c.stages == 1:
+            return c.branch_start
+        return c.branch_start + (c.branch_end - c.branch_start) * stage / (c.stages - 1)
+
+    def plan(self, epoch: int, num_snapshots: int, generator: torch.Generator) -> SamplingPlan:
+        return SamplingPlan(kind="branches", branch_at=self.branch_fraction(epoch), whole_groups=self.config.loss == "dpo")
+
+    def advantages(self, rewards: torch.Tensor, conditions: Sequence[Any], group: torch.Tensor) -> torch.Tensor:
+        """z-scores ``[N]``; rows that are neither their branch's best nor worst beyond the
+        threshold get NaN (not trained)."""
+        z = self.stats(rewards, conditions)  # [N]; NaN rewards -> 0
+        out = torch.full_like(z, float("nan"))
+        valid = torch.isfinite(rewards)
+        thr = self.config.select_threshold
+        for g in group.unique():
+            rows = ((group == g) & valid).nonzero().view(-1)
+            if len(rows) < 2:
+                continue
+            best, worst = rows[z[rows].argmax()], rows[z[rows].argmin()]
+            if best == worst:
+                continue
+            if z[best] > thr:
+                out[best] = z[best]
+            if z[worst] < -thr:
+                out[worst] = z[worst]
+        return out
+
+    def train_steps(self, traj: Trajectory, generator: torch.Generator) -> torch.Tensor:
+        """Steps b … T−1 of each row's branch: ``[B, T − b]``."""
+        if "branch_step" not in traj.extras:
+            raise KeyError("B²-DiffuRL trains branched rollouts: extras['branch_step'] is missing")
+        b = int(traj.extras["branch_step"].min())
+        return torch.arange(b, traj.num_steps).unsqueeze(0).expand(traj.batch_size, -1).clone()
+
+    def loss(
+        self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        adv = batch.advantages.to(log_probs.device).float()  # [B]; NaN rows are masked by the trainer
+        mask = batch.mask.to(log_probs.device)
+        if self.config.loss == "ppo":
+            a = torch.nan_to_num(adv, nan=0.0).clamp(-self.config.adv_clip_max, self.config.adv_clip_max).unsqueeze(1)
+            return ppo_clip_loss(a, log_probs, batch.log_probs.to(log_probs.device), self.config.clip_range, mask)
+        if ref_log_probs is None:
+            raise ValueError("B²-DiffuRL with loss 'dpo' needs reference log-probs")
+        delta = log_probs - ref_log_probs.detach()  # [B, K]
+        winners, losers = [], []
+        for g in batch.group.unique():
+            rows = (batch.group.to(adv.device) == g).nonzero().view(-1)
+            a = adv[rows]
+            if bool((a > 0).any()) and bool((a < 0).any()):
+                winners.append(rows[torch.nan_to_num(a, nan=-1e9).argmax()])
+                losers.append(rows[torch.nan_to_num(a, nan=1e9).argmin()])
+        if not winners:
+            return log_probs.sum() * 0.0, {"pairs": 0.0}
+        w, l_ = torch.stack(winners), torch.stack(losers)
+        loss, metrics = per_step_dpo_loss(delta[w], delta[l_], mask[w] & mask[l_], self.config.beta, self.config.clip_eps)
+        metrics["pairs"] = float(len(w))
+        return loss, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats.load_state_dict(state["stats"])

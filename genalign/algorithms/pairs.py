@@ -1,0 +1,57 @@
+"""Pairwise preference math shared by D3PO, SePPO and B²-DiffuRL's DPO variant.
+
+- :func:`group_pairs`: every unordered pair of rows in the same group (K(K−1)/2 per group).
+- :func:`per_step_dpo_loss`: DPO (Rafailov et al. 2023) applied at each denoising step, with
+  D3PO's clipped ratio (Yang et al. 2024, eq. 11). For a pair (w, l) and a trained step j,
+  with Δ = log π_θ(a_j | s_j) − log π_ref(a_j | s_j) (mean over dims, as everywhere):
+
+      r = clip(exp Δ, 1−ε, 1+ε)      ⇔   log r = clamp(Δ, log(1−ε), log(1+ε))
+      L_j = −log σ(β (log r_w − log r_l))
+
+  The clip is a trust region: once the ratio of a row leaves [1−ε, 1+ε] its term carries
+  no gradient. ``sign`` (+1 or −1 per pair) lets SePPO flip the loser's role.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def group_pairs(group: torch.Tensor) -> torch.Tensor:
+    """Rows with equal ``group`` ids ``[B]`` -> pairs ``[P, 2]`` (i < j), grouped in row order."""
+    g = group.view(-1)
+    same = (g.unsqueeze(0) == g.unsqueeze(1)).triu(diagonal=1)  # [B, B]
+    return same.nonzero()  # [P, 2]
+
+
+def per_step_dpo_loss(
+    delta_w: torch.Tensor,
+    delta_l: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    clip_eps: float,
+    sign: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean of L_j over active (pair, step) entries.
+
+    delta_w, delta_l: ``[P, K]`` log-ratios of the winner and the loser at the same steps;
+    mask: ``[P, K]``; sign: ``[P]`` (default +1): the logit is β(log r_w − sign · log r_l).
+    """
+    lo, hi = math.log(1 - clip_eps), math.log(1 + clip_eps)
+    log_rw = delta_w.clamp(lo, hi)  # [P, K]
+    log_rl = delta_l.clamp(lo, hi)
+    s = torch.ones(delta_w.shape[0], device=delta_w.device) if sign is None else sign.to(delta_w.device).float()
+    logits = beta * (log_rw - s.unsqueeze(1) * log_rl)  # [P, K]
+    m = mask.float()
+    denom = m.sum().clamp(min=1.0)
+    loss = (-F.logsigmoid(logits) * m).sum() / denom
+    with torch.no_grad():
+        metrics = {
+            "pair_accuracy": float(((logits > 0).float() * m).sum() / denom),
+            "logit_mean": float((logits * m).sum() / denom),
+            "ratio_clip_fraction": float((((log_rw != delta_w) | (log_rl != delta_l)).float() * m).sum() / denom),
+        }
+    return loss, metrics
