@@ -205,7 +205,8 @@ class Trainer:
             traj.extras["ref_log_probs"] = self._snapshot_log_probs(traj, int(plan.reference))
 
         t0 = time.perf_counter()
-        train_metrics = self._optimise(traj, epoch, plan) if traj.batch_size else {}
+        # An epoch may select no row at all (B²-DiffuRL when no branch stands out): no update.
+        train_metrics = self._optimise(traj, epoch, plan) if traj.batch_size else {"loss": 0.0}
         timings["optimisation"] += time.perf_counter() - t0
 
         self.samples += len(prompts) * n
