@@ -80,3 +80,16 @@ def test_batch_normalize_and_train_steps():
     assert all(len(set(row.tolist())) == 5 for row in steps)
     assert not torch.equal(steps[0], steps[1]), "each row draws its own subset"
     assert DDPO().train_steps(tr, torch.Generator()).shape == (3, 10)
+
+
+def test_step_window_limits_trained_steps():
+    """T = 10, window [0, 0.6): steps 0..5; fraction 0.5 draws 3 of them per row."""
+    from genalign.algorithms.advantages import window_steps
+
+    g = torch.Generator().manual_seed(0)
+    assert window_steps(2, 10, [0.0, 0.6], 1.0, g).tolist() == [list(range(6))] * 2
+    drawn = window_steps(50, 10, [0.0, 0.6], 0.5, g)
+    assert drawn.shape == (50, 3) and int(drawn.max()) <= 5
+    assert window_steps(1, 10, [0.95, 1.0], 1.0, g).tolist() == [[9]]  # never empty
+    with pytest.raises(ValueError, match="step_window"):
+        DDPOConfig(step_window=[0.7, 0.2]).validate()

@@ -188,3 +188,38 @@ def test_b2_dpo_pairs_best_with_worst():
     loss, m = algo.loss(b, torch.tensor([[0.1], [-0.1], [0.0]]), torch.zeros(3, 1))
     assert m["pairs"] == 1
     assert loss.item() == pytest.approx(-math.log(sigmoid(0.2)), rel=1e-6)
+
+
+def test_folder_targets(tmp_path):
+    """imagefolder layout: metadata.jsonl lines {file_name, prompt}; the seed picks among a
+    prompt's images; unknown prompts and broken metadata fail with the file and line."""
+    import json
+
+    from PIL import Image
+
+    from genalign.targets import FolderTargets
+
+    for name, colour in (("r0.png", (255, 0, 0)), ("r1.png", (0, 0, 255)), ("g.png", (0, 255, 0))):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / name)
+    rows = [{"file_name": "r0.png", "prompt": "red"}, {"file_name": "r1.png", "prompt": "red"}, {"file_name": "g.png", "prompt": "green"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    targets = FolderTargets(str(tmp_path))
+    out = targets(["red", "red", "green"], [0, 1, 5], size=8)
+    assert out.shape == (3, 3, 8, 8)
+    assert out[0, 0].mean() == pytest.approx(1.0) and out[1, 2].mean() == pytest.approx(1.0)
+    assert out[2, 1].mean() == pytest.approx(1.0)
+    with pytest.raises(KeyError, match="no target image for prompt 'blue'"):
+        targets(["blue"], [0], size=8)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "missing.png", "prompt": "x"}))
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl:1"):
+        FolderTargets(str(tmp_path))
+
+
+def test_shapes_world_targets_satisfy_their_prompt():
+    from genalign.targets import ShapesWorldTargets
+    from genalign.toyworld import check_scene, parse_prompt, render_scene
+
+    out = ShapesWorldTargets()(["two blue circles"], [3], size=32)
+    image, objects = render_scene(parse_prompt("two blue circles"), seed=3, size=32)
+    assert out.shape == (1, 3, 32, 32) and check_scene(parse_prompt("two blue circles"), objects).strict
+    assert torch.allclose(out[0].permute(1, 2, 0) * 255, torch.tensor(list(image.getdata()), dtype=torch.float32).view(32, 32, 3))

@@ -119,3 +119,18 @@ def test_seppo_uses_previous_checkpoints_as_reference(tiny_sd_dir, tmp_path):
     history = trainer.train()
     assert len(trainer.snapshots) == 4
     assert all(0 <= h["reference_snapshot"] <= h["epoch"] - 1 for h in history)
+
+
+def test_whole_group_minibatches_keep_pairs_together(tiny_sd_dir, tmp_path):
+    trainer = Trainer(base_config(tiny_sd_dir, tmp_path / "run", "algorithm.name=d3po", "train.train_batch_size=4"))
+    group = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+
+    class Rows:
+        def __init__(self, g):
+            self.group, self.batch_size = g, len(g)
+
+    batches = trainer._minibatches(Rows(group), torch.Generator().manual_seed(0), whole_groups=True)
+    assert sorted(torch.cat(batches).tolist()) == list(range(9))
+    for b in batches:  # every group in a minibatch is complete
+        for g in group[b].unique():
+            assert int((group[b] == g).sum()) == 3

@@ -33,6 +33,17 @@ class Policy(Protocol):
         """
         ...
 
+    def start(self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Generators = None) -> Trajectory:
+        """A partial trajectory before its first step (``mask`` all False): the initial state
+        drawn exactly as ``rollout`` draws it. Step-wise samplers (SVDD) build on it."""
+        ...
+
+    def step(self, traj: Trajectory, step: int, n: int = 1, generator: Generators = None) -> Trajectory:
+        """Take chain step ``step`` from each row's state with ``n`` candidates per row
+        (``B * n`` rows, ``group`` = parent row); ``outputs`` are set after the last step.
+        ``start`` then T calls with ``n = 1`` and the rollout's generators equal ``rollout``."""
+        ...
+
     def log_prob(self, traj: Trajectory, steps: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """log π_θ(action | state) at ``steps`` (``[K]`` or ``[B, K]``) -> ``[B, K]``, with grad."""
         ...

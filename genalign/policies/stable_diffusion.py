@@ -310,6 +310,65 @@ class StableDiffusionPolicy:
         )
 
     @torch.no_grad()
+    def start(self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Any = None) -> Trajectory:
+        """A partial trajectory before its first step: x_T drawn exactly as ``rollout`` draws it,
+        every step masked out (``mask`` False) until :meth:`step` takes it."""
+        prompts = [str(c) for c in conditions for _ in range(n_per_condition)]
+        n = len(prompts)
+        cond, uncond = self.encode(prompts)
+        c, h, w = self.unet.config.in_channels, self.height // self.vae_scale, self.width // self.vae_scale
+        latents = randn_tensor((n, c, h, w), generator=generator, device=self.device, dtype=cond.dtype)
+        latents = latents.float() * self.scheduler.init_noise_sigma  # x_T [N, C, h, w]
+        steps = self.scheduler.timesteps.to(self.device)
+        t = len(steps)
+        states = torch.zeros(n, t, c, h, w, device=self.device)
+        states[:, 0] = latents
+        return Trajectory(
+            conditions=prompts,
+            group=torch.arange(len(conditions), device=self.device).repeat_interleave(n_per_condition),
+            states=states,
+            actions=torch.zeros_like(states),
+            timesteps=steps.unsqueeze(0).expand(n, -1).clone(),
+            log_probs=torch.zeros(n, t, device=self.device),
+            mask=torch.zeros(n, t, dtype=torch.bool, device=self.device),
+            step_ids=torch.arange(t, device=self.device).unsqueeze(0).expand(n, -1).clone(),
+            extras={"prompt_embeds": cond, "negative_prompt_embeds": uncond},
+        )
+
+    @torch.no_grad()
+    def step(self, traj: Trajectory, step: int, n: int = 1, generator: Any = None) -> Trajectory:
+        """Take step ``step`` from each row's state, ``n`` candidates per row (``B * n`` rows,
+        row-major; ``group`` = parent row). The one-step kernel is the rollout's, so ``start``
+        followed by T calls with n = 1 and the same generators reproduces ``rollout``."""
+        if not 0 <= step < traj.num_steps:
+            raise IndexError(f"step {step} outside 0..{traj.num_steps - 1}")
+        child = traj[torch.arange(traj.batch_size, device=traj.states.device).repeat_interleave(n)]
+        x_t = child.states[:, step].float()
+        t_batch = child.timesteps[:, step]
+        model_in = self.scheduler.scale_model_input(x_t, int(t_batch[0]))
+        eps = self._eps(model_in, t_batch, child.extras["prompt_embeds"], child.extras["negative_prompt_embeds"])
+        out = ddim_step(self.consts, eps, t_batch, x_t, self.config.eta, generator=generator)
+        states, actions, log_probs, mask = child.states.clone(), child.actions.clone(), child.log_probs.clone(), child.mask.clone()
+        actions[:, step] = out.prev_sample
+        log_probs[:, step] = out.log_prob
+        mask[:, step] = True
+        if step + 1 < traj.num_steps:
+            states[:, step + 1] = out.prev_sample
+        finished = step + 1 == traj.num_steps
+        return Trajectory(
+            conditions=child.conditions,
+            group=torch.arange(traj.batch_size, device=self.device).repeat_interleave(n),
+            states=states,
+            actions=actions,
+            timesteps=child.timesteps,
+            log_probs=log_probs,
+            mask=mask,
+            step_ids=child.step_ids,
+            outputs=self.decode(out.prev_sample) if finished else None,
+            extras=dict(child.extras),
+        )
+
+    @torch.no_grad()
     def forward_process(
         self, conditions: Sequence[Any], outputs: torch.Tensor, steps: torch.Tensor, generator: Any = None
     ) -> Trajectory:

@@ -1,0 +1,6 @@
+"""Reward-guided sampling without fine-tuning, written against the Policy protocol only."""
+
+from genalign.guidance.best_of_n import best_of_n
+from genalign.guidance.svdd import ComputeCounter, PMValue, select_candidates, svdd_sample
+
+__all__ = ["ComputeCounter", "PMValue", "best_of_n", "select_candidates", "svdd_sample"]
