@@ -1,7 +1,8 @@
 """The ``genalign`` command line: train, sample, eval, and the Shapes World tools.
 
     genalign train CONFIG.yaml [key.sub=value ...] [--resume]
-    genalign sample POLICY --prompt "a red circle" [--prompts FILE] [--out DIR]
+    genalign sample POLICY --prompt "a red circle" [--prompts FILE] [--method svdd_pm] [--out DIR]
+    genalign sample CONFIG.yaml [key=value ...]
     genalign eval POLICY [--split heldout] [--tiers 1 2 3] [--json FILE]
     genalign toyworld pretrain {sd,verifier} [args ...]
 
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="print every config key with its help and exit")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sample", help="sample from a policy and score the samples", description="Sample from a policy (a pipeline or a trained run's final/ directory), score the samples, and write images, a JSONL of rewards and a grid.")
-    p.add_argument("policy", help="policy directory or hub id (a diffusers pipeline or a genalign final/ directory)")
+    p = sub.add_parser("sample", help="sample from a policy (optionally reward-guided) and score the samples", description="Sample from a policy (a pipeline or a trained run's final/ directory) with plain sampling, best-of-N or SVDD-PM guidance; score the samples and write images, a JSONL of rewards and per-clause details, a grid and a compute summary.")
+    p.add_argument("policy", help="policy directory or hub id, or a YAML sample config (keys as these flags; see configs/sample/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of a YAML sample config")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="text file with one prompt per line")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the policy's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG weight (default: the policy's)")
     p.add_argument("--reward", default="auto", help="reward to score with: shapes_verifier, jpeg_compressibility, none, or auto (verifier when its asset exists)")
+    p.add_argument("--method", choices=["plain", "best_of_n", "svdd_pm"], default="plain", help="sampling method")
+    p.add_argument("--candidates", type=int, default=4, help="best_of_n: N samples per output; svdd_pm: M candidates per step")
+    p.add_argument("--alpha", type=float, default=0.0, help="svdd_pm temperature (0: keep the best candidate)")
     p.add_argument("--out", default="samples", help="output directory")
     p.set_defaults(func=_sample)
 

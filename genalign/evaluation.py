@@ -12,11 +12,13 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from genalign.configs import opt
 from genalign.policies import POLICIES
 from genalign.policies.stable_diffusion import POLICY_FILE
 from genalign.report import image_grid
@@ -86,41 +88,111 @@ def _build_named_reward(name: str, verifier_path: str = "assets/models/shapes-ve
     raise ValueError(f"unknown reward {name!r}; choose shapes_verifier, jpeg_compressibility, jpeg_incompressibility, none or auto")
 
 
-def sample_command(args: argparse.Namespace) -> int:
-    prompts = list(args.prompt)
-    if args.prompts:
-        if not os.path.isfile(args.prompts):
-            raise FileNotFoundError(f"prompt file not found: {args.prompts}")
-        with open(args.prompts) as f:
-            prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
-        if not prompts:
-            raise ValueError(f"prompt file {args.prompts} has no prompts")
+@dataclass
+class SampleConfig:
+    """``genalign sample CONFIG.yaml``: the same options as the command's flags."""
+
+    policy: str = opt("", "policy directory or hub id (a diffusers pipeline or a genalign final/ directory)")
+    prompts: list[str] = opt([], "prompts to sample")
+    prompts_file: str = opt("", "text file with one prompt per line (added to `prompts`)")
+    n: int = opt(4, "samples per prompt")
+    seed: int = opt(0, "seed of the first sample; sample j of a prompt uses seed + j")
+    steps: int | None = opt(None, "denoising steps (default: the policy's)")
+    guidance_scale: float | None = opt(None, "CFG weight (default: the policy's)")
+    reward: str = opt("auto", "reward that scores (and guides): shapes_verifier, jpeg_compressibility, none, or auto")
+    method: Literal["plain", "best_of_n", "svdd_pm"] = opt("plain", "plain sampling, best-of-N, or SVDD-PM guidance")
+    candidates: int = opt(4, "best_of_n: N samples per output; svdd_pm: M candidates per step")
+    alpha: float = opt(0.0, "svdd_pm temperature: 0 keeps the best candidate, > 0 samples softmax(v/α)")
+    out: str = opt("samples", "output directory")
+
+    def validate(self) -> None:
+        if not self.policy:
+            raise ValueError("'policy' is required")
+        if self.candidates < 1 or self.n < 1:
+            raise ValueError(f"'candidates' and 'n' must be >= 1, got {self.candidates}, {self.n}")
+
+
+def read_prompts(inline: Sequence[str], path: str | None) -> list[str]:
+    prompts = list(inline)
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"prompt file not found: {path}")
+        with open(path) as f:
+            from_file = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        if not from_file:
+            raise ValueError(f"prompt file {path} has no prompts")
+        prompts += from_file
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
-    reward = _build_named_reward(args.reward)
-    policy = load_policy(args.policy, args.steps, args.guidance_scale)
-    t0 = time.perf_counter()
-    images, scored = sample_and_score(policy, prompts, args.n, args.seed, reward)
-    wall = time.perf_counter() - t0
-    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-    rows = []
-    for i, img in enumerate(images):
-        p, j = divmod(i, args.n)
-        name = f"images/{p:04d}_{j:02d}.png"
-        image_grid(img[None], rows=1, pad=0).save(os.path.join(args.out, name))
-        row = {"prompt": prompts[p], "seed": args.seed + j, "image": name}
-        if scored is not None:
-            row["reward"] = float(scored.scores[i])
-            row["components"] = {k: float(v[i]) for k, v in scored.components.items()}
-            row["details"] = scored.details[i] if scored.details else {}
-        rows.append(row)
-    with open(os.path.join(args.out, "rewards.jsonl"), "w") as f:
+    return prompts
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    from genalign.configs import load_config
+
+    if args.policy.endswith((".yaml", ".yml")):
+        cfg = load_config(SampleConfig, args.policy, args.overrides)
+    else:
+        if args.overrides:
+            raise ValueError(f"key=value overrides need a YAML config, got policy {args.policy!r} and {args.overrides}")
+        cfg = SampleConfig(policy=args.policy, prompts=list(args.prompt), prompts_file=args.prompts or "", n=args.n,
+                           seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale, reward=args.reward,
+                           method=args.method, candidates=args.candidates, alpha=args.alpha, out=args.out)
+        cfg.validate()
+    return run_sampling(cfg)
+
+
+def run_sampling(cfg: SampleConfig) -> int:
+    from genalign.guidance import ComputeCounter, PMValue, best_of_n, svdd_sample
+
+    prompts = read_prompts(cfg.prompts, cfg.prompts_file)
+    reward = _build_named_reward(cfg.reward)
+    if reward is None and cfg.method != "plain":
+        raise ValueError(f"method {cfg.method!r} needs a reward to guide with; got reward 'none'")
+    policy = load_policy(cfg.policy, cfg.steps, cfg.guidance_scale)
+    counter = ComputeCounter()
+    images, rows = [], []
+    for p, prompt in enumerate(tqdm(prompts, desc=f"sampling ({cfg.method})")):
+        seeds = [cfg.seed + j for j in range(cfg.n)]
+        if cfg.method == "plain":
+            t0 = time.perf_counter()
+            traj = policy.rollout([prompt], cfg.n, [torch.Generator().manual_seed(s) for s in seeds])
+            counter.model_evals += traj.batch_size * traj.num_steps
+            counter.decoder_calls += traj.batch_size
+            counter.wall_seconds += time.perf_counter() - t0
+        elif cfg.method == "best_of_n":  # output j keeps the best of N samples seeded (seed + j) * N + i
+            picks = []
+            for s in seeds:
+                chosen, _ = best_of_n(policy, [prompt], cfg.candidates, [s * cfg.candidates + i for i in range(cfg.candidates)],
+                                      reward, counter)
+                picks.append(chosen)
+            from genalign.trajectory import Trajectory
+
+            traj = Trajectory.cat(picks)
+        else:
+            traj = svdd_sample(policy, [prompt], cfg.n, seeds, PMValue(policy, reward, counter), cfg.candidates, cfg.alpha, counter)
+        images.append(traj.outputs.cpu())
+        scored = reward(traj.outputs, traj.conditions) if reward is not None else None
+        for j in range(cfg.n):
+            name = f"images/{p:04d}_{j:02d}.png"
+            row: dict[str, Any] = {"prompt": prompt, "seed": seeds[j], "image": name, "method": cfg.method}
+            if scored is not None:
+                row["reward"] = float(scored.scores[j])
+                row["components"] = {k: float(v[j]) for k, v in scored.components.items()}
+                row["details"] = scored.details[j] if scored.details else {}
+            rows.append(row)
+    imgs = torch.cat(images)
+    os.makedirs(os.path.join(cfg.out, "images"), exist_ok=True)
+    for row, img in zip(rows, imgs):
+        image_grid(img[None], rows=1, pad=0).save(os.path.join(cfg.out, row["image"]))
+    with open(os.path.join(cfg.out, "rewards.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    image_grid(images, rows=len(prompts), scale=4 if images.shape[-1] <= 64 else 1).save(os.path.join(args.out, "grid.png"))
-    summary = {"prompts": len(prompts), "samples": len(rows), "wall_seconds": wall}
-    if scored is not None:
-        summary["reward_mean"] = float(scored.scores.mean())
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    image_grid(imgs, rows=len(prompts), scale=4 if imgs.shape[-1] <= 64 else 1).save(os.path.join(cfg.out, "grid.png"))
+    summary: dict[str, Any] = {"prompts": len(prompts), "samples": len(rows), "method": cfg.method,
+                               "candidates": cfg.candidates if cfg.method != "plain" else 1, **counter.as_dict()}
+    if reward is not None:
+        summary["reward_mean"] = sum(r["reward"] for r in rows) / len(rows)
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary))
     return 0

@@ -31,3 +31,26 @@ def test_sample_errors(tiny_sd_dir, tmp_path, capsys):
     assert "unknown reward 'beauty'" in capsys.readouterr().err
     assert main(["sample", "./no/such/model", "--prompt", "x", "--reward", "none"]) == 2
     assert "no model directory" in capsys.readouterr().err
+
+
+def test_sample_config_with_guidance(tiny_sd_dir, tmp_path, capsys):
+    """A YAML sample config runs SVDD-PM and reports its compute; a bad method names the key."""
+    import json
+
+    import yaml
+
+    cfg = {"policy": tiny_sd_dir, "prompts": ["a red circle"], "n": 2, "steps": 3, "reward": "jpeg_compressibility",
+           "method": "svdd_pm", "candidates": 2, "out": str(tmp_path / "svdd")}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["sample", str(path)]) == 0
+    summary = json.loads((tmp_path / "svdd" / "summary.json").read_text())
+    assert summary["method"] == "svdd_pm" and summary["samples"] == 2
+    assert summary["model_evals"] == 2 * 2 * 3 + 2 * 2 * 2 and summary["reward_calls"] == 2 * 2 * 3
+    rows = [json.loads(line) for line in (tmp_path / "svdd" / "rewards.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("reward" in r for r in rows)
+    capsys.readouterr()
+    assert main(["sample", str(path), "method=beam_search"]) == 2
+    assert "method" in capsys.readouterr().err
+    assert main(["sample", str(path), "reward=none"]) == 2
+    assert "needs a reward" in capsys.readouterr().err

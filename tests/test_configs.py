@@ -21,8 +21,14 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
 def test_config_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # configs use repo-relative asset paths
-    cfg = load_config(TrainConfig, path)
-    assert cfg.policy is not None and cfg.reward.components
+    if os.path.relpath(path, ROOT).startswith(os.path.join("configs", "sample")):
+        from genalign.evaluation import SampleConfig
+
+        cfg = load_config(SampleConfig, path)  # configs/sample/: `genalign sample` configs
+        assert cfg.policy and cfg.prompts
+    else:
+        cfg = load_config(TrainConfig, path)
+        assert cfg.policy is not None and cfg.reward.components
     with open(path) as f:
         assert f.readline().startswith("#"), "each YAML starts with a header saying what it runs and how"
 
