@@ -64,6 +64,14 @@ def _toyworld(args: argparse.Namespace) -> int:
     return train_verifier(args.rest) or 0
 
 
+def _value(args: argparse.Namespace) -> int:
+    from genalign.configs import load_config
+    from genalign.guidance.train_value import ValueTrainConfig, run
+
+    run(load_config(ValueTrainConfig, args.config, args.overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genalign", description="Align generative models with rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,11 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the policy's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG weight (default: the policy's)")
     p.add_argument("--reward", default="auto", help="reward to score with: shapes_verifier, jpeg_compressibility, none, or auto (verifier when its asset exists)")
-    p.add_argument("--method", choices=["plain", "best_of_n", "svdd_pm"], default="plain", help="sampling method")
+    p.add_argument("--method", choices=["plain", "best_of_n", "svdd_pm", "svdd_mc"], default="plain", help="sampling method")
+    p.add_argument("--value-model", default="", help="svdd_mc: directory written by `genalign value`")
     p.add_argument("--candidates", type=int, default=4, help="best_of_n: N samples per output; svdd_pm: M candidates per step")
     p.add_argument("--alpha", type=float, default=0.0, help="svdd_pm temperature (0: keep the best candidate)")
     p.add_argument("--out", default="samples", help="output directory")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("value", help="train SVDD-MC's value function on a policy's rollouts", description="Train a time-conditioned value function v(x_t, t, c) on the policy's own rollouts (Monte Carlo reward targets) for SVDD-MC guidance.")
+    p.add_argument("config", nargs="?", help="YAML config (see configs/value/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=_value)
 
     p = sub.add_parser("eval", help="per-tier Shapes World accuracy of a policy", description="Per-tier strict and partial accuracy of a policy on Shapes World prompts, as a table and JSON.")
     p.add_argument("policy", help="policy directory or hub id")

@@ -100,7 +100,10 @@ class SampleConfig:
     steps: int | None = opt(None, "denoising steps (default: the policy's)")
     guidance_scale: float | None = opt(None, "CFG weight (default: the policy's)")
     reward: str = opt("auto", "reward that scores (and guides): shapes_verifier, jpeg_compressibility, none, or auto")
-    method: Literal["plain", "best_of_n", "svdd_pm"] = opt("plain", "plain sampling, best-of-N, or SVDD-PM guidance")
+    method: Literal["plain", "best_of_n", "svdd_pm", "svdd_mc"] = opt(
+        "plain", "plain sampling, best-of-N, SVDD-PM, or SVDD-MC guidance (needs value_model)"
+    )
+    value_model: str = opt("", "svdd_mc: directory written by `genalign value`")
     candidates: int = opt(4, "best_of_n: N samples per output; svdd_pm: M candidates per step")
     alpha: float = opt(0.0, "svdd_pm temperature: 0 keeps the best candidate, > 0 samples softmax(v/α)")
     out: str = opt("samples", "output directory")
@@ -108,6 +111,8 @@ class SampleConfig:
     def validate(self) -> None:
         if not self.policy:
             raise ValueError("'policy' is required")
+        if self.method == "svdd_mc" and not self.value_model:
+            raise ValueError("'value_model' is required for method svdd_mc (train one with `genalign value`)")
         if self.candidates < 1 or self.n < 1:
             raise ValueError(f"'candidates' and 'n' must be >= 1, got {self.candidates}, {self.n}")
 
@@ -137,13 +142,15 @@ def sample_command(args: argparse.Namespace) -> int:
             raise ValueError(f"key=value overrides need a YAML config, got policy {args.policy!r} and {args.overrides}")
         cfg = SampleConfig(policy=args.policy, prompts=list(args.prompt), prompts_file=args.prompts or "", n=args.n,
                            seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale, reward=args.reward,
-                           method=args.method, candidates=args.candidates, alpha=args.alpha, out=args.out)
+                           method=args.method, candidates=args.candidates, alpha=args.alpha, out=args.out,
+                           value_model=args.value_model)
         cfg.validate()
     return run_sampling(cfg)
 
 
 def run_sampling(cfg: SampleConfig) -> int:
     from genalign.guidance import ComputeCounter, PMValue, best_of_n, svdd_sample
+    from genalign.guidance.value_model import MCValue, ValueNet
 
     prompts = read_prompts(cfg.prompts, cfg.prompts_file)
     reward = _build_named_reward(cfg.reward)
@@ -151,6 +158,7 @@ def run_sampling(cfg: SampleConfig) -> int:
         raise ValueError(f"method {cfg.method!r} needs a reward to guide with; got reward 'none'")
     policy = load_policy(cfg.policy, cfg.steps, cfg.guidance_scale)
     counter = ComputeCounter()
+    value = MCValue(ValueNet.load(cfg.value_model), counter) if cfg.method == "svdd_mc" else PMValue(policy, reward, counter)
     images, rows = [], []
     for p, prompt in enumerate(tqdm(prompts, desc=f"sampling ({cfg.method})")):
         seeds = [cfg.seed + j for j in range(cfg.n)]
@@ -170,7 +178,7 @@ def run_sampling(cfg: SampleConfig) -> int:
 
             traj = Trajectory.cat(picks)
         else:
-            traj = svdd_sample(policy, [prompt], cfg.n, seeds, PMValue(policy, reward, counter), cfg.candidates, cfg.alpha, counter)
+            traj = svdd_sample(policy, [prompt], cfg.n, seeds, value, cfg.candidates, cfg.alpha, counter)
         images.append(traj.outputs.cpu())
         scored = reward(traj.outputs, traj.conditions) if reward is not None else None
         for j in range(cfg.n):

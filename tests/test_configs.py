@@ -26,6 +26,11 @@ def test_config_validates(path, monkeypatch):
 
         cfg = load_config(SampleConfig, path)  # configs/sample/: `genalign sample` configs
         assert cfg.policy and cfg.prompts
+    elif os.path.relpath(path, ROOT).startswith(os.path.join("configs", "value")):
+        from genalign.guidance.train_value import ValueTrainConfig
+
+        cfg = load_config(ValueTrainConfig, path)  # configs/value/: `genalign value` configs
+        assert cfg.policy and cfg.tiers
     else:
         cfg = load_config(TrainConfig, path)
         assert cfg.policy is not None and cfg.reward.components
