@@ -99,7 +99,13 @@ def test_bad_arguments(tiny_sd_dir):
 def test_value_function_trains_saves_and_guides(tiny_sd_dir, tmp_path):
     """MC targets from rollouts: the held-out regression loss falls below its starting value
     and below the target variance; the saved net reloads bit-for-bit and guides SVDD-MC."""
-    from genalign.guidance.value_model import MCValue, ValueNet, ValueNetConfig, train_value, value_dataset
+    from genalign.guidance.value_model import (
+        MCValue,
+        ValueNet,
+        ValueNetConfig,
+        train_value,
+        value_dataset,
+    )
 
     torch.manual_seed(0)
     policy = make_policy(tiny_sd_dir)

@@ -113,7 +113,7 @@ def train_value(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         net.eval()
         history["train"].append(total / max(len(order), 1))
         with torch.no_grad():
