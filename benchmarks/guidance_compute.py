@@ -29,11 +29,12 @@ import torch  # noqa: E402
 
 from genalign.evaluation import load_policy  # noqa: E402
 from genalign.guidance import ComputeCounter, PMValue, best_of_n, svdd_sample  # noqa: E402
+from genalign.guidance.value_model import MCValue, ValueNet  # noqa: E402
 from genalign.toyworld import sample_prompts  # noqa: E402
 from rewards.shapes_verifier import ShapesVerifierReward  # noqa: E402
 
 
-def run_method(policy, guide, verifier, prompts, seed, method, k) -> dict:
+def run_method(policy, guide, verifier, prompts, seed, method, k, value_net=None) -> dict:
     counter = ComputeCounter()
     t0 = time.perf_counter()
     base = [seed * 1_000_003 + i * 1009 for i in range(len(prompts))]
@@ -41,7 +42,8 @@ def run_method(policy, guide, verifier, prompts, seed, method, k) -> dict:
         chosen, _ = best_of_n(policy, prompts, k, [b * 64 + j for b in base for j in range(k)], guide, counter)
         outputs, conds = chosen.outputs, chosen.conditions
     else:
-        traj = svdd_sample(policy, prompts, 1, base, PMValue(policy, guide, counter), num_candidates=k, counter=counter)
+        value = MCValue(value_net, counter) if method == "svdd_mc" else PMValue(policy, guide, counter)
+        traj = svdd_sample(policy, prompts, 1, base, value, num_candidates=k, counter=counter)
         outputs, conds = traj.outputs, traj.conditions
     wall = time.perf_counter() - t0
     scored = verifier(outputs, conds)
@@ -61,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--best-of", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--svdd-m", type=int, nargs="+", default=[2, 4, 8, 12, 20])
+    ap.add_argument("--value-model", default="", help="a `genalign value` directory: adds SVDD-MC with the same M values")
     ap.add_argument("--out", default="benchmarks/results/guidance")
     args = ap.parse_args(argv)
 
     torch.set_grad_enabled(False)
     policy = load_policy(args.policy, args.steps)
     verifier = ShapesVerifierReward.from_pretrained(args.verifier, score="partial")
+    value_net = ValueNet.load(args.value_model) if args.value_model else None
     prompts = [p for t in args.tiers for p in sample_prompts(t, args.prompts, "heldout", seed=777)]
     rows = []
     for seed in args.seeds:
@@ -76,9 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.svdd_m:
             rows.append(run_method(policy, verifier, verifier, prompts, seed, "svdd_pm", m))
             print(json.dumps(rows[-1]), flush=True)
+            if value_net is not None:
+                rows.append(run_method(policy, verifier, verifier, prompts, seed, "svdd_mc", m, value_net))
+                print(json.dumps(rows[-1]), flush=True)
 
     table = []
-    for method, ks in (("best_of_n", args.best_of), ("svdd_pm", args.svdd_m)):
+    methods = [("best_of_n", args.best_of), ("svdd_pm", args.svdd_m)] + ([("svdd_mc", args.svdd_m)] if value_net else [])
+    for method, ks in methods:
         for k in ks:
             sel = [r for r in rows if r["method"] == method and r["k"] == k]
             agg = {"method": "plain" if method == "best_of_n" and k == 1 else method, "k": k}
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| method | N or M | model evals | reward calls | wall s | reward (partial) | strict |")
     print("|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['method']} | {r['k']} | {r['model_evals'][0]:.0f} | {r['reward_calls'][0]:.0f} | {r['wall_seconds'][0]:.3f} | "
+        print(f"| {r['method']} | {r['k']} | {r['model_evals'][0]:.0f} | {r['reward_calls'][0]:.0f} | {r['wall_seconds'][0]:.4f} | "
               f"{r['reward'][0]:.3f} ± {r['reward'][1]:.3f} | {r['strict'][0]:.3f} ± {r['strict'][1]:.3f} |")
 
     os.makedirs(args.out, exist_ok=True)
@@ -99,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"args": vars(args), "prompts": prompts, "table": table, "rows": rows}, f, indent=2)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     for ax, xkey, xlabel in ((axes[0], "model_evals", "policy model evaluations per image"), (axes[1], "wall_seconds", "wall seconds per image")):
-        for method, label in (("best_of_n", "best-of-N (N=1: plain)"), ("svdd_pm", "SVDD-PM")):
-            sel = [r for r in table if (r["method"] in (method, "plain")) and (method == "best_of_n") == (r["method"] != "svdd_pm")]
+        for method, label in (("best_of_n", "best-of-N (N=1: plain)"), ("svdd_pm", "SVDD-PM"), ("svdd_mc", "SVDD-MC")):
+            sel = [r for r in table if r["method"] == method or (method == "best_of_n" and r["method"] == "plain")]
+            if not sel:
+                continue
             ax.errorbar([r[xkey][0] for r in sel], [r["strict"][0] for r in sel], yerr=[r["strict"][1] for r in sel],
                         marker="o", capsize=3, label=label)
         ax.set_xscale("log")
