@@ -10,7 +10,8 @@ same machine, and finished runs are reused when the script is started again.
     python benchmarks/preference_algorithms.py                           # 3 seeds, 20 epochs
     python benchmarks/preference_algorithms.py --seeds 0 --epochs 10     # a quick look
 
-Prints a markdown table and writes summary.json and curves.png to --out.
+Prints a markdown table and writes summary.json and curves.png to --out (with
+``--metric shapes_verifier/partial``: summary_partial.json, re-reading finished runs).
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['algorithm']} | " + " | ".join(cells) + f" | {row['wall_seconds'][0]:.0f} ± {row['wall_seconds'][1]:.0f} |")
 
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    suffix = "" if args.metric == "shapes_verifier/strict" else "_" + args.metric.rsplit("/", 1)[-1]
+    with open(os.path.join(args.out, f"summary{suffix}.json"), "w") as f:
         json.dump({"seeds": args.seeds, "epochs": args.epochs, "metric": args.metric, "overrides": args.overrides,
                    "table": table, "per_seed": {k: {str(s): v for s, v in d.items()} for k, d in results.items()}}, f, indent=2)
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_title(f"Shapes World, mean over seeds {args.seeds}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "curves.png"))
+    fig.savefig(os.path.join(args.out, f"curves{suffix}.png"))
     return 0
 
 
