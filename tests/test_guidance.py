@@ -97,8 +97,10 @@ def test_bad_arguments(tiny_sd_dir):
 
 
 def test_value_function_trains_saves_and_guides(tiny_sd_dir, tmp_path):
-    """MC targets from rollouts: the held-out regression loss falls below its starting value
-    and below the target variance; the saved net reloads bit-for-bit and guides SVDD-MC."""
+    """MC targets from rollouts: the training loss falls well below the target variance (32
+    rollouts of a random tiny model are too few to test generalisation; `genalign value`
+    reports the held-out loss over whole held-out rollouts); the saved net reloads
+    bit-for-bit and guides SVDD-MC without reward calls."""
     from genalign.guidance.value_model import (
         MCValue,
         ValueNet,
@@ -117,11 +119,12 @@ def test_value_function_trains_saves_and_guides(tiny_sd_dir, tmp_path):
     assert data[0].shape[0] == 32 * (t + 1) and data[1].max() == t
     net = ValueNet(ValueNetConfig(in_channels=4, cond_dim=32, num_steps=t, width=16))
     hist = train_value(net, data, epochs=30, lr=3e-3, batch_size=64)
-    assert hist["heldout"][-1] < hist["heldout"][0]
-    assert hist["train"][-1] < 0.8 * float(data[3].var())
+    assert hist["train"][-1] < 0.5 * hist["train"][0] and hist["train"][-1] < 0.8 * float(data[3].var())
+    assert len(hist["heldout"]) == 31 and all(v == v for v in hist["heldout"])
     net.save(str(tmp_path / "v"))
     loaded = ValueNet.load(str(tmp_path / "v"))
-    x, s, c, _ = data
+    x, s, c, _, rollout = data
+    assert rollout.max() == 31 and int((rollout == 0).sum()) == t + 1
     torch.testing.assert_close(loaded(x[:8], s[:8], c[:8]), net(x[:8], s[:8], c[:8]))
     counter = ComputeCounter()
     out = svdd_sample(policy, PROMPTS, 1, [0, 1], MCValue(loaded, counter), num_candidates=3, counter=counter)

@@ -57,8 +57,8 @@ def run(cfg: ValueTrainConfig) -> dict:
             chunk = prompts[i : i + per_call]
             gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + (i + p) * n + j) for p in range(len(chunk)) for j in range(n)]
             traj = policy.rollout(chunk, n, gens)
-            parts.append(value_dataset(traj, reward(traj.outputs, traj.conditions).scores))
-    data = tuple(torch.cat([p[k] for p in parts]) for k in range(4))
+            parts.append(value_dataset(traj, reward(traj.outputs, traj.conditions).scores, first_id=i * n))
+    data = tuple(torch.cat([p[k] for p in parts]) for k in range(5))
     rollout_s = time.perf_counter() - t0
     x, cond = data[0], data[2]
     torch.manual_seed(cfg.seed)

@@ -72,29 +72,37 @@ class ValueNet(nn.Module):
         return net.eval()
 
 
-def value_dataset(traj: Trajectory, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def value_dataset(
+    traj: Trajectory, rewards: torch.Tensor, first_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every (state after k steps, k, condition) of finished rollouts with their final reward.
 
-    Returns x ``[B*(T+1), C, h, w]``, step ``[B*(T+1)]``, cond ``[B*(T+1), L, D]``, target."""
+    Returns x ``[B*(T+1), C, h, w]``, step ``[B*(T+1)]``, cond ``[B*(T+1), L, D]``, target, and
+    the rollout id of each row (``first_id`` + row), so held-out splits keep rollouts whole."""
     b, t = traj.batch_size, traj.num_steps
     states = torch.cat([traj.states, traj.actions[:, -1:]], 1)  # [B, T+1, C, h, w]: x after 0..T steps
     steps = torch.arange(t + 1).unsqueeze(0).expand(b, -1)  # [B, T+1]
     cond = traj.extras["prompt_embeds"].unsqueeze(1).expand(-1, t + 1, -1, -1)  # [B, T+1, L, D]
     target = rewards.float().view(b, 1).expand(-1, t + 1)
+    rollout = (first_id + torch.arange(b)).view(b, 1).expand(-1, t + 1)
     keep = torch.isfinite(target).flatten()
-    return (states.flatten(0, 1)[keep], steps.flatten()[keep], cond.flatten(0, 1)[keep], target.flatten()[keep])
+    return (states.flatten(0, 1)[keep], steps.flatten()[keep], cond.flatten(0, 1)[keep], target.flatten()[keep],
+            rollout.flatten()[keep])
 
 
 def train_value(
     net: ValueNet, data: tuple[torch.Tensor, ...], epochs: int = 20, lr: float = 1e-3, batch_size: int = 256,
     seed: int = 0, holdout: float = 0.2,
 ) -> dict[str, list[float]]:
-    """MSE regression; returns per-epoch train and held-out losses (the holdout split is by row)."""
-    x, step, cond, target = data
+    """MSE regression; returns per-epoch train and held-out losses. The held-out split takes
+    whole rollouts (every state of a held-out rollout is held out)."""
+    x, step, cond, target, rollout = data
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(target), generator=g)
-    n_val = int(len(target) * holdout)
-    val, tr = perm[:n_val], perm[n_val:]
+    ids = rollout.unique()
+    val_ids = ids[torch.randperm(len(ids), generator=g)[: int(len(ids) * holdout)]]
+    is_val = torch.isin(rollout, val_ids)
+    val, tr = is_val.nonzero().view(-1), (~is_val).nonzero().view(-1)
+    n_val = len(val)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     history: dict[str, list[float]] = {"train": [], "heldout": []}
 
