@@ -11,11 +11,22 @@ import yaml
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
-def test_two_process_ddp_training(tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize(
+    "algorithm",
+    [{"name": "ddpo"}, {"name": "d3po"}, {"name": "seppo", "steps_per_sample": 2},
+     {"name": "b2diffurl", "stages": 2, "epochs_per_stage": 1, "select_threshold": 0.0}],
+    ids=lambda a: a["name"],
+)
+def test_two_process_ddp_training(tiny_sd_dir, tmp_path, algorithm):
+    """Every sampling plan (plain, shared-noise pairs, off-policy pairs with snapshots,
+    branches with row selection) runs under DDP without hanging; NaN-advantage rows are
+    masked, not dropped, so every process keeps the same number of backward passes."""
     cfg = {
+        "algorithm": algorithm,
         "output_dir": str(tmp_path / "run"),
         "policy": {"type": "stable_diffusion", "pretrained": tiny_sd_dir, "num_steps": 3},
         "prompts": {"source": "list", "prompts": ["a red circle", "a blue square"]},
+        "reward": {"components": [{"type": "jpeg_compressibility"}]},
         "train": {"epochs": 2, "prompts_per_epoch": 4, "samples_per_prompt": 2, "rollout_batch_size": 4, "train_batch_size": 2},
         "eval": {"prompts_per_set": 2, "samples_per_prompt": 1},
         "report": {"num_prompts": 2, "seeds": [0]},
