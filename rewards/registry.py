@@ -8,6 +8,7 @@ from typing import Any, Literal
 from genalign.configs import opt
 from rewards.compose import WeightedSum
 from rewards.jpeg import JpegCompressibility, JpegConfig
+from rewards.rules import RuleConfig, RuleVerifier
 
 
 @dataclass
@@ -34,6 +35,7 @@ REWARDS = {
     "jpeg_compressibility": (JpegConfig, JpegCompressibility),
     "jpeg_incompressibility": (JpegConfig, JpegCompressibility),
     "shapes_verifier": (ShapesVerifierConfig, _shapes_verifier),
+    "rule": (RuleConfig, RuleVerifier),
 }
 
 
