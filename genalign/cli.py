@@ -72,6 +72,12 @@ def _value(args: argparse.Namespace) -> int:
     return 0
 
 
+def _judge_check(args: argparse.Namespace) -> int:
+    from rewards.robustness import main as judge_check
+
+    return judge_check()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genalign", description="Align generative models with rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config (see configs/value/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_value)
+
+    p = sub.add_parser("judge-check", help="false-positive rates of the text rewards on degenerate answers", description="Score degenerate responses (':', 'Thought process:', empty, hedged options, ...) with every shipped text reward and print the false-positive rate per reward.")
+    p.set_defaults(func=_judge_check)
 
     p = sub.add_parser("eval", help="per-tier Shapes World accuracy of a policy", description="Per-tier strict and partial accuracy of a policy on Shapes World prompts, as a table and JSON.")
     p.add_argument("policy", help="policy directory or hub id")

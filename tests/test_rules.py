@@ -79,3 +79,27 @@ def test_config_and_registry():
     assert reward(["<answer>2</answer>"], [{"answer": "2"}]).scores.tolist() == [1.0]
     with pytest.raises(ConfigError, match="rule"):
         load_config(TrainConfig, None, [*base, "reward.components=[{type: rule, rule: fuzzy}]"])
+
+
+def test_judge_check_table_is_clean_for_shipped_rules(capsys):
+    from genalign.cli import main
+    from rewards.robustness import false_positive_table, shipped_text_rewards
+
+    rows = false_positive_table(shipped_text_rewards())
+    assert rows and all(r["false_positive_rate"] == 0 for r in rows), rows
+    assert main(["judge-check"]) == 0
+    assert "| rule numeric | 12 | 0.000 |" in capsys.readouterr().out
+
+
+def test_judge_check_catches_a_lenient_judge():
+    """A judge that accepts any non-empty text is caught."""
+    import torch
+
+    from rewards.base import RewardOutput
+    from rewards.robustness import false_positive_table
+
+    def lenient(responses, conditions):
+        return RewardOutput(scores=torch.tensor([float(bool(r.strip())) for r in responses]))
+
+    (row,) = false_positive_table({"lenient": (lenient, {"answer": "x"})})
+    assert row["false_positive_rate"] == pytest.approx(10 / 12) and "colon" in row["accepted"]
