@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from genalign.configs import opt
+from rewards.aesthetic import AestheticConfig
+from rewards.clip_score import ClipScoreConfig
 from rewards.compose import WeightedSum
 from rewards.jpeg import JpegCompressibility, JpegConfig
 from rewards.rules import RuleConfig, RuleVerifier
@@ -31,11 +33,25 @@ def _shapes_verifier(config: ShapesVerifierConfig) -> Any:
     return ShapesVerifierReward.from_pretrained(config.path, score=config.score)
 
 
+def _clip_score(config: Any) -> Any:
+    from rewards.clip_score import ClipScore
+
+    return ClipScore(config)
+
+
+def _aesthetic(config: Any) -> Any:
+    from rewards.aesthetic import AestheticReward
+
+    return AestheticReward(config)
+
+
 REWARDS = {
     "jpeg_compressibility": (JpegConfig, JpegCompressibility),
     "jpeg_incompressibility": (JpegConfig, JpegCompressibility),
     "shapes_verifier": (ShapesVerifierConfig, _shapes_verifier),
     "rule": (RuleConfig, RuleVerifier),
+    "clip_score": (ClipScoreConfig, _clip_score),
+    "aesthetic": (AestheticConfig, _aesthetic),
 }
 
 
