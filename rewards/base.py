@@ -56,7 +56,7 @@ def images_to_tensor(images: Any) -> torch.Tensor:
             raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
-        lo, hi = float(images.min()), float(images.max())
+        lo, hi = float(images.detach().min()), float(images.detach().max())
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ValueError(
                 f"expected images in [0, 1], got values in [{lo:.3f}, {hi:.3f}] "

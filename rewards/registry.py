@@ -10,6 +10,7 @@ from rewards.aesthetic import AestheticConfig
 from rewards.clip_score import ClipScoreConfig
 from rewards.compose import WeightedSum
 from rewards.jpeg import JpegCompressibility, JpegConfig
+from rewards.pickscore import PickScoreConfig
 from rewards.rules import RuleConfig, RuleVerifier
 
 
@@ -45,6 +46,12 @@ def _aesthetic(config: Any) -> Any:
     return AestheticReward(config)
 
 
+def _pickscore(config: Any) -> Any:
+    from rewards.pickscore import PickScore
+
+    return PickScore(config)
+
+
 REWARDS = {
     "jpeg_compressibility": (JpegConfig, JpegCompressibility),
     "jpeg_incompressibility": (JpegConfig, JpegCompressibility),
@@ -52,6 +59,7 @@ REWARDS = {
     "rule": (RuleConfig, RuleVerifier),
     "clip_score": (ClipScoreConfig, _clip_score),
     "aesthetic": (AestheticConfig, _aesthetic),
+    "pickscore": (PickScoreConfig, _pickscore),
 }
 
 

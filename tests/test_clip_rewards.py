@@ -106,3 +106,45 @@ def test_clear_errors(tiny_clip, tmp_path):
     reward = ClipScore(ClipScoreConfig(model=tiny_clip[0], pretrained=tiny_clip[1]))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         reward(images() * 2 - 1, ["x"] * 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_pickscore(tmp_path_factory):
+    """A tiny transformers CLIPModel + tokenizer + image processor saved like the published one."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from tests.conftest import build_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("pick")
+    tok = build_tiny_tokenizer(d)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 24, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    return str(d)
+
+
+def test_pickscore_is_logit_scaled_cosine(tiny_pickscore):
+    from rewards.pickscore import PickScore, PickScoreConfig
+
+    reward = PickScore(PickScoreConfig(model=tiny_pickscore, processor=tiny_pickscore))
+    x, prompts = images(), ["a red circle", "a blue square", "two circles"]
+    out = reward(x, prompts)
+    scale = float(reward.model.logit_scale.exp())
+    torch.testing.assert_close(out.scores, scale * out.components["cosine"])
+    assert scale == pytest.approx(1 / 0.07, rel=1e-4)  # CLIP's initial logit scale
+    single = torch.cat([reward(x[i : i + 1], prompts[i : i + 1]).scores for i in range(3)])
+    torch.testing.assert_close(out.scores, single, rtol=1e-4, atol=1e-4)
+    x = x.clone().requires_grad_(True)
+    reward(x, prompts).scores.sum().backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(FileNotFoundError, match="'model'"):
+        PickScore(PickScoreConfig(model="./missing", processor=tiny_pickscore))
