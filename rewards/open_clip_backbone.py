@@ -54,3 +54,18 @@ def clip_preprocess(images: torch.Tensor, cfg: dict) -> torch.Tensor:
     mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def clip_preprocess_pad(images: torch.Tensor, cfg: dict, fill: float = 0.0) -> torch.Tensor:
+    """HPS-style eval transform: resize the *longest* side to the model size (bicubic), pad the
+    short side symmetrically with ``fill`` (in [0, 1] pixel units) to a square, normalise."""
+    s = cfg["size"]
+    h, w = images.shape[-2:]
+    scale = s / max(h, w)
+    nh, nw = min(s, round(h * scale)), min(s, round(w * scale))
+    x = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    pad_h, pad_w = s - nh, s - nw
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
+    mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -9,6 +9,7 @@ from genalign.configs import opt
 from rewards.aesthetic import AestheticConfig
 from rewards.clip_score import ClipScoreConfig
 from rewards.compose import WeightedSum
+from rewards.hps import HPSConfig
 from rewards.jpeg import JpegCompressibility, JpegConfig
 from rewards.pickscore import PickScoreConfig
 from rewards.rules import RuleConfig, RuleVerifier
@@ -52,6 +53,12 @@ def _pickscore(config: Any) -> Any:
     return PickScore(config)
 
 
+def _hps(config: Any) -> Any:
+    from rewards.hps import HPSReward
+
+    return HPSReward(config)
+
+
 REWARDS = {
     "jpeg_compressibility": (JpegConfig, JpegCompressibility),
     "jpeg_incompressibility": (JpegConfig, JpegCompressibility),
@@ -60,6 +67,7 @@ REWARDS = {
     "clip_score": (ClipScoreConfig, _clip_score),
     "aesthetic": (AestheticConfig, _aesthetic),
     "pickscore": (PickScoreConfig, _pickscore),
+    "hps": (HPSConfig, _hps),
 }
 
 

@@ -148,3 +148,28 @@ def test_pickscore_is_logit_scaled_cosine(tiny_pickscore):
     assert x.grad.abs().sum() > 0
     with pytest.raises(FileNotFoundError, match="'model'"):
         PickScore(PickScoreConfig(model="./missing", processor=tiny_pickscore))
+
+
+def test_hps_plain_cosine_padding_and_version(tiny_clip, tmp_path):
+    """Score = cosine with no logit scale; the checkpoint's 'state_dict' (with DDP 'module.'
+    prefixes) loads via weights_only; a non-square image is padded, not cropped."""
+    from rewards.hps import HPSConfig, HPSReward
+    from rewards.open_clip_backbone import clip_preprocess_pad
+
+    model, tok, cfg = load_open_clip(tiny_clip[0], "")
+    ckpt = tmp_path / "hps.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, ckpt)
+    reward = HPSReward(HPSConfig(checkpoint=str(ckpt), version="v2.0", model=tiny_clip[0]))
+    x, prompts = images(2), ["a red circle", "a blue square"]
+    img = F.normalize(model.encode_image(clip_preprocess_pad(x, cfg)), dim=-1)
+    txt = F.normalize(model.encode_text(tok(prompts)), dim=-1)
+    out = reward(x, prompts)
+    torch.testing.assert_close(out.scores, (img * txt).sum(-1))
+    assert out.details[0]["hps_version"] == "v2.0"
+    wide = torch.ones(1, 3, 16, 64)  # white 16×64: resized to 8×32, padded with black rows
+    padded = clip_preprocess_pad(wide, cfg)
+    black = (0 - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"])
+    torch.testing.assert_close(padded[0, :, 0, 0], black)  # top rows are padding
+    torch.testing.assert_close(padded[0, :, 16, 16], (1 - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"]), atol=1e-3, rtol=0)
+    with pytest.raises(FileNotFoundError, match="'checkpoint'"):
+        HPSConfig(checkpoint=str(tmp_path / "none.pt")).validate()
