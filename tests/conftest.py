@@ -56,3 +56,9 @@ def tiny_sd_dir(tmp_path_factory):
     tok_dir = tmp_path_factory.mktemp("tok")
     build_tiny_pipeline(tok_dir).save_pretrained(d, safe_serialization=True)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_builder():
+    """The character-level tokenizer builder, for tests that assemble their own tiny models."""
+    return build_tiny_tokenizer

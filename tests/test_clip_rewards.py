@@ -109,14 +109,12 @@ def test_clear_errors(tiny_clip, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_pickscore(tmp_path_factory):
+def tiny_pickscore(tmp_path_factory, tiny_tokenizer_builder):
     """A tiny transformers CLIPModel + tokenizer + image processor saved like the published one."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from tests.conftest import build_tiny_tokenizer
-
     d = tmp_path_factory.mktemp("pick")
-    tok = build_tiny_tokenizer(d)
+    tok = tiny_tokenizer_builder(d)
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
