@@ -22,6 +22,7 @@ from genalign.configs import opt
 from genalign.policies import POLICIES
 from genalign.policies.stable_diffusion import POLICY_FILE
 from genalign.report import image_grid
+from genalign.trajectory import Trajectory
 
 
 def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float | None = None) -> Any:
@@ -174,8 +175,6 @@ def run_sampling(cfg: SampleConfig) -> int:
                 chosen, _ = best_of_n(policy, [prompt], cfg.candidates, [s * cfg.candidates + i for i in range(cfg.candidates)],
                                       reward, counter)
                 picks.append(chosen)
-            from genalign.trajectory import Trajectory
-
             traj = Trajectory.cat(picks)
         else:
             traj = svdd_sample(policy, [prompt], cfg.n, seeds, value, cfg.candidates, cfg.alpha, counter)

@@ -21,7 +21,7 @@ from torch import nn
 
 from genalign.configs import opt
 from rewards.base import RewardOutput, images_to_tensor
-from rewards.open_clip_backbone import clip_preprocess, load_open_clip
+from rewards.open_clip_backbone import clip_preprocess, load_open_clip, load_weights_file
 
 
 class AestheticHead(nn.Module):
@@ -37,16 +37,8 @@ class AestheticHead(nn.Module):
 
 
 def load_head(path: str, in_dim: int) -> AestheticHead:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"'head': aesthetic head weights not found: {path!r}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
     head = AestheticHead(in_dim)
-    head.load_state_dict(state)
+    head.load_state_dict(load_weights_file(path, "head"))
     return head.eval().requires_grad_(False)
 
 

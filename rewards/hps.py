@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from genalign.configs import opt
 from rewards.base import RewardOutput, images_to_tensor
-from rewards.open_clip_backbone import clip_preprocess_pad, load_open_clip
+from rewards.open_clip_backbone import clip_preprocess_pad, load_open_clip, load_weights_file
 
 
 @dataclass
@@ -40,15 +40,6 @@ class HPSConfig:
             raise FileNotFoundError(f"'checkpoint': HPS weights not found: {self.checkpoint!r}")
 
 
-def load_hps_state(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
-
-
 class HPSReward:
     differentiable = True
     name = "hps"
@@ -57,7 +48,7 @@ class HPSReward:
         config.validate()
         self.config = config
         self.model, self.tokenizer, self.preprocess_cfg = load_open_clip(config.model, "", device)
-        state = {k.removeprefix("module."): v for k, v in load_hps_state(config.checkpoint).items()}
+        state = {k.removeprefix("module."): v for k, v in load_weights_file(config.checkpoint, "checkpoint").items()}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"'checkpoint' does not fit {config.model}: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -20,6 +20,25 @@ import torch
 import torch.nn.functional as F
 
 
+def load_weights_file(path: str, key: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file read with ``weights_only=True``
+    (a ``{'state_dict': ...}`` wrapper is unwrapped); a missing file names the config key."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'{key}': weights file not found: {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)
+
+
+def _normalize(x: torch.Tensor, cfg: dict) -> torch.Tensor:
+    mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def load_open_clip(model: str, pretrained: str, device: str | torch.device = "cpu") -> tuple[Any, Any, dict]:
     import open_clip
 
@@ -50,10 +69,7 @@ def clip_preprocess(images: torch.Tensor, cfg: dict) -> torch.Tensor:
     nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
     x = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
     top, left = (nh - s) // 2, (nw - s) // 2
-    x = x[..., top : top + s, left : left + s].clamp(0, 1)
-    mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return _normalize(x[..., top : top + s, left : left + s].clamp(0, 1), cfg)
 
 
 def clip_preprocess_pad(images: torch.Tensor, cfg: dict, fill: float = 0.0) -> torch.Tensor:
@@ -65,7 +81,4 @@ def clip_preprocess_pad(images: torch.Tensor, cfg: dict, fill: float = 0.0) -> t
     nh, nw = min(s, round(h * scale)), min(s, round(w * scale))
     x = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     pad_h, pad_w = s - nh, s - nw
-    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
-    mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return _normalize(F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill), cfg)

@@ -75,6 +75,7 @@ def test_svdd_pm_raises_the_value_it_follows(tiny_sd_dir):
     t, rows = policy.scheduler.timesteps.numel(), len(seeds)
     assert counter.model_evals == rows * 4 * t + rows * 4 * (t - 1)  # candidate steps + x̂0 predictions
     assert counter.reward_calls == rows * 4 * t
+    assert counter.decoder_calls == rows * 4 * (t - 1) + rows * 4  # x̂0 previews + the finished candidates
     assert guided.conditions == plain.conditions
 
 
@@ -129,5 +130,6 @@ def test_value_function_trains_saves_and_guides(tiny_sd_dir, tmp_path):
     counter = ComputeCounter()
     out = svdd_sample(policy, PROMPTS, 1, [0, 1], MCValue(loaded, counter), num_candidates=3, counter=counter)
     assert out.outputs.shape[0] == 2 and counter.reward_calls == 0 and counter.extra["value_calls"] == 2 * 3 * t
+    assert counter.decoder_calls == 2 * 3  # only the last step's candidates are decoded
     with pytest.raises(FileNotFoundError, match="value.safetensors"):
         ValueNet.load(str(tmp_path / "missing"))

@@ -83,8 +83,11 @@ def test_d3po_loss_uses_every_labelled_pair_and_skips_ties():
     delta = torch.tensor([[0.1], [0.0], [0.2], [0.0], [-0.1]])
     loss, m = algo.loss(b, delta, torch.zeros(5, 1))
     expected = (-math.log(sigmoid(0.1)) - math.log(sigmoid(0.2)) - math.log(sigmoid(-0.1))) / 3
-    assert m["pairs"] == 3
+    assert m["pairs"] == 3 and m["unlabelled_pairs"] == 1
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="no state"):
+        algo.load_state_dict({"stats": {}})
+    algo.load_state_dict(algo.state_dict())
 
 
 def test_d3po_train_steps_shared_within_group():

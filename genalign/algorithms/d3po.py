@@ -99,19 +99,22 @@ class D3PO:
         pairs = group_pairs(batch.group.to(log_probs.device))  # [P, 2]
         labels = self.preference(batch, pairs.cpu()).to(log_probs.device)  # [P] in {+1, 0, −1}
         keep = labels != 0
+        unlabelled = float((~keep).sum())  # ties, or pairs a preference store has no label for
         pairs, labels = pairs[keep], labels[keep]
         if len(pairs) == 0:
-            return log_probs.sum() * 0.0, {"pairs": 0.0}
+            return log_probs.sum() * 0.0, {"pairs": 0.0, "unlabelled_pairs": unlabelled}
         w = torch.where(labels > 0, pairs[:, 0], pairs[:, 1])  # [P]
         l_ = torch.where(labels > 0, pairs[:, 1], pairs[:, 0])
         delta = log_probs - ref_log_probs.detach()  # [B, K]
         mask = batch.mask.to(log_probs.device)
         loss, metrics = per_step_dpo_loss(delta[w], delta[l_], mask[w] & mask[l_], self.config.beta, self.config.clip_eps)
         metrics["pairs"] = float(len(pairs))
+        metrics["unlabelled_pairs"] = unlabelled
         return loss, metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        if state:  # D3PO keeps no statistics between epochs
+            raise ValueError(f"D3PO has no state to restore, got keys {sorted(state)}")

@@ -136,4 +136,5 @@ class SePPO:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        if state:  # SePPO keeps no statistics between epochs
+            raise ValueError(f"SePPO has no state to restore, got keys {sorted(state)}")

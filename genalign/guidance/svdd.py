@@ -60,9 +60,9 @@ class PMValue:
         finished = step == traj.num_steps
         outputs = traj.outputs if finished and traj.outputs is not None else self.policy.predict_final(traj, step)
         if self.counter is not None:
-            self.counter.decoder_calls += traj.batch_size
             self.counter.reward_calls += traj.batch_size
-            if not finished:
+            if not finished:  # finished candidates were decoded by Policy.step (counted by the sampler)
+                self.counter.decoder_calls += traj.batch_size
                 self.counter.model_evals += traj.batch_size  # the ε prediction behind x̂0
         return self.reward(outputs, traj.conditions).scores.float()
 
@@ -111,18 +111,17 @@ def svdd_sample(
     traj = policy.start(conditions, n_per_condition, own)
     for step in tqdm(range(traj.num_steps), desc="svdd steps", leave=False, disable=not progress):
         gens = [g for i in range(n_rows) for g in [own[i], *extra[i]]]  # row-major, candidate 0 = own
-        cand = policy.step(traj, step, m, gens)  # [B*M rows]
+        cand = policy.step(traj, step, m, gens)  # [B*M rows]; the last step also decodes them
         if counter is not None:
             counter.model_evals += cand.batch_size
+            counter.decoder_calls += cand.batch_size if step + 1 == traj.num_steps else 0
         if m == 1:
             traj = cand
             continue
         values = value(cand, step + 1).view(n_rows, m)  # [B, M]
         choice = select_candidates(values, alpha, select_gen)  # [B]
         traj = cand[torch.arange(n_rows, device=choice.device) * m + choice]
-        traj.group = torch.arange(len(conditions), device=traj.group.device).repeat_interleave(n_per_condition)
     traj.group = torch.arange(len(conditions), device=traj.group.device).repeat_interleave(n_per_condition)
     if counter is not None:
-        counter.decoder_calls += n_rows
         counter.wall_seconds += time.perf_counter() - t0
     return traj
