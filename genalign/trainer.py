@@ -174,9 +174,8 @@ class Trainer:
                 traj.extras["reward_components"] = torch.stack([v.float() for v in scored.components.values()], 1).to(
                     traj.log_probs.device
                 )  # [n, C]
-            traj.extras["sample_id"] = [f"s{cfg.seed}-e{epoch + 1}-r{p * n + j}" for p in chunk for j in range(n)] * (
-                traj.batch_size // (len(chunk) * n)
-            )
+            ids = [f"s{cfg.seed}-e{epoch + 1}-r{p * n + j}" for p in chunk for j in range(n)]
+            traj.extras["sample_id"] = ids * 2 if plan.kind == "off_policy" else ids  # off-policy: winners, then references
             trajs.append(traj)
         traj = Trajectory.cat(trajs)
         timings["rollout + reward"] += time.perf_counter() - t0
@@ -185,7 +184,8 @@ class Trainer:
         rewards_all = acc.gather(traj.rewards.float())  # [N_global]
         conds_all = gather_object(list(traj.conditions)) if acc.num_processes > 1 else list(traj.conditions)
         group_all = acc.gather(traj.group)
-        measured = acc.gather(torch.cat(scores).to(acc.device))  # rewards of the samples this epoch produced
+        # rewards of the samples this epoch produced (off-policy: the monitored reference samples)
+        measured = acc.gather(torch.cat(scores).to(acc.device)) if plan.kind == "off_policy" else rewards_all
         bad = int((~torch.isfinite(measured)).sum())
         if bad:
             if cfg.train.on_nonfinite_reward == "error":
