@@ -5,6 +5,7 @@
     genalign sample CONFIG.yaml [key=value ...]
     genalign eval POLICY [--split heldout] [--tiers 1 2 3] [--json FILE]
     genalign toyworld pretrain {sd,verifier} [args ...]
+    genalign toyworld distill lcm [--out DIR] [--minutes M] [--steps N] [--seed S] [args ...]
 
 Every config error is reported as one line naming the bad key, before any model loads.
 """
@@ -55,10 +56,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _toyworld(args: argparse.Namespace) -> int:
+    if args.toyworld_command == "distill":
+        from genalign.toyworld.distill_lcm import main as distill_lcm
+
+        distill_lcm(args.rest)
+        return 0
     if args.what == "sd":
         from genalign.toyworld.pretrain_sd import main as pretrain_sd
 
-        return pretrain_sd(args.rest) or 0
+        pretrain_sd(args.rest)  # returns the output folder, not an exit status
+        return 0
     from genalign.toyworld.train_verifier import main as train_verifier
 
     return train_verifier(args.rest) or 0
@@ -129,11 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the table as JSON to this file")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("toyworld", help="Shapes World tools", description="Shapes World tools: pretrain the tiny models shipped in assets/.")
+    p = sub.add_parser("toyworld", help="Shapes World tools", description="Shapes World tools: pretrain and distil the tiny models shipped in assets/.")
     tw = p.add_subparsers(dest="toyworld_command", required=True)
     q = tw.add_parser("pretrain", help="train a tiny Shapes World model (sd: the text-to-image pipeline; verifier: the reward)")
     q.add_argument("what", choices=["sd", "verifier"])
     q.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the pretraining command (see --help after the name)")
+    q.set_defaults(func=_toyworld)
+    q = tw.add_parser("distill", help="distil a tiny Shapes World model (lcm: a latent consistency model from tiny-sd)")
+    q.add_argument("what", choices=["lcm"])
+    q.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the distillation command (see --help after the name)")
     q.set_defaults(func=_toyworld)
     return parser
 

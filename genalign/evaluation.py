@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from genalign.configs import opt
 from genalign.policies import POLICIES
-from genalign.policies.stable_diffusion import POLICY_FILE
+from genalign.policies.unet_tuning import POLICY_FILE
 from genalign.report import image_grid
 from genalign.trajectory import Trajectory
 
@@ -32,7 +32,7 @@ def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
-    kind = meta["type"] if meta else "stable_diffusion"  # a bare diffusers pipeline
+    kind = meta["type"] if meta else _pipeline_kind(path_or_id)
     if kind not in POLICIES:
         raise ValueError(f"{path_or_id}: unknown policy type {kind!r}; known: {sorted(POLICIES)}")
     config_cls, policy_cls = POLICIES[kind]
@@ -42,6 +42,17 @@ def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float
     if guidance_scale is not None:
         config.guidance_scale = guidance_scale
     return policy_cls.from_pretrained(path_or_id, config)
+
+
+def _pipeline_kind(path_or_id: str) -> str:
+    """The policy type of a bare diffusers pipeline: ``consistency`` when its scheduler is an
+    LCMScheduler (a LatentConsistencyModelPipeline folder), else ``stable_diffusion``."""
+    scheduler_config = os.path.join(path_or_id, "scheduler", "scheduler_config.json")
+    if os.path.isfile(scheduler_config):
+        with open(scheduler_config) as f:
+            if json.load(f).get("_class_name") == "LCMScheduler":
+                return "consistency"
+    return "stable_diffusion"
 
 
 @torch.no_grad()

@@ -115,6 +115,8 @@ class Trainer:
         for epoch in bar:
             metrics = self._epoch(epoch, timings)
             metrics["wall_seconds"] = self.wall_before + time.perf_counter() - start
+            # rollouts, rewards and updates only (no evaluation or grids), since this process started
+            metrics["train_seconds"] = timings["rollout + reward"] + timings["optimisation"]
             self.history.append(metrics)
             if self.main:
                 with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:

@@ -7,7 +7,14 @@ import string
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 
@@ -55,6 +62,27 @@ def tiny_sd_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_sd")
     tok_dir = tmp_path_factory.mktemp("tok")
     build_tiny_pipeline(tok_dir).save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
+def build_tiny_lcm_pipeline(tmp_dir, guidance_dim: int = 32) -> LatentConsistencyModelPipeline:
+    """The tiny SD components with a guidance-embedded UNet (``time_cond_proj_dim``) and an LCMScheduler."""
+    sd = build_tiny_pipeline(tmp_dir)
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(**{**sd.unet.config, "time_cond_proj_dim": guidance_dim})
+    return LatentConsistencyModelPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
+        scheduler=LCMScheduler.from_config(sd.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_dir(tmp_path_factory):
+    """A saved tiny LatentConsistencyModelPipeline (random weights, 64×64 images, 8×8×4 latents)."""
+    d = tmp_path_factory.mktemp("tiny_lcm")
+    tok_dir = tmp_path_factory.mktemp("tok_lcm")
+    build_tiny_lcm_pipeline(tok_dir).save_pretrained(d, safe_serialization=True)
     return str(d)
 
 

@@ -12,6 +12,8 @@ from genalign.train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+#: assets a project command builds and that the repository may not hold yet -> that command
+BUILT_BY_COMMAND = {"assets/models/tiny-lcm": "genalign toyworld distill lcm --out assets/models/tiny-lcm"}
 
 
 def test_there_are_configs():
@@ -21,6 +23,7 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
 def test_config_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # configs use repo-relative asset paths
+    missing = False
     if os.path.relpath(path, ROOT).startswith(os.path.join("configs", "sample")):
         from genalign.evaluation import SampleConfig
 
@@ -32,10 +35,16 @@ def test_config_validates(path, monkeypatch):
         cfg = load_config(ValueTrainConfig, path)  # configs/value/: `genalign value` configs
         assert cfg.policy and cfg.tiers
     else:
-        cfg = load_config(TrainConfig, path)
+        with open(path) as f:
+            pretrained = ((yaml.safe_load(f) or {}).get("policy") or {}).get("pretrained")
+        missing = pretrained in BUILT_BY_COMMAND and not os.path.isdir(pretrained)
+        # Every other key still validates when the asset is not built: a hub-id stand-in passes the location check.
+        cfg = load_config(TrainConfig, path, ["policy.pretrained=org/not-built-yet"] if missing else [])
         assert cfg.policy is not None and cfg.reward.components
     with open(path) as f:
         assert f.readline().startswith("#"), "each YAML starts with a header saying what it runs and how"
+    if missing:
+        pytest.skip(f"{pretrained} is not built yet (make it with `{BUILT_BY_COMMAND[pretrained]}`); other keys validated")
 
 
 def _write(tmp_path, data):

@@ -1,9 +1,20 @@
 """Policies: generators behind the trajectory interface. A plain dict maps types to classes."""
 
 from genalign.policies.base import Policy
+from genalign.policies.consistency import ConsistencyPolicy, ConsistencyPolicyConfig
 from genalign.policies.stable_diffusion import StableDiffusionPolicy, StableDiffusionPolicyConfig
 
 #: type -> (config class, policy class)
-POLICIES = {"stable_diffusion": (StableDiffusionPolicyConfig, StableDiffusionPolicy)}
+POLICIES = {
+    "stable_diffusion": (StableDiffusionPolicyConfig, StableDiffusionPolicy),
+    "consistency": (ConsistencyPolicyConfig, ConsistencyPolicy),
+}
 
-__all__ = ["POLICIES", "Policy", "StableDiffusionPolicy", "StableDiffusionPolicyConfig"]
+__all__ = [
+    "POLICIES",
+    "ConsistencyPolicy",
+    "ConsistencyPolicyConfig",
+    "Policy",
+    "StableDiffusionPolicy",
+    "StableDiffusionPolicyConfig",
+]

@@ -82,22 +82,36 @@ def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.ndim - 1)))
 
 
+def x0_eps_from_output(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̂0 and ε (fp32, no clipping) from a model output of any prediction type, given ᾱ_t ``[B]``.
+
+    model_output, sample: ``[B, C, h, w]``. Shared by every scheduler-shaped step (DDIM, LCM)
+    and by the consistency distillation's teacher.
+    """
+    model_output, sample = model_output.float(), sample.float()
+    a = _expand(alpha_t.to(sample.device, torch.float32), sample)  # [B, 1, 1, 1]
+    if prediction_type == "epsilon":
+        x0 = (sample - (1 - a).sqrt() * model_output) / a.sqrt()
+        eps = model_output
+    elif prediction_type == "v_prediction":
+        x0 = a.sqrt() * sample - (1 - a).sqrt() * model_output
+        eps = a.sqrt() * model_output + (1 - a).sqrt() * sample
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - a.sqrt() * x0) / (1 - a).sqrt()
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    return x0, eps
+
+
 def predict_x0_eps(
     consts: DDIMConstants, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x̂0 and ε from the model output, for any prediction type (clipping applied to x̂0)."""
-    model_output, sample = model_output.float(), sample.float()
     alpha_t, _ = consts.alphas(timesteps)
-    a = _expand(alpha_t, sample)  # [B, 1, 1, 1]
-    if consts.prediction_type == "epsilon":
-        x0 = (sample - (1 - a).sqrt() * model_output) / a.sqrt()
-        eps = model_output
-    elif consts.prediction_type == "v_prediction":
-        x0 = a.sqrt() * sample - (1 - a).sqrt() * model_output
-        eps = a.sqrt() * model_output + (1 - a).sqrt() * sample
-    else:  # "sample"
-        x0 = model_output
-        eps = (sample - a.sqrt() * x0) / (1 - a).sqrt()
+    x0, eps = x0_eps_from_output(model_output, sample, alpha_t, consts.prediction_type)
     if consts.clip_sample:
         # diffusers clips x̂0 but keeps ε as predicted (use_clipped_model_output=False).
         x0 = x0.clamp(-consts.clip_sample_range, consts.clip_sample_range)

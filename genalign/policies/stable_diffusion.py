@@ -15,8 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -24,15 +24,22 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from genalign.configs import opt
 from genalign.distributions import gaussian_log_prob
 from genalign.policies.ddim import DDIMConstants, ddim_step, predict_x0_eps
+from genalign.policies.unet_tuning import (
+    POLICY_FILE,
+    UNetFinetune,
+    check_model_location,
+    decode_latents,
+    encode_images,
+    make_lora_config,
+    merge_runtime,
+)
 from genalign.trajectory import Trajectory
 
-POLICY_FILE = "genalign_policy.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["POLICY_FILE", "StableDiffusionPolicy", "StableDiffusionPolicyConfig", "check_model_location"]
 
 
 @dataclass
@@ -78,7 +85,6 @@ class StableDiffusionPolicy:
         self.config = config
         self.pipe = pipeline
         self.unet = pipeline.unet
-        self._unet_call = self.unet  # the DDP-wrapped module after prepare()
         self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
         self.scheduler.set_timesteps(config.num_steps)
         self.consts = DDIMConstants.from_scheduler(self.scheduler, config.num_steps)
@@ -87,44 +93,17 @@ class StableDiffusionPolicy:
         self.vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
         self.height = config.height or pipeline.unet.config.sample_size * self.vae_scale
         self.width = config.width or self.height
-        self._reference_unet: torch.nn.Module | None = None
-        dtype = _DTYPES[config.weight_dtype]
-        for module in (pipeline.vae, pipeline.text_encoder):
-            module.requires_grad_(False)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
-        if config.finetune == "lora":
-            self.unet.requires_grad_(False)
-            if self.unet.dtype != dtype:
-                self.unet.to(dtype=dtype)
-            if "default" not in (getattr(self.unet, "peft_config", None) or {}):
-                self.unet.add_adapter(self.lora_config())
-            for name, p in self.unet.named_parameters():
-                if "lora_" in name:
-                    p.data = p.data.float()
-                    p.requires_grad_(True)
-        else:
-            self.unet.requires_grad_(True)
-            if self.unet.dtype != torch.float32:
-                self.unet.to(dtype=torch.float32)
-            # Full fine-tuning has no adapters to switch off: the reference is a frozen copy of
-            # the starting weights (twice the UNet memory; LoRA avoids it).
-            self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
-        if config.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        if config.xformers:
-            self.unet.enable_xformers_memory_efficient_attention()
+        # LoRA adapters or all UNet weights; the reference is the UNet with adapters disabled
+        # (LoRA) or a frozen copy of the starting weights (full).
+        self.tuning = UNetFinetune(
+            pipeline, config.finetune, self.lora_config(), config.weight_dtype, config.gradient_checkpointing, config.xformers
+        )
         self.pipe.set_progress_bar_config(disable=True)
 
     # -- construction ----------------------------------------------------------------------
     def lora_config(self) -> LoraConfig:
         c = self.config
-        return LoraConfig(
-            r=c.lora_rank,
-            lora_alpha=c.lora_alpha if c.lora_alpha is not None else c.lora_rank,
-            init_lora_weights="gaussian",
-            target_modules=list(c.lora_targets),
-        )
+        return make_lora_config(c.lora_rank, c.lora_alpha, c.lora_targets)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, config: StableDiffusionPolicyConfig | None = None) -> StableDiffusionPolicy:
@@ -140,12 +119,7 @@ class StableDiffusionPolicy:
                 return cls(pipe, _merge_runtime(saved, config, pretrained=path_or_id))
             pipe = _load_pipeline(meta["base"], saved.revision)
             policy = cls(pipe, _merge_runtime(saved, config, pretrained=meta["base"]))
-            state = StableDiffusionPipeline.lora_state_dict(path_or_id)[0]
-            state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-            result = set_peft_model_state_dict(policy.unet, state)
-            missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-            if missing:
-                raise ValueError(f"LoRA weights in {path_or_id} do not fit the base model: {missing[:3]}")
+            policy.tuning.load_lora(path_or_id)
             return policy
         config.pretrained = path_or_id
         return cls(_load_pipeline(path_or_id, config.revision), config)
@@ -156,42 +130,19 @@ class StableDiffusionPolicy:
         return self.unet.device
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return self.tuning.parameters()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+        return self.tuning.state_dict()
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.unet.named_parameters())
-        unknown = sorted(set(state) - {n for n, p in params.items() if p.requires_grad})
-        if unknown:
-            raise KeyError(f"checkpoint has parameters this policy does not train: {unknown[:3]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        self.tuning.load_state_dict(state)
 
     def prepare(self, accelerator: Any) -> list[torch.nn.Module]:
-        self.pipe.to(accelerator.device)
-        if self._reference_unet is not None:
-            self._reference_unet.to(accelerator.device)
-        self._unet_call = accelerator.prepare_model(self.unet)
-        return [self._unet_call]
+        return self.tuning.prepare(accelerator)
 
-    @contextmanager
-    def reference(self) -> Iterator[None]:
-        if self.config.finetune == "lora":
-            self.unet.disable_adapters()
-            try:
-                yield
-            finally:
-                self.unet.enable_adapters()
-            return
-        saved = self._unet_call
-        self._unet_call = self._reference_unet
-        try:
-            yield
-        finally:
-            self._unet_call = saved
+    def reference(self) -> AbstractContextManager[None]:
+        return self.tuning.reference()
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,19 +156,17 @@ class StableDiffusionPolicy:
         """Guided model output for latents ``[N, C, h, w]`` at timesteps ``[N]``."""
         w = self.config.guidance_scale
         dtype = self.unet.dtype
+        unet = self.tuning.module
         if w == 1.0:
-            return self._unet_call(latents.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+            return unet(latents.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
         x = torch.cat([latents, latents]).to(dtype)  # [2N, C, h, w], uncond rows first as in diffusers
-        out = self._unet_call(x, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]).to(dtype)).sample
+        out = unet(x, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]).to(dtype)).sample
         out_u, out_c = out.float().chunk(2)
         return out_u + w * (out_c - out_u)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[N, C, h, w]`` -> images ``[N, 3, H, W]`` in [0, 1]."""
-        vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.pipe.vae, latents)
 
     def _denoise(
         self,
@@ -385,9 +334,7 @@ class StableDiffusionPolicy:
         b, k = steps.shape
         if len(prompts) != b or outputs.shape[0] != b:
             raise ValueError(f"{len(prompts)} conditions, {outputs.shape[0]} outputs and {b} step rows must match")
-        vae = self.pipe.vae
-        pixels = outputs.to(self.device, vae.dtype) * 2 - 1
-        x0 = vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor  # [B, C, h, w]
+        x0 = encode_images(self.pipe.vae, outputs)  # [B, C, h, w]
         timesteps = self.scheduler.timesteps.to(self.device)[steps.to(self.device)]  # [B, K]
         gens = generator if isinstance(generator, list) else [generator] * b
         shape = x0.shape[1:]
@@ -427,17 +374,7 @@ class StableDiffusionPolicy:
 
     def save_pretrained(self, directory: str) -> None:
         """LoRA: diffusers LoRA format (``pipe.load_lora_weights(directory)`` works). Full: a pipeline."""
-        os.makedirs(directory, exist_ok=True)
-        if self.config.finetune == "lora":
-            lora_state = get_peft_model_state_dict(self.unet)
-            StableDiffusionPipeline.save_lora_weights(
-                directory,
-                unet_lora_layers=lora_state,
-                unet_lora_adapter_metadata=self.lora_config().to_dict(),
-                safe_serialization=True,
-            )
-        else:
-            self.pipe.save_pretrained(directory, safe_serialization=True)
+        self.tuning.save(directory)
         base = self.config.pretrained
         if os.path.isdir(base):
             base = os.path.abspath(base)
@@ -448,19 +385,7 @@ class StableDiffusionPolicy:
 
 def _merge_runtime(saved: StableDiffusionPolicyConfig, given: StableDiffusionPolicyConfig, pretrained: str) -> StableDiffusionPolicyConfig:
     """Saved adapter shape wins; sampling settings given at load time win."""
-    merged = copy.deepcopy(given) if given.pretrained else copy.deepcopy(saved)
-    for key in ("finetune", "lora_rank", "lora_alpha", "lora_targets"):
-        setattr(merged, key, getattr(saved, key))
-    merged.pretrained = pretrained
-    return merged
-
-
-def check_model_location(path_or_id: str, key: str) -> None:
-    """A local directory must exist; anything else must look like a hub id ``org/name``."""
-    if os.path.isdir(path_or_id):
-        return
-    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
-        raise FileNotFoundError(f"'{key}': no model directory at {path_or_id!r} (and it is not a hub id like org/name)")
+    return merge_runtime(saved, given, pretrained, base_keys=())
 
 
 def _load_pipeline(path_or_id: str, revision: str | None) -> StableDiffusionPipeline:

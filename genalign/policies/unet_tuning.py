@@ -1,0 +1,178 @@
+"""Glue shared by the diffusers UNet policies (Stable Diffusion, consistency models).
+
+What is the same whichever sampler a policy runs: where a model may come from, how the
+UNet is fine-tuned (LoRA adapters through peft, or all weights), what the frozen
+reference is, how trainable weights are saved and loaded, and how images and latents
+cross the VAE. The samplers themselves (DDIM, LCM) live with their policies.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+POLICY_FILE = "genalign_policy.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_model_location(path_or_id: str, key: str) -> None:
+    """A local directory must exist; anything else must look like a hub id ``org/name``."""
+    if os.path.isdir(path_or_id):
+        return
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        raise FileNotFoundError(
+            f"'{key}': no model directory at {path_or_id!r} (and it is not a hub id like org/name)"
+        )
+
+
+def make_lora_config(rank: int, alpha: float | None, targets: Sequence[str]) -> LoraConfig:
+    """LoRA on ``targets`` with scale alpha / r (alpha defaults to r); B starts at zero."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        init_lora_weights="gaussian",
+        target_modules=list(targets),
+    )
+
+
+class UNetFinetune:
+    """The trainable part of a diffusers pipeline: its UNet's LoRA adapters, or all its weights.
+
+    The VAE and text encoder are frozen (in ``weight_dtype``). With LoRA the UNet base is frozen
+    too and the reference policy is the same UNet with adapters disabled; with full fine-tuning
+    the reference is a frozen copy of the starting weights (twice the UNet memory).
+    ``module`` is what forward passes call: the UNet, or its DDP/FSDP wrapper after ``prepare``.
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        finetune: str,
+        lora: LoraConfig,
+        weight_dtype: str,
+        gradient_checkpointing: bool = False,
+        xformers: bool = False,
+    ):
+        self.pipe, self.unet, self.finetune, self.lora = pipeline, pipeline.unet, finetune, lora
+        self.module: torch.nn.Module = self.unet
+        self.reference_unet: torch.nn.Module | None = None
+        dtype = DTYPES[weight_dtype]
+        for frozen in (pipeline.vae, pipeline.text_encoder):
+            frozen.requires_grad_(False)
+            if frozen.dtype != dtype:
+                frozen.to(dtype=dtype)
+        if finetune == "lora":
+            self.unet.requires_grad_(False)
+            if self.unet.dtype != dtype:
+                self.unet.to(dtype=dtype)
+            if "default" not in (getattr(self.unet, "peft_config", None) or {}):
+                self.unet.add_adapter(lora)
+            for name, p in self.unet.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
+                    p.requires_grad_(True)
+        else:
+            self.unet.requires_grad_(True)
+            if self.unet.dtype != torch.float32:
+                self.unet.to(dtype=torch.float32)
+            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if xformers:
+            self.unet.enable_xformers_memory_efficient_attention()
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            n: p.detach().cpu().clone() for n, p in self.unet.named_parameters() if p.requires_grad
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.unet.named_parameters())
+        unknown = sorted(set(state) - {n for n, p in params.items() if p.requires_grad})
+        if unknown:
+            raise KeyError(f"checkpoint has parameters this policy does not train: {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def prepare(self, accelerator: Any) -> list[torch.nn.Module]:
+        self.pipe.to(accelerator.device)
+        if self.reference_unet is not None:
+            self.reference_unet.to(accelerator.device)
+        self.module = accelerator.prepare_model(self.unet)
+        return [self.module]
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        if self.finetune == "lora":
+            self.unet.disable_adapters()
+            try:
+                yield
+            finally:
+                self.unet.enable_adapters()
+            return
+        saved = self.module
+        self.module = self.reference_unet
+        try:
+            yield
+        finally:
+            self.module = saved
+
+    def save(self, directory: str) -> None:
+        """LoRA: diffusers' LoRA format (``pipe.load_lora_weights(directory)`` loads it). Full: the pipeline."""
+        os.makedirs(directory, exist_ok=True)
+        if self.finetune == "lora":
+            StableDiffusionPipeline.save_lora_weights(
+                directory,
+                unet_lora_layers=get_peft_model_state_dict(self.unet),
+                unet_lora_adapter_metadata=self.lora.to_dict(),
+                safe_serialization=True,
+            )
+        else:
+            self.pipe.save_pretrained(directory, safe_serialization=True)
+
+    def load_lora(self, directory: str) -> None:
+        """Load adapters saved by :meth:`save` into the (already added) ``default`` adapter."""
+        state = StableDiffusionPipeline.lora_state_dict(directory)[0]
+        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(self.unet, state)
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if missing:
+            raise ValueError(
+                f"LoRA weights in {directory} do not fit the base model: {missing[:3]}"
+            )
+
+
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents ``[N, C, h, w]`` -> images ``[N, 3, H, W]`` in [0, 1]."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` in [0, 1] -> scaled latents ``[N, C, h, w]`` (the VAE posterior mean), fp32."""
+    pixels = images.to(vae.device, vae.dtype) * 2 - 1
+    return vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
+
+
+def merge_runtime(saved: Any, given: Any, pretrained: str, base_keys: Sequence[str]) -> Any:
+    """The config of a reloaded policy: the saved adapter shape and ``base_keys`` (what the saved
+    weights sit on) win; sampling settings given at load time win."""
+    merged = copy.deepcopy(given) if given.pretrained else copy.deepcopy(saved)
+    for key in ("finetune", "lora_rank", "lora_alpha", "lora_targets", *base_keys):
+        setattr(merged, key, getattr(saved, key))
+    merged.pretrained = pretrained
+    return merged
