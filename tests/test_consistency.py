@@ -461,3 +461,26 @@ def test_clear_errors(tiny_sd_dir, tiny_lcm_dir):
         make_policy(tiny_lcm_dir, negative_prompt="blurry")
     with pytest.raises(ValueError, match="negative_prompt.*guidance_scale is 1"):
         make_policy(tiny_sd_dir, scheduler="lcm", negative_prompt="blurry")
+
+
+def test_rlcm_raises_reward(tiny_lcm_dir, tmp_path):
+    """RLCM = DDPO on the consistency policy: same eval prompts and seeds, the paired reward goes up."""
+    out = tmp_path / "rlcm_learns"
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "policy.type=consistency", f"policy.pretrained={tiny_lcm_dir}", "policy.num_steps=3",
+            "policy.guidance_scale=3.0", "policy.finetune=full",
+            "prompts.source=list", "prompts.prompts=[a red circle, a blue square]",
+            "train.epochs=6", "train.prompts_per_epoch=4", "train.samples_per_prompt=8",
+            "train.rollout_batch_size=32", "train.train_batch_size=16", "train.inner_epochs=2",
+            "train.learning_rate=1e-3", "algorithm.clip_range=0.05",
+            "reward.components=[{type: jpeg_compressibility}]",
+            "eval.prompts_per_set=2", "eval.samples_per_prompt=16", "report.enabled=false", f"output_dir={out}",
+        ],
+    )
+    Trainer(cfg).train()
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 6]
+    assert evals[1]["reward"] > evals[0]["reward"] + 0.005, evals
