@@ -4,7 +4,7 @@
     genalign sample POLICY --prompt "a red circle" [--prompts FILE] [--method svdd_pm] [--out DIR]
     genalign sample CONFIG.yaml [key=value ...]
     genalign eval POLICY [--split heldout] [--tiers 1 2 3] [--json FILE]
-    genalign toyworld pretrain {sd,verifier} [args ...]
+    genalign toyworld pretrain {sd,verifier,clip} [args ...]
     genalign toyworld distill lcm [--out DIR] [--minutes M] [--steps N] [--seed S] [args ...]
 
 Every config error is reported as one line naming the bad key, before any model loads.
@@ -65,6 +65,11 @@ def _toyworld(args: argparse.Namespace) -> int:
         from genalign.toyworld.pretrain_sd import main as pretrain_sd
 
         pretrain_sd(args.rest)  # returns the output folder, not an exit status
+        return 0
+    if args.what == "clip":
+        from genalign.toyworld.pretrain_clip import main as pretrain_clip
+
+        pretrain_clip(args.rest)  # returns the output folder, not an exit status
         return 0
     from genalign.toyworld.train_verifier import main as train_verifier
 
@@ -138,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("toyworld", help="Shapes World tools", description="Shapes World tools: pretrain and distil the tiny models shipped in assets/.")
     tw = p.add_subparsers(dest="toyworld_command", required=True)
-    q = tw.add_parser("pretrain", help="train a tiny Shapes World model (sd: the text-to-image pipeline; verifier: the reward)")
-    q.add_argument("what", choices=["sd", "verifier"])
+    q = tw.add_parser("pretrain", help="train a tiny Shapes World model (sd: the text-to-image pipeline; verifier: the reward; clip: a CLIP and an aesthetic-style head)")
+    q.add_argument("what", choices=["sd", "verifier", "clip"])
     q.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the pretraining command (see --help after the name)")
     q.set_defaults(func=_toyworld)
     q = tw.add_parser("distill", help="distil a tiny Shapes World model (lcm: a latent consistency model from tiny-sd)")

@@ -13,6 +13,7 @@ from rewards.hps import HPSConfig
 from rewards.jpeg import JpegCompressibility, JpegConfig
 from rewards.pickscore import PickScoreConfig
 from rewards.rules import RuleConfig, RuleVerifier
+from rewards.vqa import VQAConfig
 
 
 @dataclass
@@ -59,6 +60,12 @@ def _hps(config: Any) -> Any:
     return HPSReward(config)
 
 
+def _vqa(config: Any) -> Any:
+    from rewards.vqa import VQAReward
+
+    return VQAReward(config)
+
+
 REWARDS = {
     "jpeg_compressibility": (JpegConfig, JpegCompressibility),
     "jpeg_incompressibility": (JpegConfig, JpegCompressibility),
@@ -68,6 +75,7 @@ REWARDS = {
     "aesthetic": (AestheticConfig, _aesthetic),
     "pickscore": (PickScoreConfig, _pickscore),
     "hps": (HPSConfig, _hps),
+    "vqa": (VQAConfig, _vqa),
 }
 
 
