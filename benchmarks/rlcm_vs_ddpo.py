@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from genalign.configs import load_config  # noqa: E402
+from genalign.policies import POLICIES  # noqa: E402
 from genalign.train_config import TrainConfig  # noqa: E402
 from genalign.trainer import Trainer  # noqa: E402
 
@@ -62,20 +63,18 @@ def curve(run_dir: str, metric: str) -> list[dict]:
 @torch.no_grad()
 def inference_cost(cfg: TrainConfig, n: int = 64) -> dict[str, float]:
     """UNet evaluations per image and seconds per image for the pretrained policy at its config's steps."""
-    trainer = Trainer(cfg)
-    policy = trainer.policy
-    prompts = trainer.prompts.evaluation(n)
+    policy = POLICIES[cfg.policy.type][1].from_pretrained(cfg.policy.pretrained, cfg.policy)
+    prompts = cfg.prompts.evaluation(n)
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
     policy.rollout(prompts[:2], 1, gens[:2])  # warm-up
     t0 = time.perf_counter()
-    traj = policy.rollout(prompts, 1, gens)
+    policy.rollout(prompts, 1, gens)
     seconds = (time.perf_counter() - t0) / n
-    # one UNet pass per step, two with classifier-free guidance; a guidance-embedded LCM needs one,
-    # and consistency sampling evaluates f_θ once more after its N − 1 stochastic steps
+    # one UNet pass per sampling step, two with classifier-free guidance; a guidance-embedded
+    # LCM needs one (consistency sampling's N steps include the final f_θ)
     cfg_passes = 1 if getattr(policy, "embed_dim", None) or getattr(policy, "guidance_scale", cfg.policy.guidance_scale) == 1.0 else 2
-    calls = cfg.policy.num_steps * cfg_passes
-    del traj
-    return {"unet_evals_per_image": int(calls), "seconds_per_image": seconds, "steps": cfg.policy.num_steps}
+    return {"unet_evals_per_image": cfg.policy.num_steps * cfg_passes, "seconds_per_image": seconds,
+            "steps": cfg.policy.num_steps}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ from genalign.toyworld.pretrain_sd import (  # noqa: E402
     _seed_everything,
     _set_lr,
     count_parameters,
+    publish_folder,
 )
 
 TIMESTEP_SCALING = (
@@ -429,15 +430,7 @@ def main(argv=None) -> Path:
         log["total_wall_s"] = round(time.monotonic() - t0, 1)
         log["folder_bytes"] = _folder_bytes(tmp)
         (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors leave owner-only modes
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            old = out.with_name(f".{out.name}-old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -80,7 +80,7 @@ from safetensors.torch import save_file  # noqa: E402
 from rewards.aesthetic import AestheticHead  # noqa: E402
 from rewards.open_clip_backbone import clip_preprocess, load_open_clip  # noqa: E402
 
-from .pretrain_sd import TIER_WEIGHTS, _Budget, _seed_everything, _set_lr  # noqa: E402
+from .pretrain_sd import TIER_WEIGHTS, _Budget, _seed_everything, _set_lr, publish_folder  # noqa: E402
 from .prompts import all_prompts, is_heldout, sample_prompts  # noqa: E402
 from .render import PlacedObject, render_scene  # noqa: E402
 from .spec import (  # noqa: E402
@@ -561,15 +561,7 @@ def main(argv=None) -> Path:
         log["weights_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         log["total_wall_s"] = round(time.monotonic() - t0, 1)
         (tmp / LOG_NAME).write_text(json.dumps(log, indent=1) + "\n")
-        for path in [tmp, *tmp.iterdir()]:  # mkdtemp and safetensors leave owner-only modes
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            old = out.with_name(f".{out.name}-old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

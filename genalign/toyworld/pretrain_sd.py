@@ -527,6 +527,23 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def publish_folder(tmp: Path, out: Path) -> None:
+    """Make a finished build folder ``tmp`` the asset at ``out``: readable modes, then a rename.
+
+    A previous ``out`` is moved aside first and deleted only once ``tmp`` is in place, so a
+    failed build never leaves a half-written asset and never destroys a good one.
+    """
+    for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors leave owner-only modes
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if out.exists():
+        old = out.with_name(f".{out.name}-old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
 def main(argv=None) -> Path:
     """Train and save the pipeline; returns the output folder."""
     import diffusers
@@ -596,16 +613,7 @@ def main(argv=None) -> Path:
         log["total_wall_s"] = round(time.monotonic() - t0, 1)
         log["folder_bytes"] = _folder_bytes(tmp)
         (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors leave owner-only modes
-            path.chmod(0o755 if path.is_dir() else 0o644)
-
-        if out.exists():
-            old = out.with_name(f".{out.name}-old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
