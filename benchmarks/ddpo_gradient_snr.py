@@ -13,6 +13,7 @@ steps, i.e. which steps carry credit.
 
     python benchmarks/ddpo_gradient_snr.py                     # tier 1 held-out, strict reward
     python benchmarks/ddpo_gradient_snr.py --windows 0.3 0.6 1.0 --batches 4
+    python benchmarks/ddpo_gradient_snr.py --windows 1.0 --noise-windows 1 2 3   # noise windows vs full chain
 
 Prints tables and writes JSON to --out.
 """
@@ -29,21 +30,31 @@ import sys
 import torch
 
 from genalign.algorithms import DDPO, DDPOConfig
+from genalign.algorithms.advantages import group_normalize
 from genalign.configs import load_config
 from genalign.policies import POLICIES
+from genalign.policies.window import NoiseWindow
 from genalign.train_config import TrainConfig
 from rewards.registry import build_reward
 
 
-def batch_gradient(policy, reward, prompts, k, seed, window, params, metric) -> torch.Tensor:
-    traj = policy.rollout(prompts, k, [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(prompts) * k)])
+def batch_gradient(policy, reward, prompts, k, seed, params, metric, window=1.0, noise_window=0, starts=(0.0, 0.4)) -> torch.Tensor:
+    """DDPO's gradient on one fresh batch: all steps of the first ``window`` of the chain, or
+    (``noise_window`` > 0) rollouts with shared x_T that draw noise only in a window of that many
+    steps starting in ``starts``, trained at exactly those steps."""
+    gens = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(prompts) * k)]
+    kwargs = {}
+    if noise_window:
+        g = torch.Generator().manual_seed(seed)
+        u = (starts[0] + (starts[1] - starts[0]) * torch.rand(len(prompts), generator=g)).tolist()
+        kwargs = {"shared_noise": True, "noise_window": NoiseWindow(u, noise_window)}
+    traj = policy.rollout(prompts, k, gens, **kwargs)
     r = reward(traj.outputs, traj.conditions).components[metric].float()  # [N]
-    adv = torch.zeros_like(r)
-    for g in traj.group.unique():
-        rows = traj.group == g
-        adv[rows] = (r[rows] - r[rows].mean()) / (r[rows].std(unbiased=False) + 1e-6)
-    traj.advantages = adv
-    algo = DDPO(DDPOConfig(clip_range=1.0, step_window=[0.0, window]))
+    traj.advantages = group_normalize(r, traj.group)
+    if noise_window:
+        algo = DDPO(DDPOConfig(clip_range=1.0, noise_window=noise_window))
+    else:
+        algo = DDPO(DDPOConfig(clip_range=1.0, step_window=[0.0, window]))
     steps = algo.train_steps(traj, torch.Generator())
     for p in params:
         p.grad = None
@@ -62,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8, help="samples per prompt")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--windows", type=float, nargs="+", default=[0.3, 0.6, 1.0], help="trained fraction of the chain (from the start)")
+    ap.add_argument("--noise-windows", type=int, nargs="*", default=[1, 2],
+                    help="also: noise windows of this many steps (shared x_T, group baseline), starts in --window-starts")
+    ap.add_argument("--window-starts", type=float, nargs=2, default=[0.0, 0.4])
     ap.add_argument("--metric", default="shapes_verifier/strict")
-    ap.add_argument("--branch-prompts", nargs="+", default=["two green triangles", "a purple triangle", "a small blue circle"])
+    ap.add_argument("--branch-prompts", nargs="*", default=["two green triangles", "a purple triangle", "a small blue circle"])
     ap.add_argument("--out", default="benchmarks/results/ddpo_gradient_snr.json")
     args = ap.parse_args(argv)
 
@@ -76,13 +90,18 @@ def main(argv: list[str] | None = None) -> int:
               "metric": args.metric, "cosines": {}, "branch_variance": {}}
 
     print(f"gradient cosine between independent batches of {args.prompts}×{args.samples} rollouts ({args.metric})")
-    print("| trained window | mean cosine | min | max |\n|---|---|---|---|")
-    for window in args.windows:
-        grads = [batch_gradient(policy, reward, cfg.prompts.sample(args.prompts, seed=b), args.samples, b, window, params, args.metric)
+    print("| rollouts | trained steps | mean cosine | min | max |\n|---|---|---|---|---|")
+    arms = [(f"first {w:.0%} of steps", str(w), {"window": w}) for w in args.windows]
+    lo, hi = args.window_starts
+    arms += [(f"noise window of {w} (start in [{lo}, {hi}))", f"noise_window={w}",
+              {"noise_window": w, "starts": (lo, hi)}) for w in args.noise_windows]
+    for label, key, kwargs in arms:
+        grads = [batch_gradient(policy, reward, cfg.prompts.sample(args.prompts, seed=b), args.samples, b, params, args.metric, **kwargs)
                  for b in range(args.batches)]
         cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(grads, 2)]
-        result["cosines"][str(window)] = cos
-        print(f"| first {window:.0%} of steps | {statistics.mean(cos):.3f} | {min(cos):.3f} | {max(cos):.3f} |")
+        result["cosines"][key] = cos
+        kind = "shared x_T, noise in window" if "noise_window" in kwargs else "independent, noise at every step"
+        print(f"| {kind} | {label} | {statistics.mean(cos):.3f} | {min(cos):.3f} | {max(cos):.3f} |")
 
     print("\nreward variance among 8 continuations sharing the chain up to step k (mean over 8 prefixes)")
     with torch.no_grad():

@@ -33,6 +33,7 @@ from genalign.algorithms import ALGORITHMS
 from genalign.algorithms.base import SamplingPlan
 from genalign.configs import ConfigError, to_dict
 from genalign.policies import POLICIES
+from genalign.policies.window import NoiseWindow
 from genalign.report import image_grid, plot_curves, write_report
 from genalign.train_config import TrainConfig
 from genalign.trajectory import Trajectory
@@ -245,7 +246,13 @@ class Trainer:
         device = self.acc.device
         with self.acc.autocast():
             if plan.kind == "rollouts":
-                traj = self.policy.rollout(chunk_prompts, n, row_generators(seeds), shared_noise=plan.shared_noise)
+                kwargs: dict[str, Any] = {"shared_noise": plan.shared_noise}
+                if plan.noise_window > 0:
+                    lo, hi = plan.noise_window_starts
+                    g = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch, 6_000_000 + chunk[0]))
+                    starts = (lo + (hi - lo) * torch.rand(len(chunk_prompts), generator=g)).tolist()
+                    kwargs["noise_window"] = NoiseWindow(starts, plan.noise_window)
+                traj = self.policy.rollout(chunk_prompts, n, row_generators(seeds), **kwargs)
                 traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
                 return traj, traj.outputs, traj.conditions
             if plan.kind == "branches":

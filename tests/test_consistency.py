@@ -484,3 +484,11 @@ def test_rlcm_raises_reward(tiny_lcm_dir, tmp_path):
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evals] == [0, 6]
     assert evals[1]["reward"] > evals[0]["reward"] + 0.005, evals
+
+
+def test_consistency_policy_refuses_noise_windows(tiny_lcm_dir):
+    from genalign.policies.window import NoiseWindow
+
+    policy = make_policy(tiny_lcm_dir)
+    with pytest.raises(ValueError, match="noise windows"):
+        policy.rollout(["a red circle"], 2, noise_window=NoiseWindow([0.0], 1))

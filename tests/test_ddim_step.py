@@ -76,3 +76,24 @@ def test_refuses_configs_without_density():
     consts = DDIMConstants.from_scheduler(_scheduler(), 10)
     with pytest.raises(ValueError, match="eta"):
         ddim_step(consts, torch.zeros(1, 4, 2, 2), torch.tensor([500]), torch.zeros(1, 4, 2, 2), eta=0.0)
+
+
+def test_per_row_eta_zero_is_the_deterministic_ddim_step():
+    """eta = 0 rows equal DDIMScheduler's eta = 0 step and get log-prob 0; other rows are untouched."""
+    sched = _scheduler()
+    consts = DDIMConstants.from_scheduler(sched, 10)
+    g = torch.Generator().manual_seed(3)
+    t = sched.timesteps[2]
+    sample, model_out = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    eta = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    mixed = ddim_step(consts, model_out, torch.full((4,), int(t)), sample, eta, generator=torch.Generator().manual_seed(9))
+    full = ddim_step(consts, model_out, torch.full((4,), int(t)), sample, 1.0, generator=torch.Generator().manual_seed(9))
+    deterministic = sched.step(model_out, t, sample, eta=0.0).prev_sample
+    torch.testing.assert_close(mixed.prev_sample[[0, 2]], deterministic[[0, 2]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed.prev_sample[[1, 3]], full.prev_sample[[1, 3]])  # same noise stream
+    assert mixed.log_prob[[0, 2]].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(mixed.log_prob[[1, 3]], full.log_prob[[1, 3]])
+    with pytest.raises(ValueError, match="deterministic"):
+        ddim_step(consts, model_out, torch.full((4,), int(t)), sample, eta, prev_sample=sample)
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        ddim_step(consts, model_out, torch.full((4,), int(t)), sample, 0.0)

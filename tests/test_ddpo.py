@@ -93,3 +93,35 @@ def test_step_window_limits_trained_steps():
     assert window_steps(1, 10, [0.95, 1.0], 1.0, g).tolist() == [[9]]  # never empty
     with pytest.raises(ValueError, match="step_window"):
         DDPOConfig(step_window=[0.7, 0.2]).validate()
+
+
+def test_noise_window_trains_exactly_the_active_steps():
+    from genalign.algorithms.advantages import active_steps
+
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, 2:4] = True
+    mask[1, 6:8] = True  # row 2: dropped (e.g. a NaN reward), no active step
+    steps = active_steps(mask)
+    assert steps.tolist()[:2] == [[2, 3], [6, 7]]
+    assert not mask[2, steps[2]].any()  # padding lands on inactive steps, which the loss masks out
+    algo = DDPO(DDPOConfig(noise_window=2, noise_window_starts=[0.0, 0.4], shared_noise=True))
+    tr = batch(torch.zeros(3), torch.zeros(3, 10))
+    tr.mask = mask
+    assert torch.equal(algo.train_steps(tr, torch.Generator()), steps)
+    plan = algo.plan(0, 0, torch.Generator())
+    assert (plan.noise_window, plan.noise_window_starts, plan.shared_noise) == (2, (0.0, 0.4), True)
+    with pytest.raises(ValueError, match="noise_window"):
+        DDPOConfig(noise_window=2, timestep_fraction=0.5).validate()
+    with pytest.raises(ValueError, match="noise_window_starts"):
+        DDPOConfig(noise_window=2, noise_window_starts=[0.5, 0.5]).validate()
+
+
+def test_group_baseline_normalises_within_each_group():
+    from genalign.algorithms.advantages import group_normalize
+
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5, float("nan"), 0.7])
+    group = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    adv = group_normalize(rewards, group)
+    torch.testing.assert_close(adv, torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    algo = DDPO(DDPOConfig(group_baseline=True))
+    torch.testing.assert_close(algo.advantages(rewards, ["a"] * 7, group), adv)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from genalign.configs import load_config
@@ -9,15 +10,18 @@ from genalign.train_config import TrainConfig
 from genalign.trainer import Trainer
 
 
-def test_ddpo_changes_every_parameter_and_raises_reward(tiny_sd_dir, tmp_path):
-    """Same eval prompts and seeds before and after: the paired reward must go up."""
+@pytest.mark.parametrize("sampler", [[], ["algorithm.noise_window=2", "algorithm.shared_noise=true", "algorithm.group_baseline=true"]],
+                         ids=["every-step", "noise-window"])
+def test_ddpo_changes_every_parameter_and_raises_reward(tiny_sd_dir, tmp_path, sampler):
+    """Same eval prompts and seeds before and after: the paired reward must go up, with the paper's
+    sampler and with noise windows (only the window's steps trained)."""
     out = tmp_path / "ddpo"
     cfg = load_config(TrainConfig, None, [
         "policy.type=stable_diffusion", f"policy.pretrained={tiny_sd_dir}", "policy.num_steps=4", "policy.finetune=full",
         "prompts.source=list", "prompts.prompts=[a red circle, a blue square]", "train.epochs=6", "train.prompts_per_epoch=4",
         "train.samples_per_prompt=8", "train.rollout_batch_size=32", "train.train_batch_size=16", "train.inner_epochs=2",
         "train.learning_rate=1e-3", "algorithm.clip_range=0.05", "reward.components=[{type: jpeg_compressibility}]",
-        "eval.prompts_per_set=2", "eval.samples_per_prompt=16", "report.enabled=false", f"output_dir={out}",
+        "eval.prompts_per_set=2", "eval.samples_per_prompt=16", "report.enabled=false", f"output_dir={out}", *sampler,
     ])
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()}

@@ -128,3 +128,41 @@ def test_clear_errors(tiny_sd_dir):
         StableDiffusionPolicy.from_pretrained("./does/not/exist")
     with pytest.raises(ValueError, match="eta"):
         make_policy(tiny_sd_dir, eta=0.0)
+
+
+def test_noise_window_rollout(tiny_sd_dir):
+    """Noise only inside the window: with shared x_T the rows of a prompt agree up to the window,
+    the window's steps are the only actions, and their log-probs recompute exactly."""
+    from genalign.policies.window import NoiseWindow
+
+    policy = make_policy(tiny_sd_dir, num_steps=6)
+    perturb_lora(policy)
+    window = NoiseWindow([0.0, 0.5], width=2)  # prompt 0: steps 0-1, prompt 1: steps 3-4
+    traj = policy.rollout(PROMPTS, 3, gens(6), shared_noise=True, noise_window=window)
+    expected = torch.tensor([[1, 1, 0, 0, 0, 0]] * 3 + [[0, 0, 0, 1, 1, 0]] * 3, dtype=torch.bool)
+    assert torch.equal(traj.mask.cpu(), expected)
+    # rows of prompt 1 share the chain until step 3, then differ
+    torch.testing.assert_close(traj.states[3:, :4], traj.states[3:4, :4].expand(3, -1, -1, -1, -1))
+    assert (traj.actions[3] - traj.actions[4]).abs()[3].max() > 1e-3
+    assert (traj.states[0] - traj.states[1]).abs()[1].max() > 1e-3  # prompt 0 differs from step 1 on
+    assert torch.all(traj.log_probs[~traj.mask] == 0)
+    steps = torch.tensor([[0, 1]] * 3 + [[3, 4]] * 3)
+    lp = policy.log_prob(traj, steps)
+    torch.testing.assert_close(lp, traj.log_probs.gather(1, steps), rtol=0, atol=1e-5)
+    # outside its window a row is the deterministic DDIM chain: a window on another row does not change it
+    alone = policy.rollout(PROMPTS[:1], 3, gens(3), shared_noise=True, noise_window=NoiseWindow([0.0], 2))
+    torch.testing.assert_close(alone.outputs, traj.outputs[:3], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="starts"):
+        policy.rollout(PROMPTS, 1, gens(2), noise_window=NoiseWindow([0.0], 2))
+
+
+def test_noise_window_mask_fits_the_chain():
+    from genalign.policies.window import NoiseWindow
+
+    m = NoiseWindow([0.0, 0.95], width=3).mask(2, 10)
+    assert m.shape == (4, 10) and m.sum(1).tolist() == [3, 3, 3, 3]
+    assert m[2].nonzero().view(-1).tolist() == [7, 8, 9]  # moved back to fit
+    with pytest.raises(ValueError, match="width"):
+        NoiseWindow([0.0], 0)
+    with pytest.raises(ValueError, match="starts"):
+        NoiseWindow([1.0], 1)

@@ -67,6 +67,28 @@ def batch_normalize(rewards: torch.Tensor) -> torch.Tensor:
     return adv
 
 
+def group_normalize(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """(r − mean_g) / (std_g + 1e-6) within each group ``g`` of ``group`` ``[N]``; NaN rows get 0,
+    and so does every row of a group whose rewards are all equal."""
+    rewards = rewards.detach().float().cpu()
+    group = group.cpu()
+    adv = torch.zeros_like(rewards)
+    for g in group.unique():
+        rows = ((group == g) & torch.isfinite(rewards)).nonzero().view(-1)
+        if len(rows):
+            adv[rows] = batch_normalize(rewards[rows])
+    return adv
+
+
+def active_steps(mask: torch.Tensor) -> torch.Tensor:
+    """The steps each row acts at (``mask`` ``[B, T]`` True) as indices ``[B, K]``, K = the most
+    any row has; a row with fewer is padded with its inactive steps, which the loss masks out."""
+    mask = mask.cpu()
+    k = max(1, int(mask.sum(1).max()))
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # active steps first, in chain order
+    return order[:, :k].sort(dim=1).values
+
+
 def ppo_clip_loss(
     advantages: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor, clip_range: float, mask: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -26,6 +26,11 @@ class SamplingPlan:
 
     kind: Literal["rollouts", "branches", "off_policy"] = "rollouts"
     shared_noise: bool = False
+    #: ``"rollouts"`` only: > 0 draws noise at this many consecutive steps per rollout (a
+    #: :class:`~genalign.policies.window.NoiseWindow`), the rest of the chain is deterministic
+    noise_window: int = 0
+    #: range of chain fractions [lo, hi) from which each prompt's window start is drawn
+    noise_window_starts: tuple[float, float] = (0.0, 1.0)
     branch_at: float = 0.0
     #: minibatches hold whole groups (pairwise losses need both rows of a pair)
     whole_groups: bool = False

@@ -11,6 +11,16 @@ Every trained step of a rollout shares the rollout's advantage (the reward arriv
 at the end, undiscounted). ``timestep_fraction`` trains a random subset of steps per row;
 the trainer accumulates gradients over all of them before one optimizer step.
 
+**Noise windows** (``noise_window: k``, off by default). Every rollout of DDPO's sampler draws
+noise at all T steps, and every step is credited with the whole reward, though most of the
+reward's variance is decided by a few early steps; the other steps' noise enters the
+gradient as pure variance. With ``noise_window: k`` each prompt's rollouts take deterministic
+DDIM steps (η = 0) except at k consecutive steps whose start is drawn per prompt and epoch
+from ``noise_window_starts`` (MixGRPO, Li et al. 2025; TempFlow-GRPO's branching, He et al.
+2025); only those steps are actions and are trained. With ``shared_noise`` the group reaches
+the window from one state, and ``group_baseline`` makes the group's mean reward the baseline,
+so a group's reward differences come from its window's noise alone. The loss is unchanged.
+
 Log-probs are per-dimension means (see genalign.distributions), so ρ stays near 1 and the
 reference clip range is tiny (1e-4). Applied to a ConsistencyPolicy this same object is
 RLCM; applied to an LM policy it is plain PPO-clip with sequence-level advantages.
@@ -26,7 +36,9 @@ import torch
 
 from genalign.algorithms.advantages import (
     PerPromptStats,
+    active_steps,
     batch_normalize,
+    group_normalize,
     ppo_clip_loss,
     window_steps,
 )
@@ -49,6 +61,23 @@ class DDPOConfig:
         "[start, end) of the chain, as fractions of its steps, that is trained: [0, 0.6] trains the first 60% "
         "(the steps that decide composition); late low-noise steps add gradient noise but little credit",
     )
+    noise_window: int = opt(
+        0,
+        "0: every step of a rollout draws noise and is trained (the paper). k > 0: each prompt's rollouts draw "
+        "noise at k consecutive steps only and take deterministic DDIM steps (η = 0) elsewhere; exactly those "
+        "k steps are trained, so the reward differences they are credited with are their own (MixGRPO)",
+    )
+    noise_window_starts: list[float] = opt(
+        [0.0, 1.0], "[lo, hi): each prompt's window starts at a chain fraction drawn uniformly from it, per epoch"
+    )
+    shared_noise: bool = opt(
+        False, "the rollouts of one prompt start from the same x_T (with a noise window: reach it from the same state)"
+    )
+    group_baseline: bool = opt(
+        False,
+        "normalise each prompt's rewards by the mean/std of its own rollouts this epoch (their group) instead of "
+        "the per-prompt history; the exact baseline when the group shares x_T and a noise window",
+    )
 
     def validate(self) -> None:
         if not 0 < self.timestep_fraction <= 1:
@@ -58,6 +87,16 @@ class DDPOConfig:
             raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
         if self.clip_range <= 0:
             raise ValueError(f"'clip_range' must be > 0, got {self.clip_range}")
+        if self.noise_window < 0:
+            raise ValueError(f"'noise_window' must be >= 0, got {self.noise_window}")
+        lo, hi = (list(self.noise_window_starts) + [None, None])[:2]
+        if len(self.noise_window_starts) != 2 or not 0 <= lo < hi <= 1:
+            raise ValueError(f"'noise_window_starts' must be [lo, hi) with 0 <= lo < hi <= 1, got {self.noise_window_starts}")
+        if self.noise_window and (list(self.step_window) != [0.0, 1.0] or self.timestep_fraction != 1.0):
+            raise ValueError(
+                "'noise_window' trains exactly the window's steps: leave 'step_window' and 'timestep_fraction' at "
+                "their defaults"
+            )
 
 
 class DDPO:
@@ -70,14 +109,21 @@ class DDPO:
         self.stats = PerPromptStats(self.config.stat_buffer_size, self.config.stat_min_count)
 
     def plan(self, epoch: int, num_snapshots: int, generator: torch.Generator) -> SamplingPlan:
-        return SamplingPlan()  # independent rollouts, shuffled rows
+        c = self.config
+        return SamplingPlan(
+            shared_noise=c.shared_noise, noise_window=c.noise_window, noise_window_starts=tuple(c.noise_window_starts)
+        )
 
     def advantages(self, rewards: torch.Tensor, conditions: Sequence[Any], group: torch.Tensor) -> torch.Tensor:
+        if self.config.group_baseline:
+            return group_normalize(rewards, group)  # [N]
         if self.config.per_prompt_stat_tracking:
             return self.stats(rewards, conditions)  # [N]
         return batch_normalize(rewards)
 
     def train_steps(self, traj: Trajectory, generator: torch.Generator) -> torch.Tensor:
+        if self.config.noise_window:
+            return active_steps(traj.mask)  # [B, k]: the window's steps
         return window_steps(traj.batch_size, traj.num_steps, self.config.step_window, self.config.timestep_fraction, generator)
 
     def loss(

@@ -11,6 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from genalign.policies.window import NoiseWindow
 from genalign.trajectory import Trajectory
 
 Generators = torch.Generator | list[torch.Generator] | None
@@ -22,7 +23,12 @@ class Policy(Protocol):
     step_chunk: int | None
 
     def rollout(
-        self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Generators = None, shared_noise: bool = False
+        self,
+        conditions: Sequence[Any],
+        n_per_condition: int = 1,
+        generator: Generators = None,
+        shared_noise: bool = False,
+        noise_window: NoiseWindow | None = None,
     ) -> Trajectory:
         """Sample ``len(conditions) * n_per_condition`` rollouts without gradients.
 
@@ -30,6 +36,9 @@ class Policy(Protocol):
         holds the condition index. ``generator`` is one generator or one per output row.
         ``shared_noise``: the rows of one condition start from the same initial noise (D3PO's
         pairs); a policy with no initial noise (an LM) treats it as a no-op by definition.
+        ``noise_window``: noise only at the window's steps of each condition, the deterministic
+        kernel elsewhere; only the window's steps are actions (``mask``). A policy whose kernel
+        has no deterministic version raises ValueError.
         """
         ...
 

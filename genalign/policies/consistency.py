@@ -62,6 +62,7 @@ from genalign.policies.unet_tuning import (
     make_lora_config,
     merge_runtime,
 )
+from genalign.policies.window import NoiseWindow
 from genalign.trajectory import Trajectory
 
 #: LatentConsistencyModelPipeline's default guidance scale (for a guidance-embedded UNet)
@@ -366,7 +367,13 @@ class ConsistencyPolicy:
         n_per_condition: int = 1,
         generator: Any = None,
         shared_noise: bool = False,
+        noise_window: NoiseWindow | None = None,
     ) -> Trajectory:
+        if noise_window is not None:
+            raise ValueError(
+                "consistency policy: noise windows need a deterministic version of every step, and a "
+                "consistency step's re-noising has none; use noise_window: 0 with policy.type: consistency"
+            )
         prompts = [str(c) for c in conditions for _ in range(n_per_condition)]
         n = len(prompts)
         embeds = self.encode(prompts)

@@ -123,29 +123,43 @@ def ddim_step(
     model_output: torch.Tensor,
     timesteps: torch.Tensor,
     sample: torch.Tensor,
-    eta: float,
+    eta: float | torch.Tensor,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> StepOutput:
     """One stochastic DDIM step x_t -> x_t' with its log-prob.
 
     model_output, sample: ``[B, C, h, w]``; timesteps: ``[B]`` ints (may differ per row).
+    ``eta``: one value, or ``[B]`` per row where 0 marks a deterministic row (x_t' = μ, no
+    log-density: its ``log_prob`` is 0 and must be masked out by the caller; the noise is
+    still drawn so every row's generator advances the same way).
     If ``prev_sample`` is given, it is scored (log π(prev_sample | sample)) instead of drawn;
     otherwise the noise is drawn exactly as ``DDIMScheduler.step`` draws it.
     """
-    if eta <= 0:
+    per_row = torch.is_tensor(eta)
+    eta_rows = torch.as_tensor(eta, dtype=torch.float32).to(sample.device).expand(sample.shape[0])  # [B]
+    if not per_row and float(eta) <= 0:
         raise ValueError("eta must be > 0: a deterministic DDIM step (eta = 0) has no log-density")
+    if bool((eta_rows < 0).any()):
+        raise ValueError("eta must be >= 0 per row")
     x0, eps = predict_x0_eps(consts, model_output, timesteps, sample)
     alpha_t, alpha_prev = consts.alphas(timesteps)  # [B], [B]
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)  # [B]
-    std = eta * variance.sqrt()  # σ_t [B]
-    if bool((std <= 0).any()):
+    std = eta_rows * variance.sqrt()  # σ_t [B]
+    stochastic = eta_rows > 0  # [B]
+    if bool((std[stochastic] <= 0).any()):
         raise ValueError("DDIM step has σ = 0 at this timestep, so no log-density exists")
+    if prev_sample is not None and not bool(stochastic.all()):
+        raise ValueError("cannot score a deterministic (eta = 0) DDIM step: it has no log-density")
     a_prev = _expand(alpha_prev, sample)
     s = _expand(std, sample)
     mean = a_prev.sqrt() * x0 + (1 - a_prev - s**2).sqrt() * eps  # μ [B, C, h, w]
     if prev_sample is None:
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
         prev_sample = mean + s * noise.float()
-    log_prob = gaussian_log_prob(prev_sample, mean, s)  # [B]
+    if bool(stochastic.all()):
+        log_prob = gaussian_log_prob(prev_sample, mean, s)  # [B]
+    else:
+        safe = _expand(torch.where(stochastic, std, torch.ones_like(std)), sample)
+        log_prob = torch.where(stochastic, gaussian_log_prob(prev_sample, mean, safe), torch.zeros_like(std))
     return StepOutput(prev_sample.detach(), log_prob, mean, std, x0)

@@ -37,6 +37,7 @@ from genalign.policies.unet_tuning import (
     make_lora_config,
     merge_runtime,
 )
+from genalign.policies.window import NoiseWindow
 from genalign.trajectory import Trajectory
 
 __all__ = ["POLICY_FILE", "StableDiffusionPolicy", "StableDiffusionPolicyConfig", "check_model_location"]
@@ -175,15 +176,21 @@ class StableDiffusionPolicy:
         uncond: torch.Tensor,
         first_step: int,
         generator: Any,
+        stochastic: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run steps ``first_step..T-1``; returns states, actions ``[N, T', C, h, w]``, log-probs ``[N, T']``."""
+        """Run steps ``first_step..T-1``; returns states, actions ``[N, T', C, h, w]``, log-probs ``[N, T']``.
+
+        ``stochastic`` ``[N, T]`` bool: steps that draw noise (η = config.eta); the others take
+        the deterministic DDIM step (η = 0) and get log-prob 0. None: every step is stochastic.
+        """
         states, actions, log_probs = [], [], []
         n = latents.shape[0]
-        for t in self.scheduler.timesteps[first_step:]:
+        for i, t in enumerate(self.scheduler.timesteps[first_step:], start=first_step):
             t_batch = torch.full((n,), int(t), device=latents.device, dtype=torch.long)
             model_in = self.scheduler.scale_model_input(latents, t)
             eps = self._eps(model_in, t_batch, cond, uncond)
-            out = ddim_step(self.consts, eps, t_batch, latents, self.config.eta, generator=generator)
+            eta = self.config.eta if stochastic is None else stochastic[:, i].float() * self.config.eta  # [N]
+            out = ddim_step(self.consts, eps, t_batch, latents, eta, generator=generator)
             states.append(latents)
             actions.append(out.prev_sample)
             log_probs.append(out.log_prob)
@@ -192,7 +199,12 @@ class StableDiffusionPolicy:
 
     @torch.no_grad()
     def rollout(
-        self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Any = None, shared_noise: bool = False
+        self,
+        conditions: Sequence[Any],
+        n_per_condition: int = 1,
+        generator: Any = None,
+        shared_noise: bool = False,
+        noise_window: NoiseWindow | None = None,
     ) -> Trajectory:
         prompts = [str(c) for c in conditions for _ in range(n_per_condition)]
         n = len(prompts)
@@ -207,8 +219,13 @@ class StableDiffusionPolicy:
         else:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=cond.dtype)
         latents = latents * self.scheduler.init_noise_sigma  # x_T [N, C, h, w]
-        states, actions, log_probs = self._denoise(latents.float(), cond, uncond, 0, generator)
         steps = self.scheduler.timesteps.to(self.device)
+        stochastic = None
+        if noise_window is not None:
+            if len(noise_window.starts) != len(conditions):
+                raise ValueError(f"noise window has {len(noise_window.starts)} starts for {len(conditions)} conditions")
+            stochastic = noise_window.mask(n_per_condition, len(steps), self.device)  # [N, T]
+        states, actions, log_probs = self._denoise(latents.float(), cond, uncond, 0, generator, stochastic)
         return Trajectory(
             conditions=prompts,
             group=torch.arange(len(conditions), device=self.device).repeat_interleave(n_per_condition),
@@ -216,7 +233,7 @@ class StableDiffusionPolicy:
             actions=actions,
             timesteps=steps.unsqueeze(0).expand(n, -1).clone(),
             log_probs=log_probs,
-            mask=torch.ones(n, len(steps), dtype=torch.bool, device=self.device),
+            mask=torch.ones(n, len(steps), dtype=torch.bool, device=self.device) if stochastic is None else stochastic,
             step_ids=torch.arange(len(steps), device=self.device).unsqueeze(0).expand(n, -1).clone(),
             outputs=self.decode(actions[:, -1]),
             extras={"prompt_embeds": cond, "negative_prompt_embeds": uncond},

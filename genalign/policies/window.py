@@ -1,0 +1,41 @@
+"""Noise windows: rollouts that draw noise at a few consecutive chain steps only.
+
+A rollout with a window runs the deterministic version of its kernel (DDIM with η = 0)
+outside ``[start, start + width)`` and the policy's stochastic kernel inside it. Only the
+window's steps are actions (``Trajectory.mask``); with shared initial noise every rollout of
+one condition reaches the window from the same state, so the reward differences within the
+group are caused by the window's noise alone and the group mean is an exact baseline for it.
+This is the branching and mixed ODE/SDE sampling of MixGRPO (Li et al. 2025) and
+TempFlow-GRPO (He et al. 2025), here as a sampling option that any policy-gradient loss uses
+unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NoiseWindow:
+    """Per condition, ``width`` consecutive stochastic steps from ``floor(start · T)``
+    (moved back so the window fits the chain)."""
+
+    starts: Sequence[float]  # one start per condition, fractions of the chain in [0, 1)
+    width: int
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError(f"noise window width must be >= 1, got {self.width}")
+        if any(not 0 <= s < 1 for s in self.starts):
+            raise ValueError(f"noise window starts must lie in [0, 1), got {list(self.starts)}")
+
+    def mask(self, n_per_condition: int, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Stochastic steps of every row: ``[len(starts) * n_per_condition, num_steps]`` bool."""
+        width = min(self.width, num_steps)
+        first = torch.tensor([min(int(s * num_steps), num_steps - width) for s in self.starts], device=device)  # [P]
+        steps = torch.arange(num_steps, device=device)  # [T]
+        inside = (steps >= first[:, None]) & (steps < first[:, None] + width)  # [P, T]
+        return inside.repeat_interleave(n_per_condition, 0)
