@@ -34,7 +34,7 @@ from genalign.trainer import train  # noqa: E402
 
 #: name -> (config, overrides that put it on the same prompts as the others)
 ALGORITHMS = {
-    "DDPO": ("configs/quickstart.yaml", ["prompts.split=heldout", "prompts.pool_size=0"]),
+    "DDPO": ("configs/ddpo_every_step.yaml", ["prompts.split=heldout", "prompts.pool_size=0"]),
     "D3PO": ("configs/d3po.yaml", []),
     "SePPO": ("configs/seppo.yaml", []),
     "B²-DiffuRL": ("configs/b2diffurl.yaml", []),

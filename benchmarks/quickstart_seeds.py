@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"config": args.config, "seeds": args.seeds, "metric": args.metric, "table": table,
+        json.dump({"config": args.config, "overrides": args.overrides, "seeds": args.seeds, "metric": args.metric, "table": table,
                    "wall_seconds": walls, "per_seed": per_seed}, f, indent=2)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     xs = range(len(table))

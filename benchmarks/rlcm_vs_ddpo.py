@@ -79,7 +79,7 @@ def inference_cost(cfg: TrainConfig, n: int = 64) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ddpo-config", default="configs/quickstart.yaml")
+    ap.add_argument("--ddpo-config", default="configs/ddpo_every_step.yaml")
     ap.add_argument("--ddpo-steps", type=int, default=20, help="DDIM steps of the DDPO policy")
     ap.add_argument("--rlcm-config", default="configs/rlcm.yaml")
     ap.add_argument("--rlcm-steps", type=int, default=4, help="consistency steps of the RLCM policy")
