@@ -93,3 +93,8 @@ class TrainConfig:
             raise ConfigError("missing required section 'policy' (with a 'type', e.g. stable_diffusion)")
         if self.prompts is None:
             raise ConfigError("missing required section 'prompts' (with a 'source': list, file or shapes_world)")
+        if getattr(self.algorithm, "noise_window", 0) and self.policy.type != "stable_diffusion":
+            raise ConfigError(
+                f"'algorithm.noise_window' needs a policy whose steps have a deterministic version "
+                f"(stable_diffusion); policy.type is {self.policy.type!r}"
+            )

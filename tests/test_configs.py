@@ -69,6 +69,9 @@ BASE = {"policy": {"type": "stable_diffusion", "pretrained": "org/model"}, "prom
         ({"reward": {"components": [{"type": "jpeg_compressibility", "qualty": 90}]}}, r"reward\.components\.0\.qualty"),
         ({"train": {"rollout_batch_size": 6, "samples_per_prompt": 4}}, r"multiple of 'samples_per_prompt'"),
         ({"prompts": {"source": "list", "prompts": []}}, r"'prompts'.*empty"),
+        ({"algorithm": {"name": "ddpo", "noise_window": 2, "timestep_fraction": 0.5}}, r"'noise_window' trains exactly"),
+        ({"policy": {"type": "consistency", "pretrained": "org/model"}, "algorithm": {"name": "ddpo", "noise_window": 2}},
+         r"'algorithm\.noise_window' needs a policy"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, patch, message):
