@@ -14,7 +14,7 @@ the trainer accumulates gradients over all of them before one optimizer step.
 **Noise windows** (``noise_window: k``, off by default). Every rollout of DDPO's sampler draws
 noise at all T steps, and every step is credited with the whole reward, though most of the
 reward's variance is decided by a few early steps; the other steps' noise enters the
-gradient as pure variance. With ``noise_window: k`` each prompt's rollouts take deterministic
+gradient as variance. With ``noise_window: k`` each prompt's rollouts take deterministic
 DDIM steps (η = 0) except at k consecutive steps whose start is drawn per prompt and epoch
 from ``noise_window_starts`` (MixGRPO, Li et al. 2025; TempFlow-GRPO's branching, He et al.
 2025); only those steps are actions and are trained. With ``shared_noise`` the group reaches
