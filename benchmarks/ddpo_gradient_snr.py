@@ -45,9 +45,8 @@ def batch_gradient(policy, reward, prompts, k, seed, params, metric, window=1.0,
     gens = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(prompts) * k)]
     kwargs = {}
     if noise_window:
-        g = torch.Generator().manual_seed(seed)
-        u = (starts[0] + (starts[1] - starts[0]) * torch.rand(len(prompts), generator=g)).tolist()
-        kwargs = {"shared_noise": True, "noise_window": NoiseWindow(u, noise_window)}
+        window_ = NoiseWindow.draw(len(prompts), noise_window, starts, torch.Generator().manual_seed(seed))
+        kwargs = {"shared_noise": True, "noise_window": window_}
     traj = policy.rollout(prompts, k, gens, **kwargs)
     r = reward(traj.outputs, traj.conditions).components[metric].float()  # [N]
     traj.advantages = group_normalize(r, traj.group)

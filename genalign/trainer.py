@@ -248,10 +248,8 @@ class Trainer:
             if plan.kind == "rollouts":
                 kwargs: dict[str, Any] = {"shared_noise": plan.shared_noise}
                 if plan.noise_window > 0:
-                    lo, hi = plan.noise_window_starts
                     g = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch, 6_000_000 + chunk[0]))
-                    starts = (lo + (hi - lo) * torch.rand(len(chunk_prompts), generator=g)).tolist()
-                    kwargs["noise_window"] = NoiseWindow(starts, plan.noise_window)
+                    kwargs["noise_window"] = NoiseWindow.draw(len(chunk_prompts), plan.noise_window, plan.noise_window_starts, g)
                 traj = self.policy.rollout(chunk_prompts, n, row_generators(seeds), **kwargs)
                 traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
                 return traj, traj.outputs, traj.conditions

@@ -166,3 +166,12 @@ def test_noise_window_mask_fits_the_chain():
         NoiseWindow([0.0], 0)
     with pytest.raises(ValueError, match="starts"):
         NoiseWindow([1.0], 1)
+
+
+def test_noise_window_draw_is_seeded_and_in_range():
+    from genalign.policies.window import NoiseWindow
+
+    a = NoiseWindow.draw(50, 2, (0.1, 0.4), torch.Generator().manual_seed(0))
+    b = NoiseWindow.draw(50, 2, (0.1, 0.4), torch.Generator().manual_seed(0))
+    assert a == b and a.width == 2 and len(a.starts) == 50
+    assert all(0.1 <= s < 0.4 for s in a.starts) and max(a.starts) - min(a.starts) > 0.2

@@ -76,7 +76,7 @@ class DDPOConfig:
     group_baseline: bool = opt(
         False,
         "normalise each prompt's rewards by the mean/std of its own rollouts this epoch (their group) instead of "
-        "the per-prompt history; the exact baseline when the group shares x_T and a noise window",
+        "the per-prompt history; the right baseline when the group shares x_T and a noise window",
     )
 
     def validate(self) -> None:

@@ -157,9 +157,6 @@ def ddim_step(
     if prev_sample is None:
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
         prev_sample = mean + s * noise.float()
-    if bool(stochastic.all()):
-        log_prob = gaussian_log_prob(prev_sample, mean, s)  # [B]
-    else:
-        safe = _expand(torch.where(stochastic, std, torch.ones_like(std)), sample)
-        log_prob = torch.where(stochastic, gaussian_log_prob(prev_sample, mean, safe), torch.zeros_like(std))
+    safe = _expand(torch.where(stochastic, std, torch.ones_like(std)), sample)  # σ, 1 on deterministic rows
+    log_prob = torch.where(stochastic, gaussian_log_prob(prev_sample, mean, safe), torch.zeros_like(std))  # [B]
     return StepOutput(prev_sample.detach(), log_prob, mean, std, x0)

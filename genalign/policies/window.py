@@ -4,7 +4,7 @@ A rollout with a window runs the deterministic version of its kernel (DDIM with 
 outside ``[start, start + width)`` and the policy's stochastic kernel inside it. Only the
 window's steps are actions (``Trajectory.mask``); with shared initial noise every rollout of
 one condition reaches the window from the same state, so the reward differences within the
-group are caused by the window's noise alone and the group mean is an exact baseline for it.
+group are caused by the window's noise alone and the group mean estimates that state's value.
 This is the branching and mixed ODE/SDE sampling of MixGRPO (Li et al. 2025) and
 TempFlow-GRPO (He et al. 2025), here as a sampling option that any policy-gradient loss uses
 unchanged.
@@ -31,6 +31,12 @@ class NoiseWindow:
             raise ValueError(f"noise window width must be >= 1, got {self.width}")
         if any(not 0 <= s < 1 for s in self.starts):
             raise ValueError(f"noise window starts must lie in [0, 1), got {list(self.starts)}")
+
+    @classmethod
+    def draw(cls, num_conditions: int, width: int, starts: Sequence[float], generator: torch.Generator) -> NoiseWindow:
+        """A window per condition, its start drawn uniformly from ``starts`` = [lo, hi)."""
+        lo, hi = starts
+        return cls((lo + (hi - lo) * torch.rand(num_conditions, generator=generator)).tolist(), width)
 
     def mask(self, n_per_condition: int, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Stochastic steps of every row: ``[len(starts) * n_per_condition, num_steps]`` bool."""
