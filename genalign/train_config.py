@@ -98,3 +98,13 @@ class TrainConfig:
                 f"'algorithm.noise_window' needs a policy whose steps have a deterministic version "
                 f"(stable_diffusion); policy.type is {self.policy.type!r}"
             )
+        if getattr(self.algorithm, "antithetic", False):
+            if self.policy.type != "stable_diffusion":
+                raise ConfigError(
+                    f"'algorithm.antithetic' mirrors DDIM step noise (stable_diffusion); policy.type is {self.policy.type!r}"
+                )
+            if self.train.samples_per_prompt % 2:
+                raise ConfigError(
+                    f"'algorithm.antithetic' pairs the rollouts of a prompt: 'train.samples_per_prompt' must be even, "
+                    f"got {self.train.samples_per_prompt}"
+                )

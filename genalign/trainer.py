@@ -250,6 +250,8 @@ class Trainer:
                 if plan.noise_window > 0:
                     g = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch, 6_000_000 + chunk[0]))
                     kwargs["noise_window"] = NoiseWindow.draw(len(chunk_prompts), plan.noise_window, plan.noise_window_starts, g)
+                if plan.antithetic:
+                    kwargs["antithetic"] = True
                 traj = self.policy.rollout(chunk_prompts, n, row_generators(seeds), **kwargs)
                 traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
                 return traj, traj.outputs, traj.conditions

@@ -72,6 +72,9 @@ BASE = {"policy": {"type": "stable_diffusion", "pretrained": "org/model"}, "prom
         ({"algorithm": {"name": "ddpo", "noise_window": 2, "timestep_fraction": 0.5}}, r"'noise_window' trains exactly"),
         ({"policy": {"type": "consistency", "pretrained": "org/model"}, "algorithm": {"name": "ddpo", "noise_window": 2}},
          r"'algorithm\.noise_window' needs a policy"),
+        ({"algorithm": {"name": "ddpo", "antithetic": True}}, r"'antithetic' mirrors .* set 'shared_noise: true'"),
+        ({"algorithm": {"name": "ddpo", "antithetic": True, "shared_noise": True}, "train": {"samples_per_prompt": 3, "rollout_batch_size": 9}},
+         r"'train\.samples_per_prompt' must be even"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, patch, message):

@@ -109,7 +109,8 @@ def test_noise_window_trains_exactly_the_active_steps():
     tr.mask = mask
     assert torch.equal(algo.train_steps(tr, torch.Generator()), steps)
     plan = algo.plan(0, 0, torch.Generator())
-    assert (plan.noise_window, plan.noise_window_starts, plan.shared_noise) == (2, (0.0, 0.4), True)
+    assert (plan.noise_window, plan.noise_window_starts, plan.shared_noise, plan.antithetic) == (2, (0.0, 0.4), True, False)
+    assert DDPO(DDPOConfig(shared_noise=True, antithetic=True)).plan(0, 0, torch.Generator()).antithetic
     with pytest.raises(ValueError, match="noise_window"):
         DDPOConfig(noise_window=2, timestep_fraction=0.5).validate()
     with pytest.raises(ValueError, match="noise_window_starts"):

@@ -156,6 +156,36 @@ def test_noise_window_rollout(tiny_sd_dir):
         policy.rollout(PROMPTS, 1, gens(2), noise_window=NoiseWindow([0.0], 2))
 
 
+def test_antithetic_rollout_mirrors_the_window_noise(tiny_sd_dir):
+    """Antithetic pairs leave their shared state along +ε and -ε: the pair's first window actions
+    are symmetric about the step mean, each row keeps its exact log-prob, and pairs differ."""
+    from genalign.policies.ddim import ddim_step
+    from genalign.policies.window import NoiseWindow, mirror_pairs
+
+    policy = make_policy(tiny_sd_dir, num_steps=6)
+    perturb_lora(policy)
+    window = NoiseWindow([0.0, 0.5], width=2)  # prompt 0: steps 0-1, prompt 1: steps 3-4
+    traj = policy.rollout(PROMPTS, 4, gens(8), shared_noise=True, noise_window=window, antithetic=True)
+    for row, step in ((0, 0), (2, 0), (4, 3), (6, 3)):
+        a, b = traj.actions[row, step], traj.actions[row + 1, step]
+        torch.testing.assert_close(traj.states[row, step], traj.states[row + 1, step], rtol=0, atol=0)
+        x_t = traj.states[row, step].unsqueeze(0)
+        t = traj.timesteps[row, step].view(1)
+        eps = policy._eps(x_t, t, traj.extras["prompt_embeds"][row : row + 1], traj.extras["negative_prompt_embeds"][row : row + 1])
+        mean = ddim_step(policy.consts, eps, t, x_t, policy.config.eta, prev_sample=a.unsqueeze(0)).mean[0]
+        torch.testing.assert_close((a + b) / 2, mean, rtol=0, atol=1e-4)  # mirrored about μ
+        assert (a - b).abs().max() > 1e-2
+    assert (traj.actions[0, 0] - traj.actions[2, 0]).abs().max() > 1e-2  # pairs draw independently
+    steps = torch.tensor([[0, 1]] * 4 + [[3, 4]] * 4)
+    torch.testing.assert_close(policy.log_prob(traj, steps), traj.log_probs.gather(1, steps), rtol=0, atol=1e-5)
+    noise = torch.randn(8, 3)
+    torch.testing.assert_close(mirror_pairs(noise, 4)[1::2], -noise[0::2])
+    with pytest.raises(ValueError, match="even"):
+        policy.rollout(PROMPTS, 3, gens(6), shared_noise=True, antithetic=True)
+    with pytest.raises(ValueError, match="shared_noise"):
+        policy.rollout(PROMPTS, 2, gens(4), antithetic=True)
+
+
 def test_noise_window_mask_fits_the_chain():
     from genalign.policies.window import NoiseWindow
 

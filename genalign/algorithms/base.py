@@ -31,6 +31,8 @@ class SamplingPlan:
     noise_window: int = 0
     #: range of chain fractions [lo, hi) from which each prompt's window start is drawn
     noise_window_starts: tuple[float, float] = (0.0, 1.0)
+    #: ``"rollouts"`` with ``shared_noise`` only: rows of a prompt in pairs with mirrored step noise
+    antithetic: bool = False
     branch_at: float = 0.0
     #: minibatches hold whole groups (pairwise losses need both rows of a pair)
     whole_groups: bool = False

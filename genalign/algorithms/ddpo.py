@@ -20,6 +20,9 @@ from ``noise_window_starts`` (MixGRPO, Li et al. 2025; TempFlow-GRPO's branching
 2025); only those steps are actions and are trained. With ``shared_noise`` the group reaches
 the window from one state, and ``group_baseline`` makes the group's mean reward the baseline,
 so a group's reward differences come from its window's noise alone. The loss is unchanged.
+``antithetic`` (with ``shared_noise``) pairs the group's rollouts with mirrored step noise
+(ε, −ε), a variance-reduction option for rewards that are smooth in the noise; each rollout is
+still an exact sample of the policy, so the gradient stays unbiased.
 
 Log-probs are per-dimension means (see genalign.distributions), so ρ stays near 1 and the
 reference clip range is tiny (1e-4). Applied to a ConsistencyPolicy this same object is
@@ -73,6 +76,11 @@ class DDPOConfig:
     shared_noise: bool = opt(
         False, "the rollouts of one prompt start from the same x_T (with a noise window: reach it from the same state)"
     )
+    antithetic: bool = opt(
+        False,
+        "with shared_noise: the rollouts of a prompt come in pairs whose step noise is mirrored (ε and -ε), so a "
+        "pair leaves its shared state in opposite directions; needs an even train.samples_per_prompt",
+    )
     group_baseline: bool = opt(
         False,
         "normalise each prompt's rewards by the mean/std of its own rollouts this epoch (their group) instead of "
@@ -97,6 +105,8 @@ class DDPOConfig:
                 "'noise_window' trains exactly the window's steps: leave 'step_window' and 'timestep_fraction' at "
                 "their defaults"
             )
+        if self.antithetic and not self.shared_noise:
+            raise ValueError("'antithetic' mirrors the noise of rollouts that share x_T: set 'shared_noise: true'")
 
 
 class DDPO:
@@ -111,7 +121,10 @@ class DDPO:
     def plan(self, epoch: int, num_snapshots: int, generator: torch.Generator) -> SamplingPlan:
         c = self.config
         return SamplingPlan(
-            shared_noise=c.shared_noise, noise_window=c.noise_window, noise_window_starts=tuple(c.noise_window_starts)
+            shared_noise=c.shared_noise,
+            noise_window=c.noise_window,
+            noise_window_starts=tuple(c.noise_window_starts),
+            antithetic=c.antithetic,
         )
 
     def advantages(self, rewards: torch.Tensor, conditions: Sequence[Any], group: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,9 @@ class Policy(Protocol):
         ``noise_window``: noise only at the window's steps of each condition, the deterministic
         kernel elsewhere; only the window's steps are actions (``mask``). A policy whose kernel
         has no deterministic version raises ValueError.
+        A policy may take further sampling keywords (StableDiffusionPolicy: ``antithetic``);
+        the trainer passes one only when the config sets it, and the config check names the
+        policy types that support it.
         """
         ...
 

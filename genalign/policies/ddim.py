@@ -126,6 +126,7 @@ def ddim_step(
     eta: float | torch.Tensor,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> StepOutput:
     """One stochastic DDIM step x_t -> x_t' with its log-prob.
 
@@ -134,7 +135,8 @@ def ddim_step(
     log-density: its ``log_prob`` is 0 and must be masked out by the caller; the noise is
     still drawn so every row's generator advances the same way).
     If ``prev_sample`` is given, it is scored (log π(prev_sample | sample)) instead of drawn;
-    otherwise the noise is drawn exactly as ``DDIMScheduler.step`` draws it.
+    otherwise the noise is drawn exactly as ``DDIMScheduler.step`` draws it, or taken from
+    ``noise`` ``[B, C, h, w]`` when the caller drew it (antithetic pairs).
     """
     per_row = torch.is_tensor(eta)
     eta_rows = torch.as_tensor(eta, dtype=torch.float32).to(sample.device).expand(sample.shape[0])  # [B]
@@ -155,7 +157,8 @@ def ddim_step(
     s = _expand(std, sample)
     mean = a_prev.sqrt() * x0 + (1 - a_prev - s**2).sqrt() * eps  # μ [B, C, h, w]
     if prev_sample is None:
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        if noise is None:
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
         prev_sample = mean + s * noise.float()
     safe = _expand(torch.where(stochastic, std, torch.ones_like(std)), sample)  # σ, 1 on deterministic rows
     log_prob = torch.where(stochastic, gaussian_log_prob(prev_sample, mean, safe), torch.zeros_like(std))  # [B]

@@ -37,7 +37,7 @@ from genalign.policies.unet_tuning import (
     make_lora_config,
     merge_runtime,
 )
-from genalign.policies.window import NoiseWindow
+from genalign.policies.window import NoiseWindow, mirror_pairs
 from genalign.trajectory import Trajectory
 
 __all__ = ["POLICY_FILE", "StableDiffusionPolicy", "StableDiffusionPolicyConfig", "check_model_location"]
@@ -177,11 +177,14 @@ class StableDiffusionPolicy:
         first_step: int,
         generator: Any,
         stochastic: torch.Tensor | None = None,
+        mirror_groups: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run steps ``first_step..T-1``; returns states, actions ``[N, T', C, h, w]``, log-probs ``[N, T']``.
 
         ``stochastic`` ``[N, T]`` bool: steps that draw noise (η = config.eta); the others take
         the deterministic DDIM step (η = 0) and get log-prob 0. None: every step is stochastic.
+        ``mirror_groups`` > 0: rows come in groups of this (even) size, and within a group row
+        2k+1 takes the negated step noise of row 2k (antithetic pairs).
         """
         states, actions, log_probs = [], [], []
         n = latents.shape[0]
@@ -190,7 +193,11 @@ class StableDiffusionPolicy:
             model_in = self.scheduler.scale_model_input(latents, t)
             eps = self._eps(model_in, t_batch, cond, uncond)
             eta = self.config.eta if stochastic is None else stochastic[:, i].float() * self.config.eta  # [N]
-            out = ddim_step(self.consts, eps, t_batch, latents, eta, generator=generator)
+            noise = None
+            if mirror_groups:
+                noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+                noise = mirror_pairs(noise, mirror_groups)
+            out = ddim_step(self.consts, eps, t_batch, latents, eta, generator=generator, noise=noise)
             states.append(latents)
             actions.append(out.prev_sample)
             log_probs.append(out.log_prob)
@@ -205,7 +212,13 @@ class StableDiffusionPolicy:
         generator: Any = None,
         shared_noise: bool = False,
         noise_window: NoiseWindow | None = None,
+        antithetic: bool = False,
     ) -> Trajectory:
+        if antithetic and (not shared_noise or n_per_condition % 2):
+            raise ValueError(
+                f"antithetic pairs need shared_noise and an even number of samples per condition, got "
+                f"shared_noise={shared_noise}, n_per_condition={n_per_condition}"
+            )
         prompts = [str(c) for c in conditions for _ in range(n_per_condition)]
         n = len(prompts)
         cond, uncond = self.encode(prompts)
@@ -225,7 +238,8 @@ class StableDiffusionPolicy:
             if len(noise_window.starts) != len(conditions):
                 raise ValueError(f"noise window has {len(noise_window.starts)} starts for {len(conditions)} conditions")
             stochastic = noise_window.mask(n_per_condition, len(steps), self.device)  # [N, T]
-        states, actions, log_probs = self._denoise(latents.float(), cond, uncond, 0, generator, stochastic)
+        mirror = n_per_condition if antithetic else 0
+        states, actions, log_probs = self._denoise(latents.float(), cond, uncond, 0, generator, stochastic, mirror)
         return Trajectory(
             conditions=prompts,
             group=torch.arange(len(conditions), device=self.device).repeat_interleave(n_per_condition),
