@@ -179,7 +179,8 @@ def test_antithetic_rollout_mirrors_the_window_noise(tiny_sd_dir):
     steps = torch.tensor([[0, 1]] * 4 + [[3, 4]] * 4)
     torch.testing.assert_close(policy.log_prob(traj, steps), traj.log_probs.gather(1, steps), rtol=0, atol=1e-5)
     noise = torch.randn(8, 3)
-    torch.testing.assert_close(mirror_pairs(noise, 4)[1::2], -noise[0::2])
+    torch.testing.assert_close(mirror_pairs(noise)[1::2], -noise[0::2])
+    torch.testing.assert_close(mirror_pairs(noise)[0::2], noise[0::2])
     with pytest.raises(ValueError, match="even"):
         policy.rollout(PROMPTS, 3, gens(6), shared_noise=True, antithetic=True)
     with pytest.raises(ValueError, match="shared_noise"):

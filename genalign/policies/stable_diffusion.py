@@ -177,14 +177,14 @@ class StableDiffusionPolicy:
         first_step: int,
         generator: Any,
         stochastic: torch.Tensor | None = None,
-        mirror_groups: int = 0,
+        antithetic: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run steps ``first_step..T-1``; returns states, actions ``[N, T', C, h, w]``, log-probs ``[N, T']``.
 
         ``stochastic`` ``[N, T]`` bool: steps that draw noise (η = config.eta); the others take
         the deterministic DDIM step (η = 0) and get log-prob 0. None: every step is stochastic.
-        ``mirror_groups`` > 0: rows come in groups of this (even) size, and within a group row
-        2k+1 takes the negated step noise of row 2k (antithetic pairs).
+        ``antithetic``: row 2k+1 takes the negated step noise of row 2k (the caller keeps each
+        condition's group even, so pairs stay within a condition).
         """
         states, actions, log_probs = [], [], []
         n = latents.shape[0]
@@ -194,9 +194,8 @@ class StableDiffusionPolicy:
             eps = self._eps(model_in, t_batch, cond, uncond)
             eta = self.config.eta if stochastic is None else stochastic[:, i].float() * self.config.eta  # [N]
             noise = None
-            if mirror_groups:
-                noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-                noise = mirror_pairs(noise, mirror_groups)
+            if antithetic:
+                noise = mirror_pairs(randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype))
             out = ddim_step(self.consts, eps, t_batch, latents, eta, generator=generator, noise=noise)
             states.append(latents)
             actions.append(out.prev_sample)
@@ -238,8 +237,7 @@ class StableDiffusionPolicy:
             if len(noise_window.starts) != len(conditions):
                 raise ValueError(f"noise window has {len(noise_window.starts)} starts for {len(conditions)} conditions")
             stochastic = noise_window.mask(n_per_condition, len(steps), self.device)  # [N, T]
-        mirror = n_per_condition if antithetic else 0
-        states, actions, log_probs = self._denoise(latents.float(), cond, uncond, 0, generator, stochastic, mirror)
+        states, actions, log_probs = self._denoise(latents.float(), cond, uncond, 0, generator, stochastic, antithetic)
         return Trajectory(
             conditions=prompts,
             group=torch.arange(len(conditions), device=self.device).repeat_interleave(n_per_condition),

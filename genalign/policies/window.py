@@ -47,15 +47,15 @@ class NoiseWindow:
         return inside.repeat_interleave(n_per_condition, 0)
 
 
-def mirror_pairs(noise: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Antithetic pairs: within each group of ``group_size`` consecutive rows (even), row 2k+1
-    takes ``-noise`` of row 2k. Each row is still a standard normal draw, so every rollout keeps
-    its distribution; a pair that starts from the same state sees mirrored noise, and the
-    reward difference between the two is what the policy gradient credits.
+def mirror_pairs(noise: torch.Tensor) -> torch.Tensor:
+    """Antithetic pairs: row 2k+1 takes ``-noise`` of row 2k. Each row is still a standard
+    normal draw, so every rollout keeps its distribution; a pair that starts from the same state
+    sees mirrored noise. Rows of a condition are consecutive, so with an even group size no pair
+    crosses two conditions.
 
-    noise: ``[N, ...]`` with N a multiple of ``group_size``; returns the same shape.
+    noise: ``[N, ...]`` with N even; returns the same shape.
     """
-    if group_size % 2 or noise.shape[0] % group_size:
-        raise ValueError(f"antithetic pairs need an even group size dividing {noise.shape[0]} rows, got {group_size}")
+    if noise.shape[0] % 2:
+        raise ValueError(f"antithetic pairs need an even number of rows, got {noise.shape[0]}")
     pairs = noise.reshape(noise.shape[0] // 2, 2, *noise.shape[1:])  # [N/2, 2, ...]
     return torch.stack([pairs[:, 0], -pairs[:, 0]], 1).reshape(noise.shape)
