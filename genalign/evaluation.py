@@ -59,17 +59,27 @@ def _pipeline_kind(path_or_id: str) -> str:
 def sample_and_score(
     policy: Any, prompts: Sequence[str], n: int, seed: int, reward: Any | None, batch_size: int = 64, desc: str = "sampling"
 ) -> tuple[torch.Tensor, Any]:
-    """Rollout ``n`` samples per prompt (row j of a prompt uses ``seed + j``) and score them.
+    """Rollout ``n`` samples per prompt and score them.
+
+    Row j of a prompt's first occurrence uses sampling seed ``seed + j``; a prompt listed again
+    (eval sets cycle through small prompt pools) continues with ``seed + n``, ``seed + 2n``, …, so
+    every row is a distinct sample and the rows can be averaged as independent draws.
 
     Returns images ``[len(prompts) * n, 3, H, W]`` and the concatenated RewardOutput (or None).
     """
     from rewards.base import RewardOutput
 
+    occurrence: dict[str, int] = {}
+    first_seeds = []  # [len(prompts)]
+    for prompt in prompts:
+        k = occurrence.get(str(prompt), 0)
+        occurrence[str(prompt)] = k + 1
+        first_seeds.append(seed + k * n)
     per_call = max(1, batch_size // n)
     images, scores, comps, details = [], [], {}, []
     for i in tqdm(range(0, len(prompts), per_call), desc=desc, leave=False):
         chunk = list(prompts[i : i + per_call])
-        gens = [torch.Generator().manual_seed(seed + j) for _ in chunk for j in range(n)]
+        gens = [torch.Generator().manual_seed(s + j) for s in first_seeds[i : i + per_call] for j in range(n)]
         traj = policy.rollout(chunk, n, gens)
         images.append(traj.outputs.cpu())
         if reward is not None:
