@@ -8,7 +8,8 @@ different eval settings, or to score them with more samples than training could 
     python benchmarks/rescore_runs.py --arm window benchmarks/results/noise_window/window/seed_* \\
         --arm fresh runs/fresh/seed_* --prompts-per-set 48 --samples 4 --out benchmarks/results/rescore.json
 
-Prints mean ± std over each arm's runs of after − before per eval set and metric, writes JSON.
+Prints mean ± std over each arm's runs of after − before per eval set and metric; writes JSON
+and, beside it, a PNG of the deltas (bars: mean ± std, dots: runs).
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import os
 import statistics
 import sys
 
+import matplotlib
 import torch
 
-from genalign.configs import load_config
-from genalign.evaluation import load_policy, sample_and_score
-from genalign.train_config import TrainConfig
-from rewards.registry import build_reward
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from genalign.configs import load_config  # noqa: E402
+from genalign.evaluation import load_policy, sample_and_score  # noqa: E402
+from genalign.train_config import TrainConfig  # noqa: E402
+from rewards.registry import build_reward  # noqa: E402
 
 METRICS = ("shapes_verifier/strict", "shapes_verifier/partial")
 
@@ -38,6 +43,26 @@ def score(policy_path: str, cfg: TrainConfig, args: argparse.Namespace, reward) 
         out[name] = {m: float(res.components[m].mean()) for m in METRICS}
         out[name]["samples"] = len(res.scores)
     return out
+
+
+def plot(results: dict[str, dict], path: str) -> None:
+    """Bars of mean after − before per eval set and arm, one panel per metric, runs as dots."""
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.4), dpi=110, squeeze=False)
+    width = 0.8 / len(results)
+    for ax, metric in zip(axes[0], METRICS):
+        for i, (name, res) in enumerate(results.items()):
+            rows = [r for r in res["table"] if r["metric"] == metric]
+            xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(rows))]
+            ax.bar(xs, [r["mean"] for r in rows], width, yerr=[r["std"] for r in rows], capsize=3, label=name)
+            for x, r in zip(xs, rows):
+                ax.plot([x] * len(r["deltas"]), r["deltas"], "k.", ms=3)
+            ax.set_xticks(range(len(rows)), [r["set"] for r in rows])
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"{metric}: after − before", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump({"prompts_per_set": args.prompts_per_set, "samples": args.samples, "seed": args.seed,
                        "arms": results}, f, indent=2)
+        plot(results, os.path.splitext(args.out)[0] + ".png")
     return 0
 
 
