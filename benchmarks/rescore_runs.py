@@ -21,7 +21,6 @@ import statistics
 import sys
 
 import matplotlib
-import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -87,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(final):
                 raise FileNotFoundError(f"{run}: no final/ policy (unfinished run?)")
             cfg = load_config(TrainConfig, os.path.join(run, "config.yaml"), [])
-            torch.manual_seed(0)
             reward = build_reward(cfg.reward.components)
             key = json.dumps([cfg.policy.pretrained, cfg.policy.num_steps, cfg.policy.guidance_scale, cfg.policy.eta,
                               cfg.prompts.eval_sets(args.prompts_per_set), repr(cfg.reward.components)])

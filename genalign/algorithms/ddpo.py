@@ -21,8 +21,9 @@ from ``noise_window_starts`` (MixGRPO, Li et al. 2025; TempFlow-GRPO's branching
 the window from one state, and ``group_baseline`` makes the group's mean reward the baseline,
 so a group's reward differences come from its window's noise alone. The loss is unchanged.
 ``antithetic`` (with ``shared_noise``) pairs the group's rollouts with mirrored step noise
-(ε, −ε), a variance-reduction option for rewards that are smooth in the noise; each rollout is
-still an exact sample of the policy, so the gradient stays unbiased.
+(ε, −ε), a variance-reduction option (it cancels the part of the reward that is odd in the
+noise; on the Shapes World quickstart it did not help); each rollout is still an exact sample
+of the policy, so the gradient stays unbiased.
 
 Log-probs are per-dimension means (see genalign.distributions), so ρ stays near 1 and the
 reference clip range is tiny (1e-4). Applied to a ConsistencyPolicy this same object is
