@@ -21,6 +21,13 @@ defaults fit about 32 minutes on 2 shared CPU cores (VAE 7, UNet 23)::
 
 The pipeline is written to a temporary folder beside ``--out`` and moved into place
 only when complete, together with ``training_log.json`` and ``samples.png``.
+
+``--init DIR`` continues an existing pipeline instead (VAE, tokenizer and scheduler kept, the
+UNet phase only) and ``--tier-weights`` changes the prompt mix, e.g. to study how much more
+training a skill needs::
+
+    python -m genalign.toyworld.pretrain_sd --init assets/models/tiny-sd --out /tmp/more-positions \
+        --tier-weights 1:0.3,2:0.4,3:0.1,4:0.1,5:0.1 --unet-minutes 6 --unet-lr 3e-4 --ema-decay 0.995
 """
 
 from __future__ import annotations
@@ -233,6 +240,32 @@ def build_components(
     )
 
 
+def load_components(path: str | os.PathLike, tok_dir: str | os.PathLike) -> tuple:
+    """Tokenizer and ``vae``/``text_encoder``/``unet``/``scheduler`` of a saved pipeline folder.
+
+    The tokenizer's ``vocab.json``/``merges.txt`` are copied to ``tok_dir`` so that
+    :func:`save_tokenizer` can write them beside the continued pipeline.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    missing = [f"{d}/" for d in ("vae", "text_encoder", "unet", "scheduler", "tokenizer") if not (path / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--init {path}: not a StableDiffusionPipeline folder (missing {', '.join(missing)})")
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    tok_dir = Path(tok_dir)
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    if all((path / "tokenizer" / n).is_file() for n in ("vocab.json", "merges.txt")):
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(path / "tokenizer" / name, tok_dir / name)
+    else:  # a folder with tokenizer.json only: write the two plain files from its BPE model
+        model = json.loads(pipe.tokenizer.backend_tokenizer.to_str())["model"]
+        (tok_dir / "vocab.json").write_text(json.dumps(model["vocab"], indent=0))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
+    return pipe.tokenizer, dict(vae=pipe.vae, text_encoder=pipe.text_encoder, unet=pipe.unet, scheduler=pipe.scheduler)
+
+
 def make_pipeline(components: dict, tokenizer):
     """Wrap components in a ``StableDiffusionPipeline`` without a safety checker."""
     from diffusers import StableDiffusionPipeline
@@ -254,16 +287,18 @@ def count_parameters(module: torch.nn.Module) -> int:
 class ShapesStream:
     """Endless batches of (images [B, 3, S, S] in [-1, 1], prompts) from train-split prompts.
 
-    Tiers are drawn with ``TIER_WEIGHTS``; each image gets a fresh render seed.
+    Tiers are drawn with ``tier_weights`` (default ``TIER_WEIGHTS``); each image gets a fresh
+    render seed.
     """
 
-    def __init__(self, seed: int, size: int = 32, pool_per_tier: int = 4000):
+    def __init__(self, seed: int, size: int = 32, pool_per_tier: int = 4000, tier_weights: dict | None = None):
         from genalign.toyworld import parse_prompt, render, sample_prompts
 
+        tier_weights = {t: w for t, w in (tier_weights or TIER_WEIGHTS).items() if w > 0}
         self.render, self.parse, self.size = render, parse_prompt, size
         self.rng = np.random.default_rng(seed)
-        self.tiers = sorted(TIER_WEIGHTS)
-        self.weights = np.array([TIER_WEIGHTS[t] for t in self.tiers]) / sum(TIER_WEIGHTS.values())
+        self.tiers = sorted(tier_weights)
+        self.weights = np.array([tier_weights[t] for t in self.tiers]) / sum(tier_weights.values())
         self.pools = {
             t: sample_prompts(t, pool_per_tier, split="train", seed=seed + t) for t in self.tiers
         }
@@ -486,14 +521,46 @@ def sample_grid(
 
 
 # --------------------------------------------------------------------------- main
+def parse_tier_weights(text: str) -> dict[int, float]:
+    """``"1:0.3,2:0.4,5:0.3"`` -> ``{1: 0.3, 2: 0.4, 5: 0.3}``; tiers 1-5, weights >= 0, not all 0."""
+    weights: dict[int, float] = {}
+    for item in text.split(","):
+        tier, sep, weight = item.partition(":")
+        try:
+            t, w = int(tier), float(weight)
+        except ValueError:
+            t, w = 0, -1.0
+        if not sep or t not in (1, 2, 3, 4, 5) or not w >= 0 or t in weights:
+            raise argparse.ArgumentTypeError(
+                f"--tier-weights: bad entry {item!r}; expected TIER:WEIGHT pairs such as 1:0.4,2:0.2 "
+                "with tiers 1-5, each once, and weights >= 0"
+            )
+        weights[t] = w
+    if not sum(weights.values()) > 0:
+        raise argparse.ArgumentTypeError(f"--tier-weights: {text!r} gives every tier weight 0")
+    return weights
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m genalign.toyworld.pretrain_sd",
         description="Pretrain the tiny Shapes World Stable Diffusion pipeline.",
     )
     p.add_argument("--out", default="assets/models/tiny-sd", help="output pipeline folder")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="continue from this pipeline folder (its VAE, tokenizer and scheduler are kept and the "
+        "VAE phase is skipped; UNet and text encoder train on from its weights)",
+    )
+    p.add_argument(
+        "--tier-weights",
+        type=parse_tier_weights,
+        default=dict(TIER_WEIGHTS),
+        help="sampling weight of each prompt tier, e.g. 1:0.4,2:0.2,3:0.2,4:0.1,5:0.1 (the default)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, python and data")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (with --init: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=32, help="UNet images per step")
     p.add_argument("--vae-batch-size", type=int, default=16, help="VAE images per step")
     p.add_argument("--vae-steps", type=int, default=2400, help="VAE optimisation steps")
@@ -557,11 +624,16 @@ def main(argv=None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         tok_src = tmp / "_tokenizer_src"
-        tokenizer = build_tokenizer(tok_src)
-        comps = build_components(
-            tokenizer, text_layers=args.text_layers, size=args.size, seed=args.seed
-        )
-        stream = ShapesStream(args.seed, size=args.size)
+        if args.init:
+            tokenizer, comps = load_components(args.init, tok_src)
+            vae_factor = 2 ** (len(comps["vae"].config.block_out_channels) - 1)
+            args.size = comps["unet"].config.sample_size * vae_factor  # the pipeline's image side
+        else:
+            tokenizer = build_tokenizer(tok_src)
+            comps = build_components(
+                tokenizer, text_layers=args.text_layers, size=args.size, seed=args.seed
+            )
+        stream = ShapesStream(args.seed, size=args.size, tier_weights=args.tier_weights)
         log: dict = dict(
             command=" ".join(
                 [
@@ -571,7 +643,8 @@ def main(argv=None) -> Path:
             ),
             args=vars(args),
             seed=args.seed,
-            tier_weights=TIER_WEIGHTS,
+            tier_weights=args.tier_weights,
+            init=args.init,
             versions=dict(
                 python=platform.python_version(),
                 torch=torch.__version__,
@@ -584,12 +657,17 @@ def main(argv=None) -> Path:
         )
         print(f"parameters: {log['parameters']}, vocab {log['vocab_size']}", flush=True)
 
-        log["vae"] = train_vae(comps["vae"], stream, args)
-        comps["vae"].requires_grad_(False)
-        sf = latent_scaling_factor(comps["vae"], stream)
-        comps["vae"].register_to_config(scaling_factor=sf)
+        if args.init:
+            comps["vae"].requires_grad_(False)
+            sf = comps["vae"].config.scaling_factor
+            print(f"vae kept from {args.init}: scaling_factor {sf:.4f}", flush=True)
+        else:
+            log["vae"] = train_vae(comps["vae"], stream, args)
+            comps["vae"].requires_grad_(False)
+            sf = latent_scaling_factor(comps["vae"], stream)
+            comps["vae"].register_to_config(scaling_factor=sf)
+            print(f"vae done: {log['vae']['steps']} steps, scaling_factor {sf:.4f}", flush=True)
         log["scaling_factor"] = sf
-        print(f"vae done: {log['vae']['steps']} steps, scaling_factor {sf:.4f}", flush=True)
 
         log["unet"] = train_unet(
             comps["unet"],

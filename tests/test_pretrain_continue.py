@@ -1,0 +1,51 @@
+"""Continuing a pretrained pipeline (`pretrain_sd --init`) with another prompt mix."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from genalign.toyworld import parse_prompt
+from genalign.toyworld.pretrain_sd import ShapesStream, main, parse_tier_weights
+
+
+def test_tier_weights_parse_and_name_bad_entries():
+    assert parse_tier_weights("1:0.3,2:0.7") == {1: 0.3, 2: 0.7}
+    for bad in ("2:x", "6:1", "1:0.5,1:0.5", "1-0.5", "3:-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--tier-weights: bad entry"):
+            parse_tier_weights(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="every tier weight 0"):
+        parse_tier_weights("1:0,2:0")
+
+
+def test_stream_draws_only_weighted_tiers():
+    prompts = ShapesStream(0, tier_weights={2: 1.0, 5: 0.0}).prompts(40)
+    assert all(parse_prompt(p).clauses[0].position is not None for p in prompts)
+
+
+def _weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
+    return load_file(str(next((folder / part).glob("*.safetensors"))))
+
+
+def test_init_continues_unet_and_keeps_vae(tiny_sd_dir, tmp_path):
+    out = tmp_path / "continued"
+    main(["--init", tiny_sd_dir, "--out", str(out), "--unet-steps", "2", "--unet-minutes", "0",
+          "--batch-size", "2", "--tier-weights", "2:1", "--no-samples"])
+    src = Path(tiny_sd_dir)
+    vae_a, vae_b = _weights(src, "vae"), _weights(out, "vae")
+    assert vae_a.keys() == vae_b.keys() and all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    unet_a, unet_b = _weights(src, "unet"), _weights(out, "unet")
+    assert any(not torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["init"] == tiny_sd_dir and log["unet"]["steps"] == 2 and "vae" not in log
+    assert {int(k): v for k, v in log["tier_weights"].items()} == {2: 1.0}
+    assert (out / "tokenizer" / "vocab.json").is_file()
+
+
+def test_init_names_a_folder_that_is_no_pipeline(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a StableDiffusionPipeline folder"):
+        main(["--init", str(tmp_path), "--out", str(tmp_path / "x"), "--no-samples"])
+    assert not (tmp_path / "x").exists()
