@@ -17,6 +17,12 @@ per policy the script reports
   "a C' S P" (two colours, same shape and position). The UNet can only follow a word the
   encoder tells apart from its opposite.
 
+* ``distinct cells``: at the input of the UNet's first cross-attention (which the prompt does
+  not reach yet), for a constant latent at t = 900, how many of the latent cells have a feature vector of their own (the
+  rest equal some other cell to 1e-4). A UNet has no position embedding; only the convolutions'
+  zero padding tells a cell where it is, and cells out of the padding's reach all look alike,
+  so that layer cannot attend to "left" differently in them.
+
 A policy that ignores the words has both gaps at 0 (up to nothing: the noise is paired); a
 policy that follows them has gaps up to about 0.6.
 
@@ -69,6 +75,25 @@ def text_separation(policy, prompts: list[str]) -> float:
         return mean_distance(pos_pairs) / mean_distance(col_pairs)
 
 
+@torch.no_grad()
+def distinct_cells(unet, t: int = 900) -> tuple[int, int]:
+    """(cells with a distinct feature vector, all cells) at the first cross-attention's input."""
+    first = next(m for block in unet.down_blocks for m in getattr(block, "attentions", []))
+    seen: dict[str, torch.Tensor] = {}
+    handle = first.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+    try:
+        shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        context = torch.zeros(1, 1, unet.config.cross_attention_dim, dtype=unet.dtype, device=unet.device)
+        unet(torch.zeros(shape, dtype=unet.dtype, device=unet.device), torch.tensor([t], device=unet.device),
+             encoder_hidden_states=context)
+    finally:
+        handle.remove()
+    cells = seen["x"][0].flatten(1).T.float()  # [H*W, C]
+    cells = cells / cells.norm(dim=1).mean()
+    unique = torch.unique((cells * 1e4).round(), dim=0)
+    return len(unique), len(cells)
+
+
 def measure(policy, verifier, prompts: list[str], n: int, seed: int, desc: str) -> dict:
     _, out = sample_and_score(policy, prompts, n, seed, verifier, desc=desc)
     centres: dict[str, list[tuple[float, float]]] = {}
@@ -94,6 +119,7 @@ def measure(policy, verifier, prompts: list[str], n: int, seed: int, desc: str) 
         "strict": float(out.components["strict"].mean()),
         "samples": len(prompts) * n,
         "text_sep": text_separation(policy, prompts),
+        "distinct_cells": list(distinct_cells(policy.pipe.unet)),
     }
 
 
@@ -117,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         rows[path] = measure(policy, verifier, prompts, args.n, args.seed, desc=path)
 
     print(f"\ntier-2 {args.split} prompts ({len(prompts)}), {args.n} paired samples each (seeds {args.seed}…)")
-    print("| policy | x gap (right − left) | y gap (bottom − top) | in band | tier-2 strict | text sep |")
-    print("|---|---|---|---|---|---|")
+    print("| policy | x gap (right − left) | y gap (bottom − top) | in band | tier-2 strict | text sep | distinct cells |")
+    print("|---|---|---|---|---|---|---|")
     for path, r in rows.items():
         print(f"| {os.path.normpath(path)} | {r['x_gap']:+.3f} | {r['y_gap']:+.3f} | {r['in_band']:.3f} | "
-              f"{r['strict']:.3f} | {r['text_sep']:.3f} |")
+              f"{r['strict']:.3f} | {r['text_sep']:.3f} | {r['distinct_cells'][0]} / {r['distinct_cells'][1]} |")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

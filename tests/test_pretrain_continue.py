@@ -49,3 +49,26 @@ def test_init_names_a_folder_that_is_no_pipeline(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a StableDiffusionPipeline folder"):
         main(["--init", str(tmp_path), "--out", str(tmp_path / "x"), "--no-samples"])
     assert not (tmp_path / "x").exists()
+
+
+def test_multires_noise_has_unit_std_and_more_coarse_power():
+    from genalign.toyworld.pretrain_sd import multires_noise
+
+    gen = torch.Generator().manual_seed(0)
+    noise = multires_noise((256, 4, 8, 8), gen, 0.8)  # [B, C, H, W]
+    assert noise.shape == (256, 4, 8, 8)
+    torch.testing.assert_close(noise.std(dim=(1, 2, 3)), torch.ones(256), atol=1e-5, rtol=0)
+    white = torch.randn((256, 4, 8, 8), generator=gen)
+    # the per-channel image mean (the coarsest frequency) carries far more of the power
+    assert noise.mean(dim=(2, 3)).std() > 2 * white.mean(dim=(2, 3)).std()
+
+
+def test_freeze_text_encoder_keeps_its_weights(tiny_sd_dir, tmp_path):
+    out = tmp_path / "unet_only"
+    main(["--init", tiny_sd_dir, "--out", str(out), "--unet-steps", "2", "--unet-minutes", "0",
+          "--batch-size", "2", "--freeze-text-encoder", "--multires-noise", "0.5", "--no-samples"])
+    src = Path(tiny_sd_dir)
+    text_a, text_b = _weights(src, "text_encoder"), _weights(out, "text_encoder")
+    assert all(torch.equal(text_a[k], text_b[k]) for k in text_a)
+    unet_a, unet_b = _weights(src, "unet"), _weights(out, "unet")
+    assert any(not torch.equal(unet_a[k], unet_b[k]) for k in unet_a)

@@ -420,9 +420,35 @@ class _EMA:
             p.copy_(s)
 
 
+def multires_noise(shape: tuple, generator: torch.Generator, discount: float) -> torch.Tensor:
+    """Gaussian noise ``shape`` ``[B, C, H, W]`` plus upsampled coarser noise at H/2, H/4, … 1
+    pixels, level k weighted ``discount ** k``, rescaled to unit std per sample.
+
+    At SD's largest training timestep a fraction sqrt(alpha_bar_T) = 0.07 of the image is left in
+    x_T, mostly at low frequencies, so a model trained with white noise can read an object's
+    place off the noise and need not take it from the prompt. Extra low-frequency noise hides
+    that residue (the "multi-resolution" or pyramid noise used in SD fine-tuning practice).
+    """
+    b, c, h, w = shape
+    noise = torch.randn(shape, generator=generator)
+    k = 1
+    while h >> k >= 1 and w >> k >= 1:
+        coarse = torch.randn((b, c, h >> k, w >> k), generator=generator)
+        noise = noise + discount**k * F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        k += 1
+    return noise / noise.std(dim=(1, 2, 3), keepdim=True)
+
+
 def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_every=25) -> dict:
-    """Train UNet and text encoder jointly on VAE latents; EMA weights are loaded at the end."""
-    models = [unet, text_encoder]
+    """Train UNet and text encoder jointly on VAE latents; EMA weights are loaded at the end.
+
+    ``args.freeze_text_encoder`` trains the UNet alone; ``args.multires_noise`` > 0 draws the
+    training noise with :func:`multires_noise` (sampling still starts from white noise).
+    """
+    freeze_text = getattr(args, "freeze_text_encoder", False)
+    discount = getattr(args, "multires_noise", 0.0)
+    text_encoder.requires_grad_(not freeze_text)
+    models = [unet] if freeze_text else [unet, text_encoder]
     params = [p for m in models for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
     ema = _EMA(models, args.ema_decay)
@@ -457,7 +483,10 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample(generator=gen) * sf  # [B, 4, h, w]
-        noise = torch.randn(latents.shape, generator=gen)
+        if discount > 0:
+            noise = multires_noise(tuple(latents.shape), gen, discount)
+        else:
+            noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), generator=gen)
         noisy = scheduler.add_noise(latents, noise, t)
         text = text_encoder(token_ids(prompts))[0]  # [B, L, D]
@@ -579,7 +608,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--snr-gamma", type=float, default=5.0, help="min-SNR-gamma weighting; 0 disables"
     )
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of UNet/text weights")
+    p.add_argument(
+        "--multires-noise",
+        type=float,
+        default=0.0,
+        help="if > 0, add coarser noise levels with this discount per level to the UNet's training noise",
+    )
+    p.add_argument(
+        "--freeze-text-encoder", action="store_true", help="train the UNet only (keeps the text encoder)"
+    )
     p.add_argument("--text-layers", type=int, default=3, help="CLIP text encoder layers")
+    p.add_argument(
+        "--unet-channels",
+        type=int,
+        nargs="+",
+        default=[64, 128],
+        help="UNet block_out_channels, one per resolution (each level but the lowest cross-attends)",
+    )
     p.add_argument("--no-samples", action="store_true", help="skip writing samples.png")
     return p.parse_args(argv)
 
@@ -631,7 +676,11 @@ def main(argv=None) -> Path:
         else:
             tokenizer = build_tokenizer(tok_src)
             comps = build_components(
-                tokenizer, text_layers=args.text_layers, size=args.size, seed=args.seed
+                tokenizer,
+                text_layers=args.text_layers,
+                unet_channels=tuple(args.unet_channels),
+                size=args.size,
+                seed=args.seed,
             )
         stream = ShapesStream(args.seed, size=args.size, tier_weights=args.tier_weights)
         log: dict = dict(
