@@ -399,7 +399,14 @@ def test_distilled_tiny_pipeline_loads_offline_and_generates(tiny_sd_dir, tmp_pa
         "steps"
     ] == 3
     assert not list(out.rglob("*.bin")), "safetensors only"
+    from safetensors.torch import load_file
+
+    unet_file = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in unet_file.values()} == {torch.float16}  # --unet-dtype default
+    vae_file = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in vae_file.values()} == {torch.float32}  # the teacher's, unchanged
     pipe = LatentConsistencyModelPipeline.from_pretrained(str(out), local_files_only=True)
+    assert pipe.unet.dtype == torch.float32
     assert (
         pipe.unet.config.time_cond_proj_dim == 16
         and pipe.scheduler.config.original_inference_steps == 50

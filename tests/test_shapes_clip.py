@@ -69,8 +69,10 @@ def test_saved_folder_loads_with_the_existing_loader_and_rewards(trained):
     config, weights = str(trained / CONFIG_NAME), str(trained / WEIGHTS_NAME)
     model, tokenizer, cfg = load_open_clip(config, weights)
     saved = load_weights_file(weights, "pretrained")
+    assert {v.dtype for v in saved.values()} == {torch.float16}  # --save-dtype default
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, saved[k])
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, saved[k].float())
     assert cfg["size"] == 32 and model.visual.output_dim == 16
 
     spec = parse_prompt("a red circle on the left")

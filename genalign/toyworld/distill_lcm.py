@@ -140,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--sample-guidance", type=float, default=4.0, help="guidance scale of samples.png"
     )
     p.add_argument("--no-samples", action="store_true", help="skip writing samples.png")
+    p.add_argument("--unet-dtype", choices=["float16", "float32"], default="float16",
+                   help="dtype of the saved UNet weights (trained in float32; half the folder size as float16)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.ddim_steps < 2 or args.skip_steps < 1:
         p.error("--steps, --batch-size and --skip-steps must be >= 1, --ddim-steps >= 2")
@@ -405,7 +407,9 @@ def main(argv=None) -> Path:
         unet, log["distillation"] = distill(teacher, args, args.log_every)
         log["parameters"] = {"unet": count_parameters(unet)}
         pipe = make_lcm_pipeline(teacher, unet, args.ddim_steps)
+        pipe.unet.to(getattr(torch, args.unet_dtype))  # VAE and text encoder stay the teacher's float32 files
         pipe.save_pretrained(tmp, safe_serialization=True)
+        pipe.unet.to(torch.float32)  # diffusers loads float16 files back as float32 too
         for name in (
             "vocab.json",
             "merges.txt",

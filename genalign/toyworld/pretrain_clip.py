@@ -457,6 +457,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-scenes", type=int, default=2000, help="held-out renders for the head's correlations")
     p.add_argument("--eval-repeats", type=int, default=4, help="retrieval batches per tier and split")
     p.add_argument("--swap-scenes", type=int, default=256, help="renders per split and tier of the position / relation / count swap test")
+    p.add_argument("--save-dtype", choices=["float16", "float32"], default="float16",
+                   help="dtype of the saved CLIP weights (trained in float32; loaded back as float32, and "
+                        "everything after training is measured on the saved weights)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest when another job shares the CPU (0: torch's choice)")
     args = p.parse_args(argv)
@@ -512,7 +515,8 @@ def main(argv=None) -> Path:
         )
         print(f"parameters: {log['parameters']}", flush=True)
         log["clip"] = train_clip(model, tokenizer, preprocess_cfg, SceneStream(args.seed), args)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_NAME))
+        save_dtype = getattr(torch, args.save_dtype)
+        save_file({k: v.to(save_dtype).contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_NAME))
 
         # Everything below measures the saved files, loaded the way the rewards load them.
         t1 = time.monotonic()

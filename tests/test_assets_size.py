@@ -1,0 +1,14 @@
+"""assets/ stays small: the shipped models must fit well under 50 MB together."""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+LIMIT_MB = 40.0
+
+
+def test_assets_folder_is_well_under_50_mb():
+    files = [p for p in ASSETS.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+    sizes = {str(p.relative_to(ASSETS)): p.stat().st_size for p in files}
+    total = sum(sizes.values()) / 1e6
+    biggest = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+    assert total < LIMIT_MB, f"assets/ holds {total:.1f} MB (limit {LIMIT_MB}); largest: {biggest}"
