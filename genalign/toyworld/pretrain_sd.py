@@ -23,11 +23,13 @@ The pipeline is written to a temporary folder beside ``--out`` and moved into pl
 only when complete, together with ``training_log.json`` and ``samples.png``.
 
 ``--init DIR`` continues an existing pipeline instead (VAE, tokenizer and scheduler kept, the
-UNet phase only) and ``--tier-weights`` changes the prompt mix, e.g. to study how much more
-training a skill needs::
+UNet phase only) and ``--tier-weights`` changes the prompt mix, e.g. to study whether more
+training teaches a skill (this one, 20 minutes with half the prompts from tier 2, did not teach
+position words)::
 
-    python -m genalign.toyworld.pretrain_sd --init assets/models/tiny-sd --out /tmp/more-positions \
-        --tier-weights 1:0.3,2:0.4,3:0.1,4:0.1,5:0.1 --unet-minutes 6 --unet-lr 3e-4 --ema-decay 0.995
+    python -m genalign.toyworld.pretrain_sd --init assets/models/tiny-sd --out /tmp/pos/sd20 \
+        --tier-weights 1:0.2,2:0.5,3:0.1,4:0.1,5:0.1 --unet-minutes 20 --unet-steps 100000 \
+        --unet-lr 5e-4 --ema-decay 0.998 --seed 1
 """
 
 from __future__ import annotations
@@ -425,9 +427,11 @@ def multires_noise(shape: tuple, generator: torch.Generator, discount: float) ->
     pixels, level k weighted ``discount ** k``, rescaled to unit std per sample.
 
     At SD's largest training timestep a fraction sqrt(alpha_bar_T) = 0.07 of the image is left in
-    x_T, mostly at low frequencies, so a model trained with white noise can read an object's
-    place off the noise and need not take it from the prompt. Extra low-frequency noise hides
-    that residue (the "multi-resolution" or pyramid noise used in SD fine-tuning practice).
+    x_T, and its low frequencies tell where objects are; a model trained with white noise can
+    learn to take an object's place from that residue instead of from the prompt. Extra
+    low-frequency noise hides the residue (the "multi-resolution" or pyramid noise of SD
+    fine-tuning practice). On tiny-sd, 15 minutes of it did not make the model follow position
+    words (README, "Tier 2: the model does not read position words").
     """
     b, c, h, w = shape
     noise = torch.randn(shape, generator=generator)
