@@ -72,3 +72,22 @@ def test_freeze_text_encoder_keeps_its_weights(tiny_sd_dir, tmp_path):
     assert all(torch.equal(text_a[k], text_b[k]) for k in text_a)
     unet_a, unet_b = _weights(src, "unet"), _weights(out, "unet")
     assert any(not torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+
+
+def test_v_zero_snr_writes_a_v_prediction_pipeline_with_zero_terminal_snr(tmp_path):
+    from diffusers import DDIMScheduler
+
+    out = tmp_path / "vz"
+    main(["--out", str(out), "--vae-steps", "1", "--unet-steps", "1", "--vae-minutes", "0", "--unet-minutes", "0",
+          "--batch-size", "2", "--vae-batch-size", "2", "--v-zero-snr", "--snr-gamma", "0", "--no-samples"])
+    scheduler = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.timestep_spacing == "trailing"
+    assert scheduler.alphas_cumprod[-1] == 0  # x_T holds no trace of the image
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["unet"]["steps"] == 1 and log["args"]["v_zero_snr"] is True
+
+
+def test_v_zero_snr_refuses_min_snr_weighting(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--v-zero-snr", "--no-samples"])
+    assert not (tmp_path / "x").exists()

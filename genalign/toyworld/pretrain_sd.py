@@ -495,7 +495,11 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
         noisy = scheduler.add_noise(latents, noise, t)
         text = text_encoder(token_ids(prompts))[0]  # [B, L, D]
         pred = unet(noisy, t, encoder_hidden_states=text).sample  # [B, 4, h, w]
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # [B]
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, t)  # [B, 4, h, w]
+        else:
+            target = noise
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # [B]
         weight = torch.clamp(snr[t], max=args.snr_gamma) / snr[t] if args.snr_gamma else 1.0
         loss = (weight * per_sample).mean()
         opt.zero_grad(set_to_none=True)
@@ -629,8 +633,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[64, 128],
         help="UNet block_out_channels, one per resolution (each level but the lowest cross-attends)",
     )
+    p.add_argument(
+        "--v-zero-snr",
+        action="store_true",
+        help="v-prediction with a zero-terminal-SNR schedule and trailing timesteps (Lin et al. 2023) "
+        "instead of SD's epsilon schedule; use with --snr-gamma 0",
+    )
     p.add_argument("--no-samples", action="store_true", help="skip writing samples.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.v_zero_snr and args.snr_gamma:
+        p.error("--v-zero-snr needs --snr-gamma 0 (min-SNR weights give the terminal step, SNR 0, weight 0)")
+    return args
 
 
 def _seed_everything(seed: int) -> None:
@@ -686,6 +699,13 @@ def main(argv=None) -> Path:
                 size=args.size,
                 seed=args.seed,
             )
+            if args.v_zero_snr:
+                from diffusers import DDIMScheduler
+
+                comps["scheduler"] = DDIMScheduler(**{
+                    **SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                    "timestep_spacing": "trailing",
+                })
         stream = ShapesStream(args.seed, size=args.size, tier_weights=args.tier_weights)
         log: dict = dict(
             command=" ".join(
