@@ -87,7 +87,33 @@ def test_v_zero_snr_writes_a_v_prediction_pipeline_with_zero_terminal_snr(tmp_pa
     assert log["unet"]["steps"] == 1 and log["args"]["v_zero_snr"] is True
 
 
-def test_v_zero_snr_refuses_min_snr_weighting(tmp_path):
+def test_v_zero_snr_refuses_min_snr_weighting(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), "--v-zero-snr", "--no-samples"])
+    assert "--v-zero-snr needs --snr-gamma 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_init_refuses_options_the_pipeline_fixes(tiny_sd_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--init", tiny_sd_dir, "--out", str(tmp_path / "x"), "--unet-channels", "32", "64", "--no-samples"])
+    assert "--unet-channels cannot be combined with --init" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_training_target_is_noise_or_velocity():
+    from diffusers import DDIMScheduler
+
+    from genalign.toyworld.pretrain_sd import SD_SCHEDULER_CONFIG, training_target
+
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn((3, 4, 8, 8), generator=gen), torch.randn((3, 4, 8, 8), generator=gen)
+    t = torch.tensor([0, 500, 999])
+    eps = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    assert torch.equal(training_target(eps, latents, noise, t), noise)
+    v = DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True})
+    a = v.alphas_cumprod[t].view(3, 1, 1, 1)
+    torch.testing.assert_close(training_target(v, latents, noise, t), a.sqrt() * noise - (1 - a).sqrt() * latents)
+    torch.testing.assert_close(training_target(v, latents, noise, t)[2], -latents[2])  # zero SNR: v = -x0
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        training_target(DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "prediction_type": "sample"}), latents, noise, t)

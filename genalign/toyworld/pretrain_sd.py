@@ -443,14 +443,24 @@ def multires_noise(shape: tuple, generator: torch.Generator, discount: float) ->
     return noise / noise.std(dim=(1, 2, 3), keepdim=True)
 
 
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet regresses for ``scheduler.add_noise(latents, noise, t)``: the noise (epsilon
+    prediction) or the velocity sqrt(a) * noise - sqrt(1 - a) * latents (v-prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    if kind == "epsilon":
+        return noise
+    raise ValueError(f"pretraining supports epsilon or v_prediction, got prediction_type={kind!r}")
+
+
 def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_every=25) -> dict:
     """Train UNet and text encoder jointly on VAE latents; EMA weights are loaded at the end.
 
     ``args.freeze_text_encoder`` trains the UNet alone; ``args.multires_noise`` > 0 draws the
     training noise with :func:`multires_noise` (sampling still starts from white noise).
     """
-    freeze_text = getattr(args, "freeze_text_encoder", False)
-    discount = getattr(args, "multires_noise", 0.0)
+    freeze_text, discount = args.freeze_text_encoder, args.multires_noise
     text_encoder.requires_grad_(not freeze_text)
     models = [unet] if freeze_text else [unet, text_encoder]
     params = [p for m in models for p in m.parameters()]
@@ -495,10 +505,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
         noisy = scheduler.add_noise(latents, noise, t)
         text = text_encoder(token_ids(prompts))[0]  # [B, L, D]
         pred = unet(noisy, t, encoder_hidden_states=text).sample  # [B, 4, h, w]
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, t)  # [B, 4, h, w]
-        else:
-            target = noise
+        target = training_target(scheduler, latents, noise, t)  # [B, 4, h, w]
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # [B]
         weight = torch.clamp(snr[t], max=args.snr_gamma) / snr[t] if args.snr_gamma else 1.0
         loss = (weight * per_sample).mean()
@@ -643,6 +650,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.v_zero_snr and args.snr_gamma:
         p.error("--v-zero-snr needs --snr-gamma 0 (min-SNR weights give the terminal step, SNR 0, weight 0)")
+    if args.init:  # the architecture and schedule come from the pipeline being continued
+        ignored = [flag for flag, given in (
+            ("--v-zero-snr", args.v_zero_snr),
+            ("--unet-channels", args.unet_channels != [64, 128]),
+            ("--text-layers", args.text_layers != 3),
+            ("--size", args.size != 32),
+        ) if given]
+        if ignored:
+            p.error(f"{', '.join(ignored)} cannot be combined with --init (the continued pipeline fixes them)")
     return args
 
 
