@@ -89,9 +89,36 @@ def test_v_zero_snr_writes_a_v_prediction_pipeline_with_zero_terminal_snr(tmp_pa
 
 def test_v_zero_snr_refuses_min_snr_weighting(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "x"), "--v-zero-snr", "--no-samples"])
+        main(["--out", str(tmp_path / "x"), "--snr-gamma", "5", "--no-samples"])  # v/zero-SNR is the default
     assert "--v-zero-snr needs --snr-gamma 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_schedule_defaults_follow_the_shipped_recipe():
+    from genalign.toyworld.pretrain_sd import TIER_WEIGHTS, parse_args
+
+    new = parse_args(["--out", "x"])
+    assert new.v_zero_snr is True and new.snr_gamma == 0.0 and new.tier_weights == TIER_WEIGHTS
+    sd = parse_args(["--out", "x", "--no-v-zero-snr"])
+    assert sd.v_zero_snr is False and sd.snr_gamma == 5.0  # SD v1's epsilon schedule with min-SNR-5
+    cont = parse_args(["--out", "x", "--init", "some/pipeline"])
+    assert cont.v_zero_snr is None and cont.snr_gamma is None  # both come from the continued pipeline
+
+
+def test_init_refuses_min_snr_on_a_zero_snr_pipeline(tmp_path):
+    from diffusers import DDIMScheduler
+
+    src = tmp_path / "vz"
+    main(["--out", str(src), "--vae-steps", "1", "--unet-steps", "1", "--vae-minutes", "0", "--unet-minutes", "0",
+          "--batch-size", "2", "--vae-batch-size", "2", "--no-samples"])
+    with pytest.raises(ValueError, match="zero-terminal-SNR schedule: min-SNR weighting"):
+        main(["--init", str(src), "--out", str(tmp_path / "x"), "--snr-gamma", "5", "--no-samples"])
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "cont"
+    main(["--init", str(src), "--out", str(out), "--unet-steps", "1", "--unet-minutes", "0", "--batch-size", "2",
+          "--no-samples"])
+    assert json.loads((out / "training_log.json").read_text())["args"]["snr_gamma"] == 0.0
+    assert DDIMScheduler.from_pretrained(out, subfolder="scheduler").config.prediction_type == "v_prediction"
 
 
 def test_init_refuses_options_the_pipeline_fixes(tiny_sd_dir, tmp_path, capsys):

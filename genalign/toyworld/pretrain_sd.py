@@ -1,21 +1,24 @@
 """Pretrain the tiny Stable Diffusion pipeline shipped in ``assets/models/tiny-sd``.
 
 The result is an ordinary diffusers ``StableDiffusionPipeline`` (VAE, CLIP text
-encoder and tokenizer, UNet, DDIM scheduler with Stable Diffusion's config) that
-draws 32x32 Shapes World scenes from text. It is trained from scratch on renders of
-train-split prompts only, in two phases:
+encoder and tokenizer, UNet, DDIM scheduler) that draws 32x32 Shapes World scenes from
+text. It is trained from scratch on renders of train-split prompts only, in two phases:
 
 1. VAE: ``AutoencoderKL`` with block_out_channels (32, 64, 64), images [B, 3, 32, 32]
    -> latents [B, 4, 8, 8], reconstruction (MSE + L1) plus a small KL term. The
    latent ``scaling_factor`` (1 / std of latents) is measured and stored in its config.
-2. UNet + text encoder, jointly, with the frozen VAE: epsilon prediction, 10% of
-   captions dropped to "" for classifier-free guidance, min-SNR-5 loss weighting
-   (Hang et al. 2023, https://arxiv.org/abs/2303.09556) and an EMA of the weights.
+2. UNet + text encoder, jointly, with the frozen VAE, 10% of captions dropped to "" for
+   classifier-free guidance and an EMA of the weights. The default schedule is SD v1's
+   betas rescaled to zero terminal SNR, with v-prediction and trailing timesteps (Lin et al.
+   2023, https://arxiv.org/abs/2305.08891): x_T is pure noise, so where objects go must come
+   from the prompt. ``--no-v-zero-snr`` trains SD v1's own epsilon schedule with min-SNR-5
+   loss weighting (Hang et al. 2023) instead; a model trained that way ignores position words
+   (README, "Tier 2").
 
 Every batch is fresh renders (new seeds) of prompts drawn by ``TIER_WEIGHTS``. Each
 phase stops at its step count or its wall-clock cap, whichever comes first; the
 learning-rate schedule follows the same progress, so it completes either way. The
-defaults fit about 32 minutes on 2 shared CPU cores (VAE 7, UNet 23)::
+defaults fit about 48 minutes on 2 CPU cores (VAE 7, UNet 40)::
 
     python -m genalign.toyworld.pretrain_sd --out assets/models/tiny-sd
 
@@ -24,12 +27,10 @@ only when complete, together with ``training_log.json`` and ``samples.png``.
 
 ``--init DIR`` continues an existing pipeline instead (VAE, tokenizer and scheduler kept, the
 UNet phase only) and ``--tier-weights`` changes the prompt mix, e.g. to study whether more
-training teaches a skill (this one, 20 minutes with half the prompts from tier 2, did not teach
-position words)::
+training teaches a skill::
 
-    python -m genalign.toyworld.pretrain_sd --init assets/models/tiny-sd --out /tmp/pos/sd20 \
-        --tier-weights 1:0.2,2:0.5,3:0.1,4:0.1,5:0.1 --unet-minutes 20 --unet-steps 100000 \
-        --unet-lr 5e-4 --ema-decay 0.998 --seed 1
+    python -m genalign.toyworld.pretrain_sd --init assets/models/tiny-sd --out /tmp/more \
+        --tier-weights 1:0.2,2:0.2,3:0.3,4:0.2,5:0.1 --unet-minutes 20 --unet-steps 100000
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ MAX_TOKENS = 16
 # Characters always in the vocabulary, so that any lowercase word still tokenizes.
 BASE_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 # Sampling weight of each prompt tier (1 = one object ... 5 = counts) during training.
-TIER_WEIGHTS = {1: 0.4, 2: 0.2, 3: 0.2, 4: 0.1, 5: 0.1}
+TIER_WEIGHTS = {1: 0.35, 2: 0.3, 3: 0.15, 4: 0.1, 5: 0.1}
 # Stable Diffusion v1's scheduler config; diffusers' DDIMScheduler defaults differ.
 SD_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -601,7 +602,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--tier-weights",
         type=parse_tier_weights,
         default=dict(TIER_WEIGHTS),
-        help="sampling weight of each prompt tier, e.g. 1:0.4,2:0.2,3:0.2,4:0.1,5:0.1 (the default)",
+        help="sampling weight of each prompt tier, e.g. 1:0.35,2:0.3,3:0.15,4:0.1,5:0.1 (the default)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, python and data")
     p.add_argument("--size", type=int, default=32, help="image side in pixels (with --init: the pipeline's)")
@@ -611,16 +612,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-minutes", type=float, default=7.0, help="wall-clock cap on the VAE phase")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="VAE peak learning rate")
     p.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the per-pixel KL term")
-    p.add_argument("--unet-steps", type=int, default=6000, help="UNet + text encoder steps")
+    p.add_argument("--unet-steps", type=int, default=8000, help="UNet + text encoder steps")
     p.add_argument(
-        "--unet-minutes", type=float, default=23.0, help="wall-clock cap on the UNet phase"
+        "--unet-minutes", type=float, default=40.0, help="wall-clock cap on the UNet phase"
     )
     p.add_argument(
         "--unet-lr", type=float, default=5e-4, help="UNet + text encoder peak learning rate"
     )
     p.add_argument("--caption-dropout", type=float, default=0.1, help="P(caption -> '') for CFG")
     p.add_argument(
-        "--snr-gamma", type=float, default=5.0, help="min-SNR-gamma weighting; 0 disables"
+        "--snr-gamma",
+        type=float,
+        default=None,
+        help="min-SNR-gamma weighting; 0 disables (default: 0 with the v/zero-SNR schedule, 5 with SD's)",
     )
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of UNet/text weights")
     p.add_argument(
@@ -642,23 +646,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--v-zero-snr",
-        action="store_true",
-        help="v-prediction with a zero-terminal-SNR schedule and trailing timesteps (Lin et al. 2023) "
-        "instead of SD's epsilon schedule; use with --snr-gamma 0",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="v-prediction with a zero-terminal-SNR schedule and trailing timesteps (Lin et al. 2023; "
+        "the default for a new pipeline); --no-v-zero-snr trains SD v1's epsilon schedule instead",
     )
     p.add_argument("--no-samples", action="store_true", help="skip writing samples.png")
     args = p.parse_args(argv)
-    if args.v_zero_snr and args.snr_gamma:
-        p.error("--v-zero-snr needs --snr-gamma 0 (min-SNR weights give the terminal step, SNR 0, weight 0)")
     if args.init:  # the architecture and schedule come from the pipeline being continued
         ignored = [flag for flag, given in (
-            ("--v-zero-snr", args.v_zero_snr),
+            ("--v-zero-snr/--no-v-zero-snr", args.v_zero_snr is not None),
             ("--unet-channels", args.unet_channels != [64, 128]),
             ("--text-layers", args.text_layers != 3),
             ("--size", args.size != 32),
         ) if given]
         if ignored:
             p.error(f"{', '.join(ignored)} cannot be combined with --init (the continued pipeline fixes them)")
+    elif args.v_zero_snr is None:
+        args.v_zero_snr = True
+    if args.snr_gamma is None and not args.init:  # with --init: set from the pipeline's schedule
+        args.snr_gamma = 0.0 if args.v_zero_snr else 5.0
+    if args.v_zero_snr and args.snr_gamma:
+        p.error("--v-zero-snr needs --snr-gamma 0 (min-SNR weights give the terminal step, SNR 0, weight 0)")
     return args
 
 
@@ -706,6 +715,14 @@ def main(argv=None) -> Path:
             tokenizer, comps = load_components(args.init, tok_src)
             vae_factor = 2 ** (len(comps["vae"].config.block_out_channels) - 1)
             args.size = comps["unet"].config.sample_size * vae_factor  # the pipeline's image side
+            zero_snr = bool(comps["scheduler"].config.get("rescale_betas_zero_snr", False))
+            if args.snr_gamma is None:
+                args.snr_gamma = 0.0 if zero_snr else 5.0
+            elif zero_snr and args.snr_gamma:
+                raise ValueError(
+                    f"--init {args.init} has a zero-terminal-SNR schedule: min-SNR weighting "
+                    f"(--snr-gamma {args.snr_gamma}) would weight its terminal step 0; use --snr-gamma 0"
+                )
         else:
             tokenizer = build_tokenizer(tok_src)
             comps = build_components(
