@@ -25,7 +25,8 @@ def test_short_quickstart_writes_run_directory(tmp_path, monkeypatch):
     for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "report.html", "samples_before.png", "samples_after.png"):
         assert (out / name).is_file(), name
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert {(e["epoch"], e["set"]) for e in evals} == {(t, f"tier {k}") for t in (0, 1) for k in (1, 2, 5)}
+    tiers = cfg.prompts.tiers
+    assert {(e["epoch"], e["set"]) for e in evals} == {(t, f"tier {k}") for t in (0, 1) for k in tiers}
     assert all(0.0 <= e["shapes_verifier/strict"] <= e["shapes_verifier/partial"] + 1e-9 <= 1.0 + 1e-9 for e in evals)
     assert (out / "final" / "genalign_policy.json").is_file()
 
