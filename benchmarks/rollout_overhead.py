@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="images per call")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance-scale", type=float, default=4.0)
+    ap.add_argument("--eta", type=float, default=1.0,
+                    help="DDIM eta on both sides; below 1 for a zero-terminal-SNR model such as tiny-sd, where "
+                         "diffusers' step at eta 1 can round to NaN (tiny-sd's model card)")
     ap.add_argument("--repeats", type=int, default=7, help="timed calls per side (after one warm-up each)")
     ap.add_argument("--out", default="benchmarks/results/rollout_overhead.json")
     args = ap.parse_args(argv)
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
     config = StableDiffusionPolicyConfig(pretrained=args.model, num_steps=args.steps, guidance_scale=args.guidance_scale,
-                                         weight_dtype=args.dtype, height=height, width=height)
+                                         weight_dtype=args.dtype, height=height, width=height, eta=args.eta)
     policy = StableDiffusionPolicy(pipe, config)  # shares the very same modules
     prompts = [f"a red circle {i % 4}" for i in range(args.batch)]
 
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return [torch.Generator().manual_seed(i) for i in range(args.batch)]
 
     def run_pipeline() -> torch.Tensor:
-        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=1.0, generator=gens(),
+        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, generator=gens(),
                     output_type="pt", height=height, width=height).images
 
     def run_policy() -> torch.Tensor:
@@ -101,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     fns = {"diffusers pipeline": run_pipeline, "genalign rollout": run_policy}
     with torch.no_grad():
         outs = {name: fn() for name, fn in fns.items()}  # warm-up, and check both give the same images
+        for name, out in outs.items():
+            if not torch.isfinite(out).all():
+                raise SystemExit(f"{name} returned non-finite images at eta {args.eta}; try --eta 0.5")
         max_diff = float((outs["diffusers pipeline"].float() - outs["genalign rollout"].float()).abs().max())
         for _ in range(args.repeats):
             for name, fn in fns.items():

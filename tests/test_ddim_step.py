@@ -35,6 +35,24 @@ def test_mean_matches_diffusers_step(overrides, eta):
         torch.testing.assert_close(ours.mean + std * noise, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [10, 20, 25])
+def test_zero_terminal_snr_first_step_is_finite_at_eta_one(steps):
+    """ᾱ_T = 0 and η = 1 make 1 − ᾱ_t' − σ² exactly 0, which float32 rounds to −6e-8 at 10, 20
+    and 25 trailing steps (tiny-sd's schedule); the step must stay finite and put no weight on ε."""
+    sched = DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                             "timestep_spacing": "trailing"})
+    sched.set_timesteps(steps)
+    consts = DDIMConstants.from_scheduler(sched, steps)
+    g = torch.Generator().manual_seed(0)
+    sample, model_out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.full((2,), int(sched.timesteps[0]))
+    assert int(t[0]) == 999 and float(sched.alphas_cumprod[999]) == 0.0
+    out = ddim_step(consts, model_out, t, sample, 1.0, generator=g)
+    assert torch.isfinite(out.prev_sample).all() and torch.isfinite(out.log_prob).all()
+    _, a_prev = consts.alphas(t)
+    torch.testing.assert_close(out.mean, a_prev.sqrt().view(-1, 1, 1, 1) * out.pred_original_sample, rtol=0, atol=1e-3)
+
+
 def test_draw_matches_diffusers_generator():
     """Drawing with a generator gives the same x_t' as diffusers with an equally seeded generator."""
     sched = _scheduler()

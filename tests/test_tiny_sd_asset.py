@@ -29,7 +29,7 @@ def test_asset_generates_32px_images(pipe):
         width=32,
         num_inference_steps=2,
         guidance_scale=4.0,
-        eta=1.0,
+        eta=0.5,  # below 1: diffusers' DDIM step can round to NaN at η = 1 from ᾱ_T = 0 (model card)
         generator=torch.Generator().manual_seed(0),
         output_type="np",
     ).images
@@ -112,7 +112,7 @@ def test_asset_follows_position_words_with_the_same_noise(pipe):
     for side in ("left", "right"):
         images = pipe(
             [f"a red circle on the {side}"] * 6, height=32, width=32, num_inference_steps=10, guidance_scale=4.0,
-            eta=1.0, generator=[torch.Generator().manual_seed(s) for s in range(6)], output_type="pt",
+            eta=0.5, generator=[torch.Generator().manual_seed(s) for s in range(6)], output_type="pt",
         ).images
         details = verifier(images, [f"a red circle on the {side}"] * 6).details
         xs = [d["detected"][0]["x"] for d in details if d["detected"]]

@@ -155,7 +155,8 @@ def ddim_step(
         raise ValueError("cannot score a deterministic (eta = 0) DDIM step: it has no log-density")
     a_prev = _expand(alpha_prev, sample)
     s = _expand(std, sample)
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - s**2).sqrt() * eps  # μ [B, C, h, w]
+    # 1 - ᾱ_t' - σ² is exactly 0 at η = 1 where ᾱ_t = 0 (zero terminal SNR); rounding can make it -6e-8.
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp(min=0).sqrt() * eps  # μ [B, C, h, w]
     if prev_sample is None:
         if noise is None:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
