@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default="assets/models/tiny-sd")
     ap.add_argument("--verifier", default="assets/models/shapes-verifier")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--tiers", type=int, nargs="+", default=[1, 2, 5])
+    ap.add_argument("--tiers", type=int, nargs="+", default=[3, 4, 5])
     ap.add_argument("--prompts", type=int, default=8, help="held-out prompts per tier")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--best-of", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
