@@ -23,8 +23,8 @@ import sys
 import torch
 
 from genalign.evaluation import load_policy, sample_and_score
+from genalign.recipes.pretrain_clip import retrieval_accuracy
 from genalign.toyworld import parse_prompt, render
-from genalign.toyworld.pretrain_clip import retrieval_accuracy
 from genalign.toyworld.prompts import all_prompts, sample_prompts
 from rewards.aesthetic import AestheticConfig, AestheticReward
 from rewards.open_clip_backbone import load_open_clip

@@ -57,21 +57,21 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _toyworld(args: argparse.Namespace) -> int:
     if args.toyworld_command == "distill":
-        from genalign.toyworld.distill_lcm import main as distill_lcm
+        from genalign.recipes.distill_lcm import main as distill_lcm
 
         distill_lcm(args.rest)
         return 0
     if args.what == "sd":
-        from genalign.toyworld.pretrain_sd import main as pretrain_sd
+        from genalign.recipes.pretrain_sd import main as pretrain_sd
 
         pretrain_sd(args.rest)  # returns the output folder, not an exit status
         return 0
     if args.what == "clip":
-        from genalign.toyworld.pretrain_clip import main as pretrain_clip
+        from genalign.recipes.pretrain_clip import main as pretrain_clip
 
         pretrain_clip(args.rest)  # returns the output folder, not an exit status
         return 0
-    from genalign.toyworld.train_verifier import main as train_verifier
+    from genalign.recipes.train_verifier import main as train_verifier
 
     return train_verifier(args.rest) or 0
 

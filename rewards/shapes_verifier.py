@@ -17,7 +17,7 @@ of two detections closer than ``nms_distance`` the weaker is dropped. The reward
 ``check_scene(parse_prompt(prompt), detections)``.
 
 Weights: ``model.safetensors`` plus ``config.json`` in one folder, made by
-``python -m genalign.toyworld.train_verifier --out DIR``.
+``genalign toyworld pretrain verifier --out DIR``.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class ShapesVerifierReward:
             if not file.is_file():
                 raise FileNotFoundError(
                     f"no Shapes verifier at {path}: missing {file.name} (train one with "
-                    f"`python -m genalign.toyworld.train_verifier --out {path}`)"
+                    f"`genalign toyworld pretrain verifier --out {path}`)"
                 )
         config = json.loads(config_file.read_text())
         vocab = {"shapes": list(SHAPE_CLASSES), "colors": list(COLORS), "sizes": list(SIZES)}

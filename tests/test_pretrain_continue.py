@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from genalign.recipes.common import ShapesStream
+from genalign.recipes.pretrain_sd import main, parse_tier_weights
 from genalign.toyworld import parse_prompt
-from genalign.toyworld.pretrain_sd import ShapesStream, main, parse_tier_weights
 
 
 def test_tier_weights_parse_and_name_bad_entries():
@@ -52,7 +53,7 @@ def test_init_names_a_folder_that_is_no_pipeline(tmp_path):
 
 
 def test_multires_noise_has_unit_std_and_more_coarse_power():
-    from genalign.toyworld.pretrain_sd import multires_noise
+    from genalign.recipes.sd_training import multires_noise
 
     gen = torch.Generator().manual_seed(0)
     noise = multires_noise((256, 4, 8, 8), gen, 0.8)  # [B, C, H, W]
@@ -95,7 +96,8 @@ def test_v_zero_snr_refuses_min_snr_weighting(tmp_path, capsys):
 
 
 def test_schedule_defaults_follow_the_shipped_recipe():
-    from genalign.toyworld.pretrain_sd import TIER_WEIGHTS, parse_args
+    from genalign.recipes.common import TIER_WEIGHTS
+    from genalign.recipes.pretrain_sd import parse_args
 
     new = parse_args(["--out", "x"])
     assert new.v_zero_snr is True and new.snr_gamma == 0.0 and new.tier_weights == TIER_WEIGHTS
@@ -131,7 +133,8 @@ def test_init_refuses_options_the_pipeline_fixes(tiny_sd_dir, tmp_path, capsys):
 def test_training_target_is_noise_or_velocity():
     from diffusers import DDIMScheduler
 
-    from genalign.toyworld.pretrain_sd import SD_SCHEDULER_CONFIG, training_target
+    from genalign.recipes.sd_pipeline import SD_SCHEDULER_CONFIG
+    from genalign.recipes.sd_training import training_target
 
     gen = torch.Generator().manual_seed(0)
     latents, noise = torch.randn((3, 4, 8, 8), generator=gen), torch.randn((3, 4, 8, 8), generator=gen)

@@ -1,4 +1,4 @@
-"""The Shapes World CLIP command (genalign/toyworld/pretrain_clip.py): a tiny run saves a folder
+"""The Shapes World CLIP command (genalign/recipes/pretrain_clip.py): a tiny run saves a folder
 that the existing open_clip loader and the clip_score / aesthetic rewards load from their
 configs; the multi-positive InfoNCE loss; the synthetic aesthetic score; clear --out errors."""
 
@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from genalign.cli import main as cli
 from genalign.configs import from_dict
-from genalign.toyworld import is_heldout, parse_prompt, render_scene
-from genalign.toyworld.pretrain_clip import (
+from genalign.recipes.pretrain_clip import (
     CONFIG_NAME,
     HEAD_NAME,
     LOG_NAME,
@@ -27,6 +26,7 @@ from genalign.toyworld.pretrain_clip import (
     swap_variants,
     synthetic_aesthetic,
 )
+from genalign.toyworld import is_heldout, parse_prompt, render_scene
 from genalign.toyworld.render import PlacedObject
 from genalign.train_config import RewardSection
 from rewards.aesthetic import AestheticConfig, AestheticReward, load_head

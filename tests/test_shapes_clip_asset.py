@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchvision.transforms.functional import pil_to_tensor
 
+from genalign.recipes.pretrain_clip import synthetic_aesthetic
 from genalign.toyworld import parse_prompt, render_scene
-from genalign.toyworld.pretrain_clip import synthetic_aesthetic
 from rewards.aesthetic import AestheticConfig, AestheticReward
 from rewards.clip_score import ClipScore, ClipScoreConfig
 

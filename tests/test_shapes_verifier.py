@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from genalign.recipes.common import augment
+from genalign.recipes.train_verifier import draw_with_junk, main, near_misses
 from genalign.toyworld import (
     TIERS,
     all_prompts,
@@ -15,7 +17,6 @@ from genalign.toyworld import (
     render_scene,
     sample_prompts,
 )
-from genalign.toyworld.train_verifier import augment, draw_with_junk, main, near_misses
 from rewards.base import RewardModel, images_to_tensor
 from rewards.shapes_verifier import ShapesVerifierReward
 

@@ -8,15 +8,15 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
+from genalign.recipes.sd_pipeline import build_components, build_tokenizer, make_pipeline
 from genalign.toyworld import VOCAB
-from genalign.toyworld.pretrain_sd import build_components, build_tokenizer, make_pipeline
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "models" / "tiny-sd"
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    assert ASSET.is_dir(), f"{ASSET} missing; make it with python -m genalign.toyworld.pretrain_sd"
+    assert ASSET.is_dir(), f"{ASSET} missing; make it with genalign toyworld pretrain sd"
     pipe = StableDiffusionPipeline.from_pretrained(ASSET, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -4,6 +4,9 @@ The CartPole of text-to-image alignment: scenes of circles, squares and triangle
 six colours and two sizes, rendered at 32x32 (or 64x64) from a GenEval-style spec,
 with prompts in five tiers of difficulty and held-out compositions.
 
+This package is the benchmark only (grammar, rendering, prompts, questions) and imports no
+training code; the programs that build the shipped models from it are in :mod:`genalign.recipes`.
+
 >>> spec = parse_prompt("a red circle to the left of a blue square")
 >>> image, objects = render_scene(spec, seed=0)
 >>> check_scene(spec, objects).strict

@@ -1,7 +1,7 @@
 """Train and evaluate the Shapes World verifier (a tiny grid detector, see
 :mod:`rewards.shapes_verifier`), and write its weights, config and model card.
 
-    python -m genalign.toyworld.train_verifier --out assets/models/shapes-verifier
+    genalign toyworld pretrain verifier --out assets/models/shapes-verifier
 
 Data: renders of train-split prompts of every tier, half of them, and free scenes of
 1-4 random objects, the other half, some with one object replaced by junk (class
@@ -35,6 +35,24 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from genalign.toyworld.prompts import HELDOUT_PAIRS, all_prompts, all_specs
+from genalign.toyworld.render import (
+    BACKGROUND,
+    SUPERSAMPLE,
+    PlacedObject,
+    draw_objects,
+    render_objects,
+    render_scene,
+)
+from genalign.toyworld.spec import (
+    COLORS,
+    SHAPES,
+    SIZES,
+    TIERS,
+    SceneSpec,
+    check_scene,
+    parse_prompt,
+)
 from rewards.shapes_verifier import (
     CONFIG_NAME,
     HEAD_CHANNELS,
@@ -45,20 +63,7 @@ from rewards.shapes_verifier import (
     ShapesVerifierReward,
 )
 
-from .prompts import HELDOUT_PAIRS, all_prompts, all_specs
-from .render import (
-    BACKGROUND,
-    SUPERSAMPLE,
-    PlacedObject,
-    draw_objects,
-    render_objects,
-    render_scene,
-)
-from .spec import COLORS, SHAPES, SIZES, TIERS, SceneSpec, check_scene, parse_prompt
-
-EVAL_SEED_BASE = 2**40  # evaluation scene seeds start here; training seeds stay below
-TRAIN_SEEDS_PER_RUN = 10_000_000  # training scene i of run seed s uses seed s * this + i
-
+from .common import EVAL_SEED_BASE, TRAIN_SEEDS_PER_RUN, augment
 
 JUNK_KINDS = ("ellipse", "peanut", "bar", "crescent")
 
@@ -155,64 +160,6 @@ def build_dataset(n: int, seed: int, size: int = 32, grid: int = 8,
         images[i] = to_uint8(image)
         targets[i] = encode_targets(objects, grid)
     return images, targets
-
-
-def _hue_matrix(angle: torch.Tensor) -> torch.Tensor:
-    """Rotation about the grey axis by ``angle`` radians ``[B]`` -> ``[B, 3, 3]`` (Rodrigues)."""
-    k = torch.full((3,), 1 / math.sqrt(3.0))
-    cross = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    outer = torch.outer(k, k)
-    c, s = angle.cos().view(-1, 1, 1), angle.sin().view(-1, 1, 1)
-    return c * torch.eye(3) + s * cross + (1 - c) * outer  # [B, 3, 3]
-
-
-def _blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-image Gaussian blur: images ``[B, 3, H, W]``, sigma ``[B]`` pixels (5x5 kernel)."""
-    b, c, h, w = images.shape
-    r = torch.arange(-2, 3, dtype=images.dtype)
-    k1 = torch.exp(-(r.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))  # [B, 5]
-    k1 = k1 / k1.sum(1, keepdim=True)
-    k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(c, 0)  # [B*3, 5, 5]
-    out = F.conv2d(F.pad(images.reshape(1, b * c, h, w), (2, 2, 2, 2), mode="replicate"), k2[:, None], groups=b * c)
-    return out.view(b, c, h, w)
-
-
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Make clean renders ``[B, 3, H, W]`` in [0, 1] look like a tiny generator's samples.
-
-    Per image, each with its own probability: hue rotation ±15° and saturation x0.75-1.15
-    (p=0.8), brightness x0.85-1.15 (p=0.8), downscale to 1/2 or 3/4 and back (p=0.4),
-    Gaussian blur σ 0.3-0.9 px at 32 px (p=0.5), Gaussian noise σ 0-0.05 (p=0.5).
-    """
-    b, _, h, w = images.shape
-
-    def coin(p: float) -> torch.Tensor:
-        return torch.rand(b, generator=generator) < p  # [B]
-
-    def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(b, generator=generator)  # [B]
-
-    x = images
-    jitter = coin(0.8)
-    hue = torch.where(jitter, uniform(-15.0, 15.0), torch.zeros(b)) * math.pi / 180
-    x = torch.einsum("bij,bjhw->bihw", _hue_matrix(hue), x)
-    grey = x.mean(1, keepdim=True)  # [B, 1, H, W]
-    sat = torch.where(jitter, uniform(0.75, 1.15), torch.ones(b)).view(b, 1, 1, 1)
-    x = grey + sat * (x - grey)
-    bright = torch.where(coin(0.8), uniform(0.85, 1.15), torch.ones(b)).view(b, 1, 1, 1)
-    x = (x * bright).clamp(0, 1)
-    resample = coin(0.4)
-    half = coin(0.5)
-    for picked, factor in ((resample & half, 0.5), (resample & ~half, 0.75)):
-        if picked.any():
-            small = F.interpolate(x[picked], scale_factor=factor, mode="bilinear", antialias=True)
-            x[picked] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-    blurred = coin(0.5)
-    if blurred.any():
-        x[blurred] = _blur(x[blurred], uniform(0.3, 0.9)[blurred] * h / 32)
-    noise = torch.where(coin(0.5), uniform(0.0, 0.05), torch.zeros(b)).view(b, 1, 1, 1)
-    x = x + noise * torch.randn(x.shape, generator=generator)
-    return x.clamp(0, 1)
 
 
 def detector_loss(detector: ShapesGridDetector, logits: torch.Tensor,
@@ -440,7 +387,7 @@ widths the weaker is dropped.
 
 ## Training
 ```
-python -m genalign.toyworld.train_verifier --out {args.out} --seed {args.seed} \\
+genalign toyworld pretrain verifier --out {args.out} --seed {args.seed} \\
     --steps {args.steps} --scenes {args.scenes} --batch-size {args.batch_size} --lr {args.lr} --junk {args.junk} --threads {args.threads}
 ```
 - optimiser: AdamW (weight decay 1e-4), one-cycle learning rate peaking at {args.lr}
@@ -452,7 +399,7 @@ python -m genalign.toyworld.train_verifier --out {args.out} --seed {args.seed} \
   another training job on the same cores expect up to about twice as long
 
 ## Evaluation
-`evaluate_verifier` in `genalign/toyworld/train_verifier.py` (seed {args.seed}): per tier
+`evaluate_verifier` in `genalign/recipes/train_verifier.py` (seed {args.seed}): per tier
 and split, {rows[0]["n"]} prompts, each scored against four fresh renders whose seeds
 were never used in training:
 
@@ -485,7 +432,8 @@ Lowest agreement in any column: train split {100 * worst["train"]:.1f}%, held-ou
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Train, evaluate and save the Shapes World verifier."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="genalign toyworld pretrain verifier", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("assets/models/shapes-verifier"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and augmentation")
     p.add_argument("--steps", type=int, default=2000, help="optimisation steps")

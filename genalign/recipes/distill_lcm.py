@@ -35,32 +35,29 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shutil
-import sys
-import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
-# Spinning OpenMP threads stall when another process shares the cores (see pretrain_sd).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from genalign.policies.ddim import x0_eps_from_output
+from genalign.policies.lcm import boundary_scalings, guidance_embedding
 
-from genalign.policies.ddim import x0_eps_from_output  # noqa: E402
-from genalign.policies.lcm import boundary_scalings, guidance_embedding  # noqa: E402
-from genalign.toyworld.pretrain_sd import (  # noqa: E402
-    GRID_PROMPTS,
+from .common import (
+    Budget,
+    LossCurve,
     ShapesStream,
-    _Budget,
-    _folder_bytes,
-    _seed_everything,
-    _set_lr,
+    command_line,
     count_parameters,
-    publish_folder,
+    folder_bytes,
+    seed_everything,
+    set_lr,
+    staged_folder,
+    versions,
 )
+from .sd_pipeline import GRID_PROMPTS
 
 TIMESTEP_SCALING = (
     10.0  # LCMScheduler's default; the boundary scalings of training and sampling must agree
@@ -272,12 +269,12 @@ def distill(teacher, args, log_every: int) -> tuple[torch.nn.Module, dict]:
     uncond_row, _ = teacher.encode_prompt([""], teacher.device, 1, False)  # [1, L, D]
     latent_dims = unet_t.config.in_channels * unet_t.config.sample_size**2
     huber_c = args.huber_c if args.huber_c is not None else 0.00054 * latent_dims**0.5
-    budget = _Budget(args.steps, args.minutes, warmup=args.warmup)
-    curve, acc, step = [], Counter(), 0
+    budget = Budget(args.steps, args.minutes, warmup=args.warmup)
+    curve, step = LossCurve(log_every, budget), 0
     bar = tqdm(total=args.steps, desc="lcm distillation", dynamic_ncols=True)
     while not budget.done(step):
         lr = args.lr * budget.lr_factor(step)
-        _set_lr(opt, lr)
+        set_lr(opt, lr)
         x, prompts = stream.batch(args.batch_size)  # [B, 3, S, S] in [-1, 1]
         b = len(prompts)
         with torch.no_grad():
@@ -315,12 +312,9 @@ def distill(teacher, args, log_every: int) -> tuple[torch.nn.Module, dict]:
                 list(target.parameters()), [p.detach() for p in params], 1 - args.ema_decay
             )
         step += 1
-        acc.update(loss=loss.item(), grad_norm=float(grad_norm), n=1)
-        if step % log_every == 0:
-            row = {k: acc[k] / acc["n"] for k in ("loss", "grad_norm")}
-            curve.append(dict(step=step, wall_s=budget.elapsed(), lr=lr, **row))
+        row = curve.add(step, dict(loss=loss.item(), grad_norm=float(grad_norm)), lr=lr)
+        if row:
             bar.set_postfix(loss=f"{row['loss']:.4f}")
-            acc.clear()
         bar.update(1)
     bar.close()
     log = dict(
@@ -331,7 +325,7 @@ def distill(teacher, args, log_every: int) -> tuple[torch.nn.Module, dict]:
         solver_timesteps=schedule.timesteps.tolist(),
         train_timesteps_per_solver_step=schedule.k,
         image_size=size,
-        curve=curve,
+        curve=curve.points,
     )
     return target, log
 
@@ -384,24 +378,15 @@ def main(argv=None) -> Path:
 
     args = parse_args(argv)
     t0 = time.monotonic()
-    _seed_everything(args.seed)
+    seed_everything(args.seed)
     teacher = load_teacher(args.teacher)
     out = Path(args.out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         log: dict = dict(
-            command=" ".join(
-                ["genalign toyworld distill lcm", *(argv if argv is not None else sys.argv[1:])]
-            ),
+            command=command_line("genalign toyworld distill lcm", argv),
             args=vars(args),
             teacher=os.path.abspath(args.teacher),
-            versions=dict(
-                python=platform.python_version(),
-                torch=torch.__version__,
-                diffusers=diffusers.__version__,
-                transformers=transformers.__version__,
-            ),
+            versions=versions(diffusers, transformers),
             threads=torch.get_num_threads(),
         )
         unet, log["distillation"] = distill(teacher, args, args.log_every)
@@ -432,12 +417,8 @@ def main(argv=None) -> Path:
             )
             log["samples_wall_s"] = round(time.monotonic() - s0, 1)
         log["total_wall_s"] = round(time.monotonic() - t0, 1)
-        log["folder_bytes"] = _folder_bytes(tmp)
+        log["folder_bytes"] = folder_bytes(tmp)
         (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-        publish_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     d = log["distillation"]
     print(
         f"saved {out}: {d['steps']} steps in {d['wall_s'] / 60:.1f} min (stopped on {d['stopped_on']})"

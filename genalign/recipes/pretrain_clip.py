@@ -22,12 +22,12 @@ batch seldom holds "a red circle on the left" next to "a red circle on the right
 tier-2, 4 and 5 prompt also brings one copy of itself with another position, relation or
 count as an extra negative text (:func:`swap_negatives`, after NegCLIP), so that naming the
 objects alone does not meet the loss. Renders are re-augmented like
-the verifier's (:func:`genalign.toyworld.train_verifier.augment`: hue, saturation,
+the verifier's (:func:`genalign.recipes.common.augment`: hue, saturation,
 brightness, down-up scaling, blur, noise), so the score stays meaningful on a tiny
 generator's samples.
 
 Every batch is fresh renders (new seeds) of train-split prompts drawn with the tiers of
-:data:`genalign.toyworld.pretrain_sd.TIER_WEIGHTS`; no training scene shows a held-out pair
+:data:`genalign.recipes.common.TIER_WEIGHTS`; no training scene shows a held-out pair
 or relation, and no held-out prompt is used as a negative. Training stops at ``--steps`` or
 ``--minutes``, whichever comes first, and the learning-rate schedule (warm-up then cosine)
 follows the same progress. Measured at the defaults with one torch thread on 2 shared CPU
@@ -57,33 +57,21 @@ import argparse
 import colorsys
 import json
 import math
-import os
-import platform
 import random
-import shutil
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-# See pretrain_sd: spinning OpenMP threads stall when another process shares the cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from rewards.aesthetic import AestheticHead  # noqa: E402
-from rewards.open_clip_backbone import clip_preprocess, load_open_clip  # noqa: E402
-
-from .pretrain_sd import TIER_WEIGHTS, _Budget, _seed_everything, _set_lr, publish_folder  # noqa: E402
-from .prompts import all_prompts, is_heldout, sample_prompts  # noqa: E402
-from .render import PlacedObject, render_scene  # noqa: E402
-from .spec import (  # noqa: E402
+from genalign.toyworld.prompts import all_prompts, is_heldout, sample_prompts
+from genalign.toyworld.render import PlacedObject, render_scene
+from genalign.toyworld.spec import (
     COUNT_WORDS,
     POSITIONS,
     RELATIONS,
@@ -92,7 +80,22 @@ from .spec import (  # noqa: E402
     check_scene,
     parse_prompt,
 )
-from .train_verifier import EVAL_SEED_BASE, TRAIN_SEEDS_PER_RUN, augment  # noqa: E402
+from rewards.aesthetic import AestheticHead
+from rewards.open_clip_backbone import clip_preprocess, load_open_clip
+
+from .common import (
+    EVAL_SEED_BASE,
+    TIER_WEIGHTS,
+    TRAIN_SEEDS_PER_RUN,
+    Budget,
+    LossCurve,
+    augment,
+    command_line,
+    seed_everything,
+    set_lr,
+    staged_folder,
+    versions,
+)
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -225,14 +228,14 @@ def train_clip(model, tokenizer, preprocess_cfg: dict, stream: SceneStream, args
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    budget = _Budget(args.steps, args.minutes, warmup=max(1, min(100, args.steps // 10)))
+    budget = Budget(args.steps, args.minutes, warmup=max(1, min(100, args.steps // 10)))
     gen = torch.Generator().manual_seed(args.seed + 1)
     rng = random.Random(args.seed + 2)
     ids_cache: dict[str, torch.Tensor] = {}
-    curve, acc, step = [], Counter(), 0
+    curve, step = LossCurve(log_every, budget), 0
     model.train().requires_grad_(True)
     while not budget.done(step):
-        _set_lr(opt, args.lr * budget.lr_factor(step))
+        set_lr(opt, args.lr * budget.lr_factor(step))
         images, prompts, specs, scenes = stream.batch(args.batch_size)
         if args.augment:
             images = augment(images, gen)  # [B, 3, 32, 32]
@@ -253,17 +256,14 @@ def train_clip(model, tokenizer, preprocess_cfg: dict, stream: SceneStream, args
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
         step += 1
-        acc.update(loss=loss.item(), positives=positives.sum().item() / len(prompts), extra=len(extras), n=1)
-        if step % log_every == 0:
-            row = dict(step=step, wall_s=budget.elapsed(), loss=acc["loss"] / acc["n"],
-                       positives_per_image=acc["positives"] / acc["n"], extra_texts=acc["extra"] / acc["n"],
-                       logit_scale=float(model.logit_scale.detach().exp()))
-            curve.append(row)
+        row = curve.add(step, dict(loss=loss.item(), positives_per_image=positives.sum().item() / len(prompts),
+                                   extra_texts=len(extras)))
+        if row:
+            row["logit_scale"] = float(model.logit_scale.detach().exp())
             print(f"step {step} loss {row['loss']:.4f} (exp t {row['logit_scale']:.1f}, "
                   f"{step / max(budget.elapsed(), 1e-9):.2f} steps/s)", flush=True)
-            acc.clear()
     model.eval().requires_grad_(False)
-    return dict(steps=step, wall_s=budget.elapsed(), curve=curve)
+    return dict(steps=step, wall_s=budget.elapsed(), curve=curve.points)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -493,22 +493,19 @@ def main(argv=None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.monotonic()
-    _seed_everything(args.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    seed_everything(args.seed)
+    with staged_folder(out) as tmp:
         arch = architecture(args.embed_dim, args.vision_width, args.vision_layers, 4, args.text_width,
                             args.text_layers, args.head_width)
         (tmp / CONFIG_NAME).write_text(json.dumps(arch, indent=2) + "\n")
         torch.manual_seed(args.seed)
         model, tokenizer, preprocess_cfg = load_open_clip(str(tmp / CONFIG_NAME), "")
         log: dict = dict(
-            command=" ".join(["genalign toyworld pretrain clip", *(argv if argv is not None else sys.argv[1:])]),
+            command=command_line("genalign toyworld pretrain clip", argv),
             args=vars(args),
             architecture=arch,
             tier_weights=TIER_WEIGHTS,
-            versions=dict(python=platform.python_version(), torch=torch.__version__,
-                          open_clip=open_clip.__version__, numpy=np.__version__),
+            versions=versions(open_clip, np),
             threads=torch.get_num_threads(),
             parameters=dict(visual=sum(p.numel() for p in model.visual.parameters()),
                             total=sum(p.numel() for p in model.parameters())),
@@ -565,10 +562,6 @@ def main(argv=None) -> Path:
         log["weights_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         log["total_wall_s"] = round(time.monotonic() - t0, 1)
         (tmp / LOG_NAME).write_text(json.dumps(log, indent=1) + "\n")
-        publish_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"saved {out} ({log['weights_bytes'] / 1e6:.1f} MB of weights) in {log['total_wall_s'] / 60:.1f} min")
     return out
 
