@@ -11,7 +11,6 @@ import yaml
 
 from genalign.cli import main
 from genalign.configs import ConfigError, load_config
-from genalign.progress import progress
 from genalign.train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +51,8 @@ def test_prompt_outside_the_grammar_fails_with_the_config(tmp_path, monkeypatch)
 
 
 def test_progress_off_a_terminal_prints_plain_lines():
+    from genalign.progress import progress
+
     stream = io.StringIO()  # not a TTY
     bar = progress(range(100), desc="epochs", file=stream)
     for i in bar:
