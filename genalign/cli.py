@@ -1,9 +1,10 @@
 """The ``genalign`` command line: train, sample, eval, and the Shapes World tools.
 
-    genalign train CONFIG.yaml [key.sub=value ...] [--resume]
-    genalign sample POLICY --prompt "a red circle" [--prompts FILE] [--method svdd_pm] [--out DIR]
+    genalign train CONFIG.yaml [key.sub=value ...] [--resume] [--dry-run]
+    genalign sample POLICY --prompt "a red circle" [--prompts FILE] [--method svdd_pm] [--out DIR] [--overwrite]
     genalign sample CONFIG.yaml [key=value ...]
-    genalign eval POLICY [--split heldout] [--tiers 1 2 3] [--json FILE]
+    genalign eval POLICY_OR_RUN_DIR [--split heldout] [--tiers 1 2 3] [--json FILE]
+    genalign list
     genalign toyworld pretrain {sd,verifier,clip} [args ...]
     genalign toyworld distill lcm [--out DIR] [--minutes M] [--steps N] [--seed S] [args ...]
 
@@ -53,6 +54,13 @@ def _eval(args: argparse.Namespace) -> int:
     from genalign.evaluation import eval_command
 
     return eval_command(args)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from genalign.catalog import format_catalog
+
+    print(format_catalog())
+    return 0
 
 
 def _toyworld(args: argparse.Namespace) -> int:
@@ -116,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value-model", default="", help="svdd_mc: directory written by `genalign value`")
     p.add_argument("--candidates", type=int, default=4, help="best_of_n: N samples per output; svdd_pm: M candidates per step")
     p.add_argument("--alpha", type=float, default=0.0, help="svdd_pm temperature (0: keep the best candidate)")
-    p.add_argument("--out", default="samples", help="output directory")
+    p.add_argument("--out", default="samples", help="output directory (must be empty or new unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("value", help="train SVDD-MC's value function on a policy's rollouts", description="Train a time-conditioned value function v(x_t, t, c) on the policy's own rollouts (Monte Carlo reward targets) for SVDD-MC guidance.")
@@ -128,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_judge_check)
 
     p = sub.add_parser("eval", help="per-tier Shapes World accuracy of a policy", description="Per-tier strict and partial accuracy of a policy on Shapes World prompts, as a table and JSON.")
-    p.add_argument("policy", help="policy directory or hub id")
+    p.add_argument("policy", help="policy directory, hub id, or a training run directory (its final/ is used)")
     p.add_argument("--split", choices=["train", "heldout"], default="heldout", help="prompt split")
     p.add_argument("--tiers", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="tiers to evaluate")
     p.add_argument("--prompts-per-tier", type=int, default=32, help="prompts per tier")
@@ -140,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="rows per sampling call")
     p.add_argument("--json", help="also write the table as JSON to this file")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("list", help="the registered policies, algorithms, rewards and sampling methods",
+                       description="Print the registered policies, algorithms, rewards and sampling methods, one line of help each.")
+    p.set_defaults(func=_list)
 
     p = sub.add_parser("toyworld", help="Shapes World tools", description="Shapes World tools: pretrain and distil the tiny models shipped in assets/.")
     tw = p.add_subparsers(dest="toyworld_command", required=True)

@@ -162,8 +162,13 @@ def _from_tagged(choices: Mapping[str, type], tag: str, data: Any, path: str) ->
     return from_dict(choices[kind], data, path)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a raw config mapping."""
+def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -> dict:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a raw config mapping.
+
+    With the config class ``cls``, an override that switches a tagged section to another class
+    (``prompts.source=list``, ``policy.type=consistency``) drops that section's keys the new
+    class does not have but the old one had; keys neither class has stay, so typos still fail.
+    """
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
@@ -184,8 +189,38 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if isinstance(node, list):
             node[_list_index(node, last, parts)] = value
         else:
+            if cls is not None and isinstance(node, dict) and node.get(last, value) != value:
+                _drop_foreign_keys(node, _tagged_choices(cls, parts), last, node[last], value)
             node[last] = value
     return data
+
+
+def _tagged_choices(cls: type, parts: list[str]) -> Mapping[str, type] | None:
+    """The choices of the tagged section whose tag key is ``parts`` (e.g. prompts.source), else None."""
+    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    for i, part in enumerate(parts[:-1]):
+        f = fields.get(part)
+        if f is None:
+            return None
+        if "choices" in f.metadata:
+            rest = parts[i + 1 :]
+            if get_origin(hints[part]) is list:  # a list of tagged entries: key.<index>.<tag>
+                rest = rest[1:] if rest and rest[0].isdigit() else ["", ""]
+            return f.metadata["choices"] if rest == [f.metadata["tag"]] else None
+        if not dataclasses.is_dataclass(hints[part]):
+            return None
+        hints, fields = typing.get_type_hints(hints[part]), {g.name: g for g in dataclasses.fields(hints[part])}
+    return None
+
+
+def _drop_foreign_keys(node: dict, choices: Mapping[str, type] | None, tag: str, old: Any, new: Any) -> None:
+    if not choices or old not in choices or new not in choices:
+        return
+    old_keys = {f.name for f in dataclasses.fields(choices[old])}
+    new_keys = {f.name for f in dataclasses.fields(choices[new])}
+    for key in list(node):
+        if key != tag and key in old_keys and key not in new_keys:
+            del node[key]
 
 
 def _list_index(node: list, part: str, parts: list[str]) -> int:
@@ -205,7 +240,7 @@ def load_config(cls: type, path: str | None, overrides: list[str] | None = None)
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides or [], cls)
     try:
         return from_dict(cls, data)
     except ConfigError as e:

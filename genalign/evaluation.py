@@ -1,7 +1,7 @@
 """``genalign sample`` and ``genalign eval``: sample a policy, score it, write tables.
 
-Both accept any policy location: a diffusers pipeline directory, a hub id, or the
-``final/`` directory of a training run. Samples are seeded per row (prompt i, sample j
+Both accept any policy location: a diffusers pipeline directory, a hub id, a training
+run's ``final/`` directory, or the run directory itself (its ``final/`` is used). Samples are seeded per row (prompt i, sample j
 uses seed + j), so two policies compared with the same arguments see the same noise.
 """
 
@@ -16,17 +16,54 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from genalign.configs import opt
 from genalign.policies import POLICIES
 from genalign.policies.unet_tuning import POLICY_FILE
+from genalign.progress import progress
 from genalign.report import image_grid
 from genalign.trajectory import Trajectory
 
 
+def resolve_policy_path(path_or_id: str) -> str:
+    """A policy location: a run directory becomes its ``final/``; a folder that holds no policy is an error."""
+    if not os.path.isdir(path_or_id):
+        return path_or_id  # a hub id, or a missing folder the loader reports
+    for name in (POLICY_FILE, "model_index.json"):
+        if os.path.isfile(os.path.join(path_or_id, name)):
+            return path_or_id
+    final = os.path.join(path_or_id, "final")
+    if os.path.isfile(os.path.join(final, POLICY_FILE)):
+        return final
+    if os.path.isfile(os.path.join(path_or_id, "config.yaml")) and os.path.isdir(os.path.join(path_or_id, "checkpoints")):
+        raise FileNotFoundError(f"{path_or_id} is a training run without final/ (unfinished? continue it with --resume)")
+    raise FileNotFoundError(
+        f"{path_or_id} is neither a policy (no {POLICY_FILE} or model_index.json) nor a training run (no final/)"
+    )
+
+
+def sampler_settings(policy: Any) -> dict[str, Any]:
+    """The sampling settings a policy uses (steps, guidance, and eta where the sampler has one)."""
+    c = policy.config
+    out = {"steps": c.num_steps, "guidance_scale": c.guidance_scale}
+    if hasattr(c, "eta"):
+        out["eta"] = c.eta
+    return out
+
+
+def describe_sampler(policy_path: str, policy: Any, seed: int, n: int) -> str:
+    """One line: ``<policy>: 10 steps, guidance 4.0, eta 1.0; seeds 0..3 per prompt``."""
+    s = sampler_settings(policy)
+    parts = [f"{s['steps']} steps", f"guidance {s['guidance_scale'] if s['guidance_scale'] is not None else 'default'}"]
+    if "eta" in s:
+        parts.append(f"eta {s['eta']}")
+    seeds = f"seed {seed}" if n == 1 else f"seeds {seed}..{seed + n - 1}"
+    return f"{policy_path}: {', '.join(parts)}; {seeds} per prompt (sample j of a prompt uses seed + j)"
+
+
 def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float | None = None) -> Any:
-    """A policy from a pipeline dir / hub id / genalign policy dir, with sampling overrides."""
+    """A policy from a pipeline dir / hub id / genalign policy dir / run dir, with sampling overrides."""
+    path_or_id = resolve_policy_path(path_or_id)
     meta = None
     meta_path = os.path.join(path_or_id, POLICY_FILE)
     if os.path.isfile(meta_path):
@@ -77,7 +114,7 @@ def sample_and_score(
         first_seeds.append(seed + k * n)
     per_call = max(1, batch_size // n)
     images, scores, comps, details = [], [], {}, []
-    for i in tqdm(range(0, len(prompts), per_call), desc=desc, leave=False):
+    for i in progress(range(0, len(prompts), per_call), desc=desc, leave=False):
         chunk = list(prompts[i : i + per_call])
         gens = [torch.Generator().manual_seed(s + j) for s in first_seeds[i : i + per_call] for j in range(n)]
         traj = policy.rollout(chunk, n, gens)
@@ -128,7 +165,8 @@ class SampleConfig:
     value_model: str = opt("", "svdd_mc: directory written by `genalign value`")
     candidates: int = opt(4, "best_of_n: N samples per output; svdd_pm: M candidates per step")
     alpha: float = opt(0.0, "svdd_pm temperature: 0 keeps the best candidate, > 0 samples softmax(v/α)")
-    out: str = opt("samples", "output directory")
+    out: str = opt("samples", "output directory (must be empty or new unless `overwrite`)")
+    overwrite: bool = opt(False, "write into a non-empty `out` (replacing its images, rewards.jsonl, grid.png, summary.json)")
 
     def validate(self) -> None:
         if not self.policy:
@@ -165,7 +203,7 @@ def sample_command(args: argparse.Namespace) -> int:
         cfg = SampleConfig(policy=args.policy, prompts=list(args.prompt), prompts_file=args.prompts or "", n=args.n,
                            seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale, reward=args.reward,
                            method=args.method, candidates=args.candidates, alpha=args.alpha, out=args.out,
-                           value_model=args.value_model)
+                           value_model=args.value_model, overwrite=args.overwrite)
         cfg.validate()
     return run_sampling(cfg)
 
@@ -178,11 +216,14 @@ def run_sampling(cfg: SampleConfig) -> int:
     reward = _build_named_reward(cfg.reward)
     if reward is None and cfg.method != "plain":
         raise ValueError(f"method {cfg.method!r} needs a reward to guide with; got reward 'none'")
-    policy = load_policy(cfg.policy, cfg.steps, cfg.guidance_scale)
+    check_output_dir(cfg.out, cfg.overwrite)
+    path = resolve_policy_path(cfg.policy)
+    policy = load_policy(path, cfg.steps, cfg.guidance_scale)
+    print(describe_sampler(path, policy, cfg.seed, cfg.n))
     counter = ComputeCounter()
     value = MCValue(ValueNet.load(cfg.value_model), counter) if cfg.method == "svdd_mc" else PMValue(policy, reward, counter)
     images, rows = [], []
-    for p, prompt in enumerate(tqdm(prompts, desc=f"sampling ({cfg.method})")):
+    for p, prompt in enumerate(progress(prompts, desc=f"sampling ({cfg.method})")):
         seeds = [cfg.seed + j for j in range(cfg.n)]
         if cfg.method == "plain":
             t0 = time.perf_counter()
@@ -223,7 +264,16 @@ def run_sampling(cfg: SampleConfig) -> int:
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary))
+    print(f"wrote {len(rows)} samples to {cfg.out}/ (images/, rewards.jsonl, grid.png, summary.json)")
     return 0
+
+
+def check_output_dir(out: str, overwrite: bool) -> None:
+    """Refuse to write into a non-empty folder unless ``overwrite`` (before any model loads)."""
+    if os.path.isfile(out):
+        raise FileExistsError(f"output {out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"output folder {out} is not empty: pass --overwrite (config: overwrite: true) or choose another --out")
 
 
 def evaluate_tiers(
@@ -261,11 +311,13 @@ def format_table(table: list[dict[str, Any]]) -> str:
 def eval_command(args: argparse.Namespace) -> int:
     from rewards.shapes_verifier import ShapesVerifierReward
 
+    path = resolve_policy_path(args.policy)  # a folder that holds no policy fails here, in one line
     verifier = ShapesVerifierReward.from_pretrained(args.verifier)
-    policy = load_policy(args.policy, args.steps, args.guidance_scale)
+    policy = load_policy(path, args.steps, args.guidance_scale)
+    print(describe_sampler(path, policy, args.seed, args.n))
     table = evaluate_tiers(policy, verifier, args.tiers, args.split, args.prompts_per_tier, args.n, args.seed, args.batch_size)
     print(format_table(table))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"policy": args.policy, "seed": args.seed, "table": table}, f, indent=2)
+            json.dump({"policy": path, "seed": args.seed, "sampler": sampler_settings(policy), "table": table}, f, indent=2)
     return 0

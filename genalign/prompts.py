@@ -78,12 +78,18 @@ class ShapesWorldPrompts:
         if bad or not self.tiers:
             raise ValueError(f"'tiers' must be a non-empty subset of 1..5, got {self.tiers}")
 
+    def pool(self, tier: int) -> list[str]:
+        """The fixed training prompts of ``tier`` when ``pool_size`` > 0 (else empty: fresh draws)."""
+        from genalign.toyworld import sample_prompts
+
+        return sample_prompts(tier, self.pool_size, self.split, seed=1000 + tier) if self.pool_size > 0 else []
+
     def sample(self, n: int, seed: int) -> list[str]:
         from genalign.toyworld import sample_prompts
 
         rng = random.Random(seed)
         if self.pool_size > 0:
-            pool = [p for t in self.tiers for p in sample_prompts(t, self.pool_size, self.split, seed=1000 + t)]
+            pool = [p for t in self.tiers for p in self.pool(t)]
             return [rng.choice(pool) for _ in range(n)]
         tiers = [rng.choice(self.tiers) for _ in range(n)]
         out = []
@@ -99,10 +105,27 @@ class ShapesWorldPrompts:
         return prompts[:n]
 
     def eval_sets(self, n: int) -> dict[str, list[str]]:
-        """``n`` fixed prompts of the eval split per trained tier."""
+        """``n`` fixed prompts of the eval split per trained tier, as ``"tier t"``.
+
+        When the training pool is drawn from the eval split (``pool_size`` > 0 and
+        ``split == eval_split``), a tier's ``n`` listed prompts are divided, in order, into
+        ``"tier t (training pool)"`` (the prompts trained on) and ``"tier t (never trained)"``
+        (the others), so the same samples show fit and transfer apart.
+        """
         from genalign.toyworld import sample_prompts
 
-        return {f"tier {t}": sample_prompts(t, n, self.eval_split, seed=12345) for t in self.tiers}
+        sets: dict[str, list[str]] = {}
+        for t in self.tiers:
+            prompts = sample_prompts(t, n, self.eval_split, seed=12345)
+            if self.pool_size <= 0 or self.split != self.eval_split:
+                sets[f"tier {t}"] = prompts
+                continue
+            pool = set(self.pool(t))
+            for name, part in ((f"tier {t} (training pool)", [p for p in prompts if p in pool]),
+                               (f"tier {t} (never trained)", [p for p in prompts if p not in pool])):
+                if part:
+                    sets[name] = part
+        return sets
 
 
 PROMPT_SOURCES = {"list": ListPrompts, "file": FilePrompts, "shapes_world": ShapesWorldPrompts}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -30,8 +29,14 @@ def image_grid(images: torch.Tensor, rows: int, scale: int = 1, pad: int = 2) ->
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
-def plot_curves(history: list[dict[str, Any]], path: str, keys: Sequence[str] = ("reward_mean",)) -> None:
-    """Reward (and any monitored metric) against reward queries; ±std band for reward_mean."""
+def plot_curves(
+    history: list[dict[str, Any]], path: str, keys: Sequence[str] = ("reward_mean",), bounds: tuple[float, float] | None = None
+) -> None:
+    """Reward (and any monitored metric) against reward queries; ±std band for reward_mean.
+
+    The band stays inside the reward's range: ``bounds`` (the declared range, when known) and,
+    when the history logs them, each epoch's observed ``reward_min`` / ``reward_max``.
+    """
     if not history:
         return
     x = [h["reward_queries"] for h in history]
@@ -43,7 +48,13 @@ def plot_curves(history: list[dict[str, Any]], path: str, keys: Sequence[str] = 
         ax.plot(x, y, marker="o", label=key)
         if key == "reward_mean" and "reward_std" in history[0]:
             s = np.array([h["reward_std"] for h in history], dtype=float)
-            ax.fill_between(x, y - s, y + s, alpha=0.2)
+            lo, hi = y - s, y + s
+            if bounds is not None:
+                lo, hi = np.clip(lo, *bounds), np.clip(hi, *bounds)
+            if "reward_min" in history[0] and "reward_max" in history[0]:
+                lo = np.maximum(lo, [h["reward_min"] for h in history])
+                hi = np.minimum(hi, [h["reward_max"] for h in history])
+            ax.fill_between(x, lo, hi, alpha=0.2, label="reward_mean ± std" + (" (within range)" if bounds else ""))
     ax.set_xlabel("reward queries")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
@@ -51,6 +62,117 @@ def plot_curves(history: list[dict[str, Any]], path: str, keys: Sequence[str] = 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def metric_names(row: dict[str, Any]) -> dict[str, str]:
+    """Eval-row key -> short display name: the reward, then sub-components (``strict``, ``partial``).
+
+    A top-level component equal to the whole reward (a single reward model) is left out.
+    """
+    comps = [k for k in row if k not in ("epoch", "set", "prompts", "samples", "reward") and not k.endswith("_se")]
+    tops = [k for k in comps if "/" not in k]
+    keys = ["reward"] + [k for k in comps if "/" in k or len(tops) > 1]
+    shorts = [k.rsplit("/", 1)[-1] for k in keys]
+    return {k: (s if shorts.count(s) == 1 else k) for k, s in zip(keys, shorts)}
+
+
+def headline_keys(row: dict[str, Any]) -> dict[str, str]:
+    """The metrics a report leads with: strict and partial when the reward has them, else the reward."""
+    names = metric_names(row)
+    picked = {k: s for k, s in names.items() if s in ("strict", "partial")}
+    return picked or {"reward": "reward"}
+
+
+def _value(row: dict[str, Any], key: str) -> str:
+    se = row.get(f"{key}_se")
+    return f"{row[key]:.3f}" + (f" ± {se:.3f}" if se is not None and se == se else "")
+
+
+def _headline(evals: list[dict[str, Any]]) -> str:
+    if not evals:
+        return "<p>No evaluation in this run (eval.enabled is false).</p>"
+    last = max(r["epoch"] for r in evals)
+    sets = list(dict.fromkeys(r["set"] for r in evals))
+    keys = headline_keys(evals[0])
+    head = "".join(f"<th>{html.escape(s)}: before → after</th>" for s in keys.values())
+    body = ""
+    for name in sets:
+        before = next((r for r in evals if r["set"] == name and r["epoch"] == 0), None)
+        after = next((r for r in evals if r["set"] == name and r["epoch"] == last), None)
+        cells = ""
+        for k in keys:
+            b = _value(before, k) if before else "–"
+            a = _value(after, k) if after and last > 0 else "–"
+            delta = f" <b>({after[k] - before[k]:+.3f})</b>" if before and after and last > 0 else ""
+            cells += f"<td>{b} → {a}{delta}</td>"
+        n = (after or before)["samples"]
+        prompts = (after or before).get("prompts", "")
+        body += f"<tr><td>{html.escape(name)}</td><td>{prompts}</td><td>{n}</td>{cells}</tr>"
+    return (
+        f"<h2>Result: evaluation before training → after epoch {last}</h2>"
+        "<p>Fixed prompts and fixed sampling seeds; mean ± standard error over samples.</p>"
+        f"<table class='headline'><tr><th>eval set</th><th>prompts</th><th>samples</th>{head}</tr>{body}</table>"
+    )
+
+
+def _caption(cell: dict[str, Any]) -> str:
+    if "strict" in cell:
+        mark = "<span class='pass'>✓ pass</span>" if cell["strict"] >= 0.5 else "<span class='fail'>✗ fail</span>"
+        return mark + (f" · partial {cell['partial']:.2f}" if "partial" in cell else "")
+    return f"reward {cell['reward']:.3g}"
+
+
+def _grids(grids: dict[str, dict[str, Any]]) -> str:
+    tags = [t for t in ("before", "after") if t in grids] + [t for t in grids if t not in ("before", "after")]
+    if not tags:
+        return ""
+    g0 = grids[tags[0]]
+    if not all("cells" in grids[t] for t in tags):  # grids written by an older version: images and rewards only
+        return "".join(
+            f"<h3>{html.escape(t)}</h3><img src='{grids[t]['png']}' style='image-rendering: pixelated; max-width: 520px'>"
+            for t in tags
+        )
+    summary = []
+    for t in tags:
+        cells = [c for row in grids[t]["cells"] for c in row]
+        if cells and "strict" in cells[0]:
+            summary.append(f"{t}: {sum(c['strict'] >= 0.5 for c in cells)}/{len(cells)} pass strict")
+        elif cells:
+            summary.append(f"{t}: mean reward {sum(c['reward'] for c in cells) / len(cells):.3f}")
+    seeds = g0.get("seeds", [])
+    head = "<th>eval set</th><th>prompt</th>" + "".join(
+        f"<th colspan='{len(seeds)}'>{html.escape(t)} (seeds {', '.join(map(str, seeds))})</th>" for t in tags
+    )
+    body = ""
+    for i, prompt in enumerate(g0["prompts"]):
+        body += f"<tr><td>{html.escape(g0.get('sets', [''] * len(g0['prompts']))[i])}</td><td>{html.escape(prompt)}</td>"
+        for t in tags:
+            for cell in grids[t]["cells"][i]:
+                body += f"<td class='cell'><img src='{cell['image']}'><br>{_caption(cell)}</td>"
+        body += "</tr>"
+    return (
+        "<h2>Samples before and after training</h2>"
+        "<p>Eval prompts with the seeds evaluation gives them (the images the table above scores), "
+        f"each labelled with the reward's verdict. {html.escape('; '.join(summary))}.</p>"
+        f"<table class='samples'><tr>{head}</tr>{body}</table>"
+    )
+
+
+def _eval_table(evals: list[dict[str, Any]]) -> str:
+    if not evals:
+        return ""
+    keys = metric_names(evals[0])
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in keys.values())
+    body = "".join(
+        f"<tr><td>{r['epoch']}</td><td>{html.escape(str(r['set']))}</td><td>{r['samples']}</td>"
+        + "".join(f"<td>{_value(r, k) if k in r else '–'}</td>" for k in keys)
+        + "</tr>"
+        for r in evals
+    )
+    return (
+        "<h2>Evaluation at every evaluated epoch (epoch 0 = before training)</h2>"
+        f"<table><tr><th>epoch</th><th>set</th><th>samples</th>{head}</tr>{body}</table>"
+    )
 
 
 def write_report(
@@ -63,54 +185,35 @@ def write_report(
 ) -> str:
     """Write ``report.html`` referencing PNGs in ``run_dir`` (no network needed to view it).
 
-    grids: title -> {"png": file name, "prompts": [...], "rewards": [[...]]}.
+    Order: the headline eval metrics (before → after per eval set), the labelled before/after
+    samples, the reward curve, the eval table, timings; the per-epoch metrics and the config
+    sit in collapsed sections at the end.
+
+    grids: tag -> {"png", "prompts", "sets", "seeds", "rewards", "cells": [[{"image", "reward",
+    "strict"?, "partial"?}]]}.
     """
-    sections = []
-    for title, g in grids.items():
-        rows = "".join(
-            f"<tr><td>{html.escape(p)}</td><td>{' '.join(f'{r:.3g}' for r in rs)}</td></tr>"
-            for p, rs in zip(g["prompts"], g["rewards"])
-        )
-        mean = float(np.mean([r for rs in g["rewards"] for r in rs])) if g["rewards"] else float("nan")
-        sections.append(
-            f"<div class='grid'><h3>{html.escape(title)} — mean reward {mean:.3f}</h3>"
-            f"<img src='{g['png']}' style='image-rendering: pixelated; width: 100%; max-width: 520px'>"
-            f"<table><tr><th>prompt (one grid row)</th><th>reward per seed</th></tr>{rows}</table></div>"
-        )
+    evals = evals or []
     metric_rows = ""
     if history:
         keys = [k for k in history[-1] if isinstance(history[-1][k], (int, float))]
         head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
         body = "".join("<tr>" + "".join(f"<td>{h.get(k, float('nan')):.4g}</td>" for k in keys) + "</tr>" for h in history)
         metric_rows = f"<table class='metrics'><tr>{head}</tr>{body}</table>"
-    eval_html = ""
-    if evals:
-        keys = [k for k in evals[0] if k not in ("epoch", "set")]
-        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-        body = "".join(
-            f"<tr><td>{r['epoch']}</td><td>{html.escape(str(r['set']))}</td>"
-            + "".join(f"<td>{r.get(k, float('nan')):.4g}</td>" for k in keys)
-            + "</tr>"
-            for r in evals
-        )
-        eval_html = (
-            "<h2>Evaluation (fixed prompts and seeds; epoch 0 = before training)</h2>"
-            f"<table><tr><th>epoch</th><th>set</th>{head}</tr>{body}</table>"
-        )
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.items())
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>genalign run report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:2px 6px}} .grids{{display:flex;gap:2em;flex-wrap:wrap}} pre{{background:#f6f6f6;padding:1em}}
-.metrics{{overflow-x:auto;display:block}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;font-size:12px}}
+td,th{{border:1px solid #ccc;padding:2px 6px}} pre{{background:#f6f6f6;padding:1em}}
+.headline{{font-size:16px}} .cell{{text-align:center;font-size:11px}} .cell img{{image-rendering:pixelated;width:128px}}
+.pass{{color:#080;font-weight:bold}} .fail{{color:#b00;font-weight:bold}} .metrics{{overflow-x:auto;display:block}}
+summary{{cursor:pointer;font-size:1.2em;margin:1em 0}}</style></head><body>
 <h1>genalign run report</h1>
-<h2>Samples before and after training (same prompts, same seeds)</h2>
-<div class='grids'>{''.join(sections)}</div>
-{eval_html}
-<h2>Reward curve</h2><img src='reward_curve.png'>
-<h2>Metrics per epoch</h2>{metric_rows}
+{_headline(evals)}
+{_grids(grids)}
+<h2>Training reward</h2><img src='reward_curve.png'>
+{_eval_table(evals)}
 <h2>Timings</h2><table>{timing_rows}</table>
-<h2>Config</h2><pre>{html.escape(config_yaml)}</pre>
-<p>Raw metrics: metrics.jsonl · grids data: <code>{html.escape(json.dumps(list(grids)))}</code></p>
+<details><summary>Metrics per epoch ({len(history)} rows; raw: metrics.jsonl)</summary>{metric_rows}</details>
+<details><summary>Config (config.yaml)</summary><pre>{html.escape(config_yaml)}</pre></details>
 </body></html>"""
     path = os.path.join(run_dir, "report.html")
     with open(path, "w") as f:

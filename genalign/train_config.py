@@ -6,11 +6,20 @@ reward ``type``, prompt ``source``); the whole file validates before any model l
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from genalign.algorithms import ALGORITHMS
-from genalign.configs import ConfigError, opt, tagged
+from genalign.configs import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    opt,
+    tagged,
+    to_dict,
+)
 from genalign.policies import POLICIES
 from genalign.prompts import PROMPT_SOURCES
 from rewards.registry import REWARDS
@@ -108,3 +117,42 @@ class TrainConfig:
                     f"'algorithm.antithetic' pairs the rollouts of a prompt: 'train.samples_per_prompt' must be even, "
                     f"got {self.train.samples_per_prompt}"
                 )
+        self._check_prompt_grammar()
+
+    def _check_prompt_grammar(self) -> None:
+        """Listed prompts must parse in Shapes World when a reward reads them as Shapes World scenes."""
+        readers = [
+            (f"reward.{section}.{i}", c.type)
+            for section in ("components", "monitor")
+            for i, c in enumerate(getattr(self.reward, section))
+            if c.type == "shapes_verifier" or (c.type == "vqa" and c.mode == "question_set" and not c.questions_path)
+        ]
+        if not readers or self.prompts.source == "shapes_world":
+            return
+        from genalign.toyworld import parse_prompt
+
+        p = self.prompts
+        if p.source == "list":
+            listed = [(f"prompts.prompts.{i}", t) for i, t in enumerate(p.prompts)]
+            listed += [(f"prompts.eval_prompts.{i}", t) for i, t in enumerate(p.eval_prompts)]
+        else:
+            listed = [(f"prompts.path ({p.path}, prompt {i + 1})", t) for i, t in enumerate(p.load())]
+        for key, text in listed:
+            try:
+                parse_prompt(text)
+            except ValueError as e:
+                where, kind = readers[0]
+                raise ConfigError(
+                    f"'{key}' is not a Shapes World prompt, which reward '{kind}' ('{where}') needs: {e}"
+                ) from None
+
+
+def resolve_config(config: TrainConfig | str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """A validated TrainConfig from a YAML path or a TrainConfig, with ``key.sub=value`` overrides applied."""
+    if isinstance(config, TrainConfig):
+        if not overrides:
+            return config
+        return from_dict(TrainConfig, apply_overrides(to_dict(config), overrides, TrainConfig))
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(TrainConfig, os.fspath(config), overrides)
+    raise TypeError(f"config must be a YAML path or a TrainConfig, got {type(config).__name__}")

@@ -28,13 +28,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from genalign import checkpoint
+from genalign import checkpoint, run_report
 from genalign.algorithms import ALGORITHMS
 from genalign.algorithms.base import SamplingPlan
 from genalign.configs import ConfigError, to_dict
 from genalign.policies import POLICIES
 from genalign.policies.window import NoiseWindow
-from genalign.report import image_grid, plot_curves, write_report
+from genalign.progress import progress, write
 from genalign.train_config import TrainConfig
 from genalign.trajectory import Trajectory
 from rewards.compose import NonFiniteRewardError, WeightedSum, check_finite
@@ -90,11 +90,19 @@ class Trainer:
     # -- public ------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> list[dict[str, Any]]:
         ckpt_root = os.path.join(self.out, "checkpoints")
+        epochs = self.config.train.epochs
         if resume:
             self._resume(ckpt_root)
+            if self.start_epoch >= epochs and os.path.isdir(os.path.join(self.out, "final")):
+                self._warn(
+                    f"{self.out} is finished ({self.start_epoch} of {epochs} epochs): nothing to do; report.html and "
+                    f"final/ are left as they are (raise train.epochs to train further)"
+                )
+                return self.history
         elif checkpoint.latest_checkpoint(ckpt_root) is not None:
             raise FileExistsError(
-                f"{self.out} already holds a run with checkpoints: pass --resume to continue it, or set output_dir elsewhere"
+                f"{self.out} already holds a run with checkpoints: continue it with resume=True (command line: "
+                f"--resume), or set output_dir elsewhere"
             )
         if self.main:
             os.makedirs(self.out, exist_ok=True)
@@ -110,9 +118,8 @@ class Trainer:
         if self.config.eval.enabled and self.start_epoch == 0:
             self._evaluate(0, timings)
 
-        epochs = self.config.train.epochs
         start = time.perf_counter()
-        bar = tqdm(range(self.start_epoch, epochs), desc="epochs", disable=not self.main, initial=self.start_epoch, total=epochs)
+        bar = progress(range(self.start_epoch, epochs), desc="epochs", disable=not self.main, initial=self.start_epoch, total=epochs)
         for epoch in bar:
             metrics = self._epoch(epoch, timings)
             metrics["wall_seconds"] = self.wall_before + time.perf_counter() - start
@@ -430,69 +437,17 @@ class Trainer:
 
     def _evaluate(self, epoch: int, timings: dict[str, float]) -> list[dict[str, Any]]:
         """Score fixed prompts with fixed seeds; rows go to eval.jsonl (epoch 0 = before training)."""
-        from genalign.evaluation import sample_and_score
+        return run_report.evaluate(self, epoch, timings)
 
-        ev = self.config.eval
-        t0 = time.perf_counter()
-        rows = []
-        for name, prompts in self.prompts.eval_sets(ev.prompts_per_set).items():
-            with self.acc.autocast():
-                _, out = sample_and_score(self.policy, prompts, ev.samples_per_prompt, ev.seed, self.reward,
-                                          self.config.train.rollout_batch_size, desc=f"eval {name}")
-            row = {"epoch": epoch, "set": name, "samples": len(out.scores), "reward": float(out.scores.nanmean())}
-            row.update({k: float(v.nanmean()) for k, v in out.components.items()})
-            rows.append(row)
-        if self.main:
-            with open(os.path.join(self.out, "eval.jsonl"), "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            summary = ", ".join(f"{r['set']}: {r['reward']:.3f}" for r in rows)
-            self._warn(f"eval after epoch {epoch}: {summary}")
-        timings["evaluation"] += time.perf_counter() - t0
-        return rows
-
-    @torch.no_grad()
     def _grid(self, tag: str) -> dict[str, Any]:
-        rep = self.config.report
-        prompts = self.prompts.evaluation(rep.num_prompts)
-        n = len(rep.seeds)
-        per_call = max(1, self.config.train.rollout_batch_size // n)
-        images, rewards = [], []
-        for i in range(0, len(prompts), per_call):
-            chunk = prompts[i : i + per_call]
-            with self.acc.autocast():
-                traj = self.policy.rollout(chunk, n, row_generators([s for _ in chunk for s in rep.seeds]))
-            images.append(traj.outputs.cpu())
-            rewards.append(self.reward(traj.outputs, traj.conditions).scores.float().cpu())
-        imgs, r = torch.cat(images), torch.cat(rewards).view(len(prompts), n)
-        png = f"samples_{tag}.png"
-        if self.main:
-            image_grid(imgs, rows=len(prompts), scale=4 if imgs.shape[-1] <= 64 else 1).save(os.path.join(self.out, png))
-        grid = {"png": png, "prompts": prompts, "rewards": r.tolist()}
-        if self.main:
-            grids = self._load_grids()
-            grids[tag] = grid
-            with open(os.path.join(self.out, "grids.json"), "w") as f:
-                json.dump(grids, f)
-        return grid
+        """Before/after samples of eval prompts at their eval seeds, labelled with their verdicts."""
+        return run_report.grid(self, tag)
 
     def _load_grids(self) -> dict[str, Any]:
-        path = os.path.join(self.out, "grids.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
-        return {}
+        return run_report.load_grids(self.out)
 
     def _write_report(self, grids: dict[str, Any], timings: dict[str, float]) -> None:
-        keys = ["reward_mean"] + [k for k in (self.history[-1] if self.history else {}) if k.startswith("monitor/")]
-        plot_curves(self.history, os.path.join(self.out, "reward_curve.png"), keys)
-        with open(os.path.join(self.out, "config.yaml")) as f:
-            config_yaml = f.read()
-        evals = []
-        path = os.path.join(self.out, "eval.jsonl")
-        if os.path.isfile(path):
-            with open(path) as f:
-                evals = [json.loads(line) for line in f if line.strip()]
-        write_report(self.out, config_yaml, self.history, grids, dict(timings), evals)
+        run_report.write_run_report(self, grids, timings)
 
     def _tensorboard(self):
         if not self.main:
@@ -503,9 +458,21 @@ class Trainer:
 
     def _warn(self, message: str) -> None:
         if self.main:
-            tqdm.write(f"[genalign] {message}")
+            write(f"[genalign] {message}")
 
 
-def train(config: TrainConfig, resume: bool = False) -> list[dict[str, Any]]:
-    """Python API equal to ``genalign train``: returns the per-epoch metrics."""
-    return Trainer(config).train(resume=resume)
+def train(
+    config: TrainConfig | str | os.PathLike, overrides: list[str] | None = None, resume: bool = False
+) -> list[dict[str, Any]]:
+    """Python API equal to ``genalign train CONFIG [overrides] [--resume]``: returns the per-epoch metrics.
+
+    >>> from genalign import train
+    >>> history = train("configs/quickstart.yaml", overrides=["train.epochs=3"], resume=False)
+
+    ``config`` is a YAML path or a :class:`TrainConfig`; ``overrides`` are ``key.sub=value``
+    strings as on the command line. The whole config validates before any model loads.
+    ``resume=True`` continues the run in ``output_dir`` from its latest checkpoint.
+    """
+    from genalign.train_config import resolve_config
+
+    return Trainer(resolve_config(config, overrides)).train(resume=resume)

@@ -25,8 +25,10 @@ def test_short_quickstart_writes_run_directory(tmp_path, monkeypatch):
     for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "report.html", "samples_before.png", "samples_after.png"):
         assert (out / name).is_file(), name
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    tiers = cfg.prompts.tiers
-    assert {(e["epoch"], e["set"]) for e in evals} == {(t, f"tier {k}") for t in (0, 1) for k in tiers}
+    sets = list(cfg.prompts.eval_sets(cfg.eval.prompts_per_set))  # the training pool and the never-trained prompts
+    if len(sets) > 1:
+        sets.append(sets[0].rsplit(" (", 1)[0] + " (all)")
+    assert {(e["epoch"], e["set"]) for e in evals} == {(t, s) for t in (0, 1) for s in sets}
     assert all(0.0 <= e["shapes_verifier/strict"] <= e["shapes_verifier/partial"] + 1e-9 <= 1.0 + 1e-9 for e in evals)
     assert (out / "final" / "genalign_policy.json").is_file()
 

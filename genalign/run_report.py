@@ -1,0 +1,193 @@
+"""What a training run shows of itself: fixed-seed evaluation, before/after grids, report.html.
+
+The grids are drawn from the evaluated samples: grid prompt ``p`` of eval set ``s`` and
+column ``j`` use the seed evaluation gives that prompt's sample ``j`` (``eval.seed + j``),
+so the grid and the eval table describe the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from genalign.progress import write
+from genalign.report import metric_names
+
+#: The value range a reward type declares (so a mean ± std band never leaves it).
+DECLARED_RANGES: dict[str, tuple[float, float]] = {"shapes_verifier": (0.0, 1.0), "rule": (0.0, 1.0)}
+
+
+def reward_bounds(components: Sequence[Any]) -> tuple[float, float] | None:
+    """The range of ``Σ_k w_k r_k`` when every component declares its range, else None."""
+    lo = hi = 0.0
+    for c in components:
+        r = DECLARED_RANGES.get(getattr(c, "type", ""))
+        if r is None:
+            return None
+        a, b = c.weight * r[0], c.weight * r[1]
+        lo, hi = lo + min(a, b), hi + max(a, b)
+    return lo, hi
+
+
+def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+    v = values[torch.isfinite(values)].double()
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    se = float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    return float(v.mean()), se
+
+
+def _row(epoch: int, name: str, prompts: Sequence[str], scores: torch.Tensor, comps: dict[str, torch.Tensor]) -> dict[str, Any]:
+    row: dict[str, Any] = {"epoch": epoch, "set": name, "prompts": len(set(prompts)), "samples": len(scores)}
+    row["reward"], row["reward_se"] = _mean_se(scores)
+    for k, v in comps.items():
+        row[k], row[f"{k}_se"] = _mean_se(v)
+    return row
+
+
+def format_eval(rows: list[dict[str, Any]]) -> str:
+    """``tier 5: reward 0.457, strict 0.276, partial 0.457`` per eval set, joined by '; '."""
+    parts = []
+    for r in rows:
+        names = metric_names(r)
+        parts.append(f"{r['set']}: " + ", ".join(f"{short} {r[k]:.3f}" for k, short in names.items()))
+    return "; ".join(parts)
+
+
+@torch.no_grad()
+def evaluate(trainer: Any, epoch: int, timings: dict[str, float]) -> list[dict[str, Any]]:
+    """Score fixed prompts with fixed seeds; rows go to eval.jsonl (epoch 0 = before training).
+
+    A tier whose training pool is part of the eval split gets its two parts as separate sets
+    plus the whole tier (``"tier t (all)"``, the same samples pooled).
+    """
+    from genalign.evaluation import sample_and_score
+
+    cfg = trainer.config
+    ev = cfg.eval
+    t0 = time.perf_counter()
+    rows, tier_parts = [], {}
+    for name, prompts in trainer.prompts.eval_sets(ev.prompts_per_set).items():
+        with trainer.acc.autocast():
+            _, out = sample_and_score(trainer.policy, prompts, ev.samples_per_prompt, ev.seed, trainer.reward,
+                                      cfg.train.rollout_batch_size, desc=f"eval {name}")
+        comps = {k: v.float() for k, v in out.components.items()}
+        rows.append(_row(epoch, name, prompts, out.scores.float(), comps))
+        if name.endswith((" (training pool)", " (never trained)")):
+            tier = name.rsplit(" (", 1)[0]
+            tier_parts.setdefault(tier, []).append((prompts, out.scores.float(), comps))
+    for tier, parts in tier_parts.items():
+        if len(parts) > 1:
+            prompts = [p for part in parts for p in part[0]]
+            scores = torch.cat([part[1] for part in parts])
+            comps = {k: torch.cat([part[2][k] for part in parts]) for k in parts[0][2]}
+            rows.append(_row(epoch, f"{tier} (all)", prompts, scores, comps))
+    if trainer.main:
+        with open(os.path.join(trainer.out, "eval.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        label = "before training" if epoch == 0 else f"after epoch {epoch}"
+        write(f"[genalign] eval {label}: {format_eval(rows)}")
+    timings["evaluation"] += time.perf_counter() - t0
+    return rows
+
+
+def grid_prompts(sets: dict[str, list[str]], n: int) -> list[tuple[str, str]]:
+    """Up to ``n`` distinct (set, prompt) pairs, taken in turn from each eval set in its order."""
+    queues = {name: list(dict.fromkeys(prompts)) for name, prompts in sets.items()}
+    picks: list[tuple[str, str]] = []
+    while len(picks) < n and any(queues.values()):
+        for name, queue in queues.items():
+            if queue and len(picks) < n:
+                picks.append((name, queue.pop(0)))
+    return picks
+
+
+def verdict(components: dict[str, float], reward: float) -> dict[str, Any]:
+    """What a grid cell is labelled with: strict pass/fail and partial score when the reward has them."""
+    out: dict[str, Any] = {"reward": reward}
+    for k, v in components.items():
+        short = k.rsplit("/", 1)[-1]
+        if short in ("strict", "partial") and short not in out:
+            out[short] = v
+    return out
+
+
+@torch.no_grad()
+def grid(trainer: Any, tag: str) -> dict[str, Any]:
+    """Sample the grid (eval prompts, eval seeds), save its images and cell labels in grids.json."""
+    from genalign.report import image_grid
+
+    cfg = trainer.config
+    rep, ev = cfg.report, cfg.eval
+    picks = grid_prompts(trainer.prompts.eval_sets(ev.prompts_per_set), rep.num_prompts)
+    seeds = [ev.seed + j for j in rep.seeds]
+    n = len(seeds)
+    per_call = max(1, cfg.train.rollout_batch_size // n)
+    images, scores, comps = [], [], {}
+    for i in range(0, len(picks), per_call):
+        chunk = [p for _, p in picks[i : i + per_call]]
+        gens = [torch.Generator().manual_seed(s) for _ in chunk for s in seeds]
+        with trainer.acc.autocast():
+            traj = trainer.policy.rollout(chunk, n, gens)
+        images.append(traj.outputs.float().cpu())
+        out = trainer.reward(traj.outputs, traj.conditions)
+        scores.append(out.scores.float().cpu())
+        for k, v in out.components.items():
+            comps.setdefault(k, []).append(v.float().cpu())
+    imgs = torch.cat(images)
+    r = torch.cat(scores)
+    c = {k: torch.cat(v) for k, v in comps.items()}
+    png = f"samples_{tag}.png"
+    cells = []
+    for i in range(len(picks)):
+        row = []
+        for j in range(n):
+            k = i * n + j
+            row.append({"image": f"report_images/{tag}_{i}_{j}.png",
+                        **verdict({key: float(v[k]) for key, v in c.items()}, float(r[k]))})
+        cells.append(row)
+    result = {"png": png, "prompts": [p for _, p in picks], "sets": [s for s, _ in picks], "seeds": seeds,
+              "rewards": r.view(len(picks), n).tolist(), "cells": cells}
+    if trainer.main:
+        scale = 4 if imgs.shape[-1] <= 64 else 1
+        image_grid(imgs, rows=len(picks), scale=scale).save(os.path.join(trainer.out, png))
+        os.makedirs(os.path.join(trainer.out, "report_images"), exist_ok=True)
+        for i, row in enumerate(cells):
+            for j, cell in enumerate(row):
+                image_grid(imgs[i * n + j][None], rows=1, scale=scale, pad=0).save(os.path.join(trainer.out, cell["image"]))
+        grids = load_grids(trainer.out)
+        grids[tag] = result
+        with open(os.path.join(trainer.out, "grids.json"), "w") as f:
+            json.dump(grids, f)
+    return result
+
+
+def load_grids(out: str) -> dict[str, Any]:
+    path = os.path.join(out, "grids.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def write_run_report(trainer: Any, grids: dict[str, Any], timings: dict[str, float]) -> str:
+    """report.html (and reward_curve.png) from the run directory's config, metrics and evals."""
+    from genalign.report import plot_curves, write_report
+
+    out, history = trainer.out, trainer.history
+    keys = ["reward_mean"] + [k for k in (history[-1] if history else {}) if k.startswith("monitor/")]
+    plot_curves(history, os.path.join(out, "reward_curve.png"), keys, bounds=reward_bounds(trainer.config.reward.components))
+    with open(os.path.join(out, "config.yaml")) as f:
+        config_yaml = f.read()
+    evals = []
+    path = os.path.join(out, "eval.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            evals = [json.loads(line) for line in f if line.strip()]
+    return write_report(out, config_yaml, history, grids, dict(timings), evals)
