@@ -169,6 +169,27 @@ def test_log_prob_recomputation_embedded_guidance(tiny_lcm_dir):
     )
 
 
+class ScaledInputLCM(LCMScheduler):
+    """LCM whose model input is not the identity: x / √(1 + (t/1000)²)."""
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample / (1 + (float(timestep) / 1000) ** 2) ** 0.5
+
+
+def test_every_unet_call_applies_the_model_input_scaling(tiny_lcm_dir):
+    """Rollout and log-prob recomputation share the scheduler's model-input scaling: with a
+    non-identity scale_model_input the rollout changes and π_θ/π_old stays exactly 1."""
+    policy = make_policy(tiny_lcm_dir, guidance_scale=3.0)
+    perturb_lora(policy)
+    identity = policy.rollout(PROMPTS, 1, gens(2))
+    policy.scheduler = ScaledInputLCM.from_config(policy.scheduler.config)
+    traj = policy.rollout(PROMPTS, 1, gens(2))
+    assert (traj.actions - identity.actions).abs().max() > 1e-3, "the scaling must reach the UNet"
+    torch.testing.assert_close(policy.log_prob(traj, [0, 1, 2]), traj.log_probs, rtol=0, atol=1e-5)
+    per_row = policy.log_prob(traj, torch.tensor([[2], [0]]))  # rows at different timesteps
+    torch.testing.assert_close(per_row[:, 0], traj.log_probs[[0, 1], [2, 0]], rtol=0, atol=1e-5)
+
+
 def test_sd_with_lcm_lora_and_cfg(tiny_sd_dir, lcm_lora_dir):
     """SD folder + LCMScheduler + fused LCM-LoRA with classifier-free guidance equals diffusers' own recipe;
     log-probs recompute; the reference is the fused LCM-LoRA model."""

@@ -78,6 +78,35 @@ def test_saved_lora_reproduces_in_plain_diffusers(tiny_sd_dir, tmp_path):
     torch.testing.assert_close(reloaded.rollout(PROMPTS, 1, gens(2, 10)).outputs, ours, rtol=0, atol=1e-5)
 
 
+class ScaledInputDDIM(DDIMScheduler):
+    """DDIM whose model input is not the identity: x / √(1 + (t/1000)²), the shape of Euler's
+    scaling. Any UNet call that skips the scaling sees a different input."""
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample / (1 + (float(timestep) / 1000) ** 2) ** 0.5
+
+
+def test_log_prob_applies_the_rollouts_model_input_scaling(tiny_sd_dir):
+    """Rollout, single steps and log-prob recomputation share one model-input scaling: with a
+    non-identity scale_model_input, π_θ/π_old is still exactly 1 (same UNet inputs, so the
+    same float operations up to batch shape), per step and per row."""
+    policy = make_policy(tiny_sd_dir, guidance_scale=3.0)
+    perturb_lora(policy)
+    identity = policy.rollout(PROMPTS, 1, gens(2))
+    policy.scheduler = ScaledInputDDIM.from_config(policy.scheduler.config)
+    policy.scheduler.set_timesteps(4)
+    traj = policy.rollout(PROMPTS, 1, gens(2))
+    assert (traj.actions - identity.actions).abs().max() > 1e-3, "the scaling must reach the UNet"
+    torch.testing.assert_close(policy.log_prob(traj, list(range(4))), traj.log_probs, rtol=0, atol=1e-5)
+    per_row = policy.log_prob(traj, torch.tensor([[3], [1]]))  # rows at different timesteps
+    torch.testing.assert_close(per_row[:, 0], traj.log_probs[[0, 1], [3, 1]], rtol=0, atol=1e-5)
+    own = gens(2)
+    stepped = policy.start(PROMPTS, 1, own)
+    for k in range(4):
+        stepped = policy.step(stepped, k, 1, own)
+    torch.testing.assert_close(stepped.log_probs, traj.log_probs, rtol=0, atol=0)
+
+
 def test_full_finetune_save_and_reference(tiny_sd_dir, tmp_path):
     policy = make_policy(tiny_sd_dir, finetune="full")
     traj = policy.rollout(PROMPTS, 1, gens(2))

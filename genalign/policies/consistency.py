@@ -61,6 +61,7 @@ from genalign.policies.unet_tuning import (
     encode_images,
     make_lora_config,
     merge_runtime,
+    scale_model_input,
 )
 from genalign.policies.window import NoiseWindow
 from genalign.trajectory import Trajectory
@@ -281,7 +282,12 @@ class ConsistencyPolicy:
     def _model_output(
         self, latents: torch.Tensor, t: torch.Tensor, embeds: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Guided UNet output for latents ``[N, C, h, w]`` at timesteps ``[N]`` (fp32)."""
+        """Guided UNet output for latents ``[N, C, h, w]`` at timesteps ``[N]`` (fp32).
+
+        The one path to the UNet: the scheduler's model-input scaling is applied here, so
+        rollouts, single steps, recomputed log-probs and f_θ all see the same input.
+        """
+        latents = scale_model_input(self.scheduler, latents, t)
         unet, dtype = self.tuning.module, self.unet.dtype
         cond = embeds["prompt_embeds"].to(dtype)
         if self.embed_dim is not None:

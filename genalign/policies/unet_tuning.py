@@ -155,6 +155,24 @@ class UNetFinetune:
 
 
 @torch.no_grad()
+def scale_model_input(scheduler: Any, latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The scheduler's model-input scaling, row by row: latents ``[N, C, h, w]``, timesteps ``[N]``.
+
+    Every UNet call of a policy (rollout, one step, log-prob recomputation, x̂0 prediction)
+    goes through this, so a recomputed log-prob sees the same model input as the rollout
+    that drew the action. ``scale_model_input`` takes one timestep, so rows are grouped by
+    timestep (identity for DDIM and LCM).
+    """
+    first = timesteps.reshape(-1)[:1]
+    if bool((timesteps == first).all()):
+        return scheduler.scale_model_input(latents, timesteps[0])
+    out = torch.empty_like(latents)
+    for t in timesteps.unique():
+        rows = timesteps == t
+        out[rows] = scheduler.scale_model_input(latents[rows], t)
+    return out
+
+
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Latents ``[N, C, h, w]`` -> images ``[N, 3, H, W]`` in [0, 1]."""
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
