@@ -375,12 +375,24 @@ def test_save_load_round_trip(tiny_lcm_dir, tmp_path):
 
 
 def test_lora_on_lcm_lora_base_round_trip(tiny_sd_dir, lcm_lora_dir, tmp_path):
-    policy = make_policy(tiny_sd_dir, scheduler="lcm", lcm_lora=lcm_lora_dir, guidance_scale=2.0)
+    """The saved policy names its base and LCM-LoRA relative to its own folder, so the run moved
+    together with them still loads and samples the same images."""
+    import shutil
+
+    from genalign.policies.unet_tuning import POLICY_FILE
+
+    home = tmp_path / "a"
+    shutil.copytree(tiny_sd_dir, home / "base")
+    shutil.copytree(lcm_lora_dir, home / "lcm_lora")
+    policy = make_policy(str(home / "base"), scheduler="lcm", lcm_lora=str(home / "lcm_lora"), guidance_scale=2.0)
     perturb_lora(policy, scale=0.2)
     ours = policy.rollout(PROMPTS, 1, gens(2, 3)).outputs
-    policy.save_pretrained(str(tmp_path / "lora"))
-    reloaded = ConsistencyPolicy.from_pretrained(str(tmp_path / "lora"))
-    assert reloaded.config.lcm_lora and reloaded.config.scheduler == "lcm"
+    policy.save_pretrained(str(home / "run" / "lora"))
+    meta = json.loads((home / "run" / "lora" / POLICY_FILE).read_text())
+    assert (meta["base"], meta["config"]["lcm_lora"]) == ("../../base", "../../lcm_lora")
+    shutil.move(str(home), str(tmp_path / "b"))
+    reloaded = ConsistencyPolicy.from_pretrained(str(tmp_path / "b" / "run" / "lora"))
+    assert reloaded.config.lcm_lora == str(tmp_path / "b" / "lcm_lora") and reloaded.config.scheduler == "lcm"
     torch.testing.assert_close(
         reloaded.rollout(PROMPTS, 1, gens(2, 3)).outputs, ours, rtol=0, atol=1e-5
     )

@@ -61,6 +61,8 @@ from genalign.policies.unet_tuning import (
     encode_images,
     make_lora_config,
     merge_runtime,
+    portable_location,
+    resolve_location,
     scale_model_input,
 )
 from genalign.policies.window import NoiseWindow
@@ -228,9 +230,12 @@ class ConsistencyPolicy:
                 merged.revision, merged.scheduler, merged.lcm_lora = None, "pretrained", ""
                 return cls(_load_pipeline(path_or_id, None, "pretrained", ""), merged)
             base_keys = ("revision", "scheduler", "lcm_lora")
+            base = resolve_location(meta["base"], path_or_id)
+            if saved.lcm_lora:
+                saved.lcm_lora = resolve_location(saved.lcm_lora, path_or_id)
             policy = cls(
-                _load_pipeline(meta["base"], saved.revision, saved.scheduler, saved.lcm_lora),
-                merge_runtime(saved, config, pretrained=meta["base"], base_keys=base_keys),
+                _load_pipeline(base, saved.revision, saved.scheduler, saved.lcm_lora),
+                merge_runtime(saved, config, pretrained=base, base_keys=base_keys),
             )
             policy.tuning.load_lora(path_or_id)
             return policy
@@ -621,11 +626,9 @@ class ConsistencyPolicy:
         base pipeline. Full: a complete pipeline with its LCMScheduler (any LCM-LoRA fused in)."""
         self.tuning.save(directory)
         config = asdict(self.config)
-        base = self.config.pretrained
-        if os.path.isdir(base):
-            base = os.path.abspath(base)
-        if self.config.lcm_lora and os.path.exists(self.config.lcm_lora):
-            config["lcm_lora"] = os.path.abspath(self.config.lcm_lora)
+        base = portable_location(self.config.pretrained, directory)  # local: relative to `directory`
+        if self.config.lcm_lora:
+            config["lcm_lora"] = portable_location(self.config.lcm_lora, directory)
         meta = {
             "type": "consistency",
             "finetune": self.config.finetune,
@@ -651,7 +654,7 @@ def _load_pipeline(path_or_id: str, revision: str | None, scheduler: str, lcm_lo
         safety_checker=None,
         requires_safety_checker=False,
         use_safetensors=True,
-        torch_dtype=torch.float32,
+        dtype=torch.float32,
         **kwargs,
     )
     if not isinstance(pipe.scheduler, LCMScheduler):

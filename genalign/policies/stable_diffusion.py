@@ -36,6 +36,8 @@ from genalign.policies.unet_tuning import (
     encode_images,
     make_lora_config,
     merge_runtime,
+    portable_location,
+    resolve_location,
     scale_model_input,
 )
 from genalign.policies.window import NoiseWindow, mirror_pairs
@@ -119,8 +121,9 @@ class StableDiffusionPolicy:
             if meta["finetune"] == "full":
                 pipe = _load_pipeline(path_or_id, None)
                 return cls(pipe, _merge_runtime(saved, config, pretrained=path_or_id))
-            pipe = _load_pipeline(meta["base"], saved.revision)
-            policy = cls(pipe, _merge_runtime(saved, config, pretrained=meta["base"]))
+            base = resolve_location(meta["base"], path_or_id)
+            pipe = _load_pipeline(base, saved.revision)
+            policy = cls(pipe, _merge_runtime(saved, config, pretrained=base))
             policy.tuning.load_lora(path_or_id)
             return policy
         config.pretrained = path_or_id
@@ -408,9 +411,7 @@ class StableDiffusionPolicy:
     def save_pretrained(self, directory: str) -> None:
         """LoRA: diffusers LoRA format (``pipe.load_lora_weights(directory)`` works). Full: a pipeline."""
         self.tuning.save(directory)
-        base = self.config.pretrained
-        if os.path.isdir(base):
-            base = os.path.abspath(base)
+        base = portable_location(self.config.pretrained, directory)  # local: relative to `directory`
         meta = {"type": "stable_diffusion", "finetune": self.config.finetune, "base": base, "config": asdict(self.config)}
         with open(os.path.join(directory, POLICY_FILE), "w") as f:
             json.dump(meta, f, indent=2)
@@ -429,5 +430,5 @@ def _load_pipeline(path_or_id: str, revision: str | None) -> StableDiffusionPipe
         safety_checker=None,
         requires_safety_checker=False,
         use_safetensors=True,
-        torch_dtype=torch.float32,
+        dtype=torch.float32,
     )

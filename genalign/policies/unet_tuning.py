@@ -33,6 +33,28 @@ def check_model_location(path_or_id: str, key: str) -> None:
         )
 
 
+def portable_location(location: str, directory: str) -> str:
+    """How a policy saved in ``directory`` records a model it sits on (base pipeline, LCM-LoRA).
+
+    A local path is stored relative to ``directory``, always starting with ``./`` or ``../``, so
+    a run folder moved or copied together with its base model still loads; a hub id is stored
+    as is. :func:`resolve_location` is the inverse.
+    """
+    if not os.path.exists(location):
+        return location
+    rel = os.path.relpath(os.path.abspath(location), os.path.abspath(directory))
+    return rel if rel == os.pardir or rel.startswith(os.pardir + os.sep) else os.path.join(os.curdir, rel)
+
+
+def resolve_location(location: str, directory: str) -> str:
+    """A model location read from the policy file in ``directory``: ``./`` or ``../`` paths are
+    relative to ``directory``; absolute paths (files written before paths were relative) and hub
+    ids are returned unchanged."""
+    if location.startswith((os.curdir + os.sep, os.pardir + os.sep)) or location in (os.curdir, os.pardir):
+        return os.path.normpath(os.path.join(directory, location))
+    return location
+
+
 def make_lora_config(rank: int, alpha: float | None, targets: Sequence[str]) -> LoraConfig:
     """LoRA on ``targets`` with scale alpha / r (alpha defaults to r); B starts at zero."""
     return LoraConfig(
