@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = build_sd15_random(dtype)
         height = 512
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False, dtype=dtype)
         height = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -169,6 +169,27 @@ def test_log_prob_recomputation_embedded_guidance(tiny_lcm_dir):
     )
 
 
+class ScaledInputLCM(LCMScheduler):
+    """LCM whose model input is not the identity: x / √(1 + (t/1000)²)."""
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample / (1 + (float(timestep) / 1000) ** 2) ** 0.5
+
+
+def test_every_unet_call_applies_the_model_input_scaling(tiny_lcm_dir):
+    """Rollout and log-prob recomputation share the scheduler's model-input scaling: with a
+    non-identity scale_model_input the rollout changes and π_θ/π_old stays exactly 1."""
+    policy = make_policy(tiny_lcm_dir, guidance_scale=3.0)
+    perturb_lora(policy)
+    identity = policy.rollout(PROMPTS, 1, gens(2))
+    policy.scheduler = ScaledInputLCM.from_config(policy.scheduler.config)
+    traj = policy.rollout(PROMPTS, 1, gens(2))
+    assert (traj.actions - identity.actions).abs().max() > 1e-3, "the scaling must reach the UNet"
+    torch.testing.assert_close(policy.log_prob(traj, [0, 1, 2]), traj.log_probs, rtol=0, atol=1e-5)
+    per_row = policy.log_prob(traj, torch.tensor([[2], [0]]))  # rows at different timesteps
+    torch.testing.assert_close(per_row[:, 0], traj.log_probs[[0, 1], [2, 0]], rtol=0, atol=1e-5)
+
+
 def test_sd_with_lcm_lora_and_cfg(tiny_sd_dir, lcm_lora_dir):
     """SD folder + LCMScheduler + fused LCM-LoRA with classifier-free guidance equals diffusers' own recipe;
     log-probs recompute; the reference is the fused LCM-LoRA model."""
@@ -354,12 +375,24 @@ def test_save_load_round_trip(tiny_lcm_dir, tmp_path):
 
 
 def test_lora_on_lcm_lora_base_round_trip(tiny_sd_dir, lcm_lora_dir, tmp_path):
-    policy = make_policy(tiny_sd_dir, scheduler="lcm", lcm_lora=lcm_lora_dir, guidance_scale=2.0)
+    """The saved policy names its base and LCM-LoRA relative to its own folder, so the run moved
+    together with them still loads and samples the same images."""
+    import shutil
+
+    from genalign.policies.unet_tuning import POLICY_FILE
+
+    home = tmp_path / "a"
+    shutil.copytree(tiny_sd_dir, home / "base")
+    shutil.copytree(lcm_lora_dir, home / "lcm_lora")
+    policy = make_policy(str(home / "base"), scheduler="lcm", lcm_lora=str(home / "lcm_lora"), guidance_scale=2.0)
     perturb_lora(policy, scale=0.2)
     ours = policy.rollout(PROMPTS, 1, gens(2, 3)).outputs
-    policy.save_pretrained(str(tmp_path / "lora"))
-    reloaded = ConsistencyPolicy.from_pretrained(str(tmp_path / "lora"))
-    assert reloaded.config.lcm_lora and reloaded.config.scheduler == "lcm"
+    policy.save_pretrained(str(home / "run" / "lora"))
+    meta = json.loads((home / "run" / "lora" / POLICY_FILE).read_text())
+    assert (meta["base"], meta["config"]["lcm_lora"]) == ("../../base", "../../lcm_lora")
+    shutil.move(str(home), str(tmp_path / "b"))
+    reloaded = ConsistencyPolicy.from_pretrained(str(tmp_path / "b" / "run" / "lora"))
+    assert reloaded.config.lcm_lora == str(tmp_path / "b" / "lcm_lora") and reloaded.config.scheduler == "lcm"
     torch.testing.assert_close(
         reloaded.rollout(PROMPTS, 1, gens(2, 3)).outputs, ours, rtol=0, atol=1e-5
     )

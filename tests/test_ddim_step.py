@@ -7,8 +7,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from genalign.distributions import gaussian_log_prob
-from genalign.policies.ddim import DDIMConstants, ddim_step
+from genalign.policies.ddim import DDIMConstants, ddim_std_and_eps_coef, ddim_step
 
+EPS32 = torch.finfo(torch.float32).eps
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
@@ -35,22 +36,66 @@ def test_mean_matches_diffusers_step(overrides, eta):
         torch.testing.assert_close(ours.mean + std * noise, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("steps", [10, 20, 25])
-def test_zero_terminal_snr_first_step_is_finite_at_eta_one(steps):
-    """ᾱ_T = 0 and η = 1 make 1 − ᾱ_t' − σ² exactly 0, which float32 rounds to −6e-8 at 10, 20
-    and 25 trailing steps (tiny-sd's schedule); the step must stay finite and put no weight on ε."""
+def _zero_snr_scheduler(steps):
     sched = DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
                              "timestep_spacing": "trailing"})
     sched.set_timesteps(steps)
+    return sched
+
+
+@pytest.mark.parametrize("steps", [10, 20, 25])
+def test_zero_terminal_snr_first_step_is_finite_at_eta_one(steps):
+    """ᾱ_T = 0 and η = 1 make 1 − ᾱ_t' − σ² exactly 0; the factored form must give exactly 0
+    (not ±6e-8 from rounding), so the step puts no weight on ε and μ = √ᾱ_t' x̂0 bit for bit."""
+    sched = _zero_snr_scheduler(steps)
     consts = DDIMConstants.from_scheduler(sched, steps)
     g = torch.Generator().manual_seed(0)
     sample, model_out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     t = torch.full((2,), int(sched.timesteps[0]))
     assert int(t[0]) == 999 and float(sched.alphas_cumprod[999]) == 0.0
+    a_t, a_prev = consts.alphas(t)
+    std, coef = ddim_std_and_eps_coef(a_t, a_prev, 1.0)
+    assert coef.tolist() == [0.0, 0.0]
+    # σ² = 1 − ᾱ_t' here; the two float32 roundings differ by at most a few ulp of 1.
+    torch.testing.assert_close(std**2, 1 - a_prev, rtol=0, atol=4 * EPS32)
     out = ddim_step(consts, model_out, t, sample, 1.0, generator=g)
     assert torch.isfinite(out.prev_sample).all() and torch.isfinite(out.log_prob).all()
-    _, a_prev = consts.alphas(t)
-    torch.testing.assert_close(out.mean, a_prev.sqrt().view(-1, 1, 1, 1) * out.pred_original_sample, rtol=0, atol=1e-3)
+    # μ = √ᾱ_t' x̂0 + 0 · ε: the same float operations as below, so equal exactly.
+    assert torch.equal(out.mean, a_prev.sqrt().view(-1, 1, 1, 1) * out.pred_original_sample)
+
+
+@pytest.mark.parametrize("schedule", ["sd", "zero_snr"])
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_eps_coefficient_matches_float64_on_every_step(schedule, eta):
+    """The factored ε coefficient equals √(1 − ᾱ_t' − σ_t²) computed in float64 from the same
+    float32 ᾱ's. Each float32 operation errs by ≤ ½ ulp; the squared coefficient is a sum and
+    product of O(1) terms (the factor (1−ᾱ_t')/(1−ᾱ_t) is ≤ 1), so its error is below 8 ε32."""
+    sched = _zero_snr_scheduler(20) if schedule == "zero_snr" else _scheduler()
+    consts = DDIMConstants.from_scheduler(sched, len(sched.timesteps))
+    a_t, a_prev = consts.alphas(sched.timesteps.clone())
+    std, coef = ddim_std_and_eps_coef(a_t, a_prev, eta)
+    a, ap = a_t.double(), a_prev.double()
+    var64 = eta**2 * (1 - ap) / (1 - a) * (1 - a / ap)
+    torch.testing.assert_close(std.double() ** 2, var64, rtol=0, atol=8 * EPS32)
+    torch.testing.assert_close(coef.double() ** 2, (1 - ap - var64).clamp(min=0), rtol=0, atol=8 * EPS32)
+    assert bool((coef >= 0).all()) and bool(torch.isfinite(coef).all())
+
+
+def test_eps_coefficient_is_exactly_zero_from_zero_snr_at_eta_one():
+    """From ᾱ_t = 0 at η = 1 the coefficient is 0 for every ᾱ_t' (whatever a machine's schedule
+    rounds it to). Subtracting a rounded σ² from 1 − ᾱ_t' leaves ±6e-8 for about half of these
+    values, and a positive residue would put √6e-8 ≈ 2.4e-4 on ε."""
+    a_prev = torch.linspace(1e-3, 0.999, 1000)
+    std, coef = ddim_std_and_eps_coef(torch.zeros(1000), a_prev, 1.0)
+    assert bool((coef == 0).all())
+    torch.testing.assert_close(std**2, 1 - a_prev, rtol=0, atol=4 * EPS32)
+
+
+def test_eps_coefficient_edge_cases():
+    """ᾱ_t' = 1 (a final step to the clean image) gives σ = 0 and coefficient 0 for any η;
+    ᾱ_t = 1 (no noise at t, so ᾱ_t' = 1) gives both 0 instead of 0/0."""
+    std, coef = ddim_std_and_eps_coef(torch.tensor([0.3, 0.9, 1.0]), torch.ones(3), torch.tensor([1.0, 0.5, 1.0]))
+    assert std.tolist() == [0.0, 0.0, 0.0] and coef.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_draw_matches_diffusers_generator():

@@ -1,5 +1,11 @@
 """StableDiffusionPolicy: rollouts equal plain diffusers, log-probs recompute exactly, LoRA I/O."""
 
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -7,6 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from genalign.policies import Policy, StableDiffusionPolicy, StableDiffusionPolicyConfig
 
 PROMPTS = ["a red circle", "two blue squares"]
+TINY_SD = Path(__file__).resolve().parents[1] / "assets" / "models" / "tiny-sd"
 
 
 def gens(n, base=0):
@@ -76,6 +83,35 @@ def test_saved_lora_reproduces_in_plain_diffusers(tiny_sd_dir, tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
     reloaded = StableDiffusionPolicy.from_pretrained(str(tmp_path / "lora"))
     torch.testing.assert_close(reloaded.rollout(PROMPTS, 1, gens(2, 10)).outputs, ours, rtol=0, atol=1e-5)
+
+
+class ScaledInputDDIM(DDIMScheduler):
+    """DDIM whose model input is not the identity: x / √(1 + (t/1000)²), the shape of Euler's
+    scaling. Any UNet call that skips the scaling sees a different input."""
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample / (1 + (float(timestep) / 1000) ** 2) ** 0.5
+
+
+def test_log_prob_applies_the_rollouts_model_input_scaling(tiny_sd_dir):
+    """Rollout, single steps and log-prob recomputation share one model-input scaling: with a
+    non-identity scale_model_input, π_θ/π_old is still exactly 1 (same UNet inputs, so the
+    same float operations up to batch shape), per step and per row."""
+    policy = make_policy(tiny_sd_dir, guidance_scale=3.0)
+    perturb_lora(policy)
+    identity = policy.rollout(PROMPTS, 1, gens(2))
+    policy.scheduler = ScaledInputDDIM.from_config(policy.scheduler.config)
+    policy.scheduler.set_timesteps(4)
+    traj = policy.rollout(PROMPTS, 1, gens(2))
+    assert (traj.actions - identity.actions).abs().max() > 1e-3, "the scaling must reach the UNet"
+    torch.testing.assert_close(policy.log_prob(traj, list(range(4))), traj.log_probs, rtol=0, atol=1e-5)
+    per_row = policy.log_prob(traj, torch.tensor([[3], [1]]))  # rows at different timesteps
+    torch.testing.assert_close(per_row[:, 0], traj.log_probs[[0, 1], [3, 1]], rtol=0, atol=1e-5)
+    own = gens(2)
+    stepped = policy.start(PROMPTS, 1, own)
+    for k in range(4):
+        stepped = policy.step(stepped, k, 1, own)
+    torch.testing.assert_close(stepped.log_probs, traj.log_probs, rtol=0, atol=0)
 
 
 def test_full_finetune_save_and_reference(tiny_sd_dir, tmp_path):
@@ -206,3 +242,63 @@ def test_noise_window_draw_is_seeded_and_in_range():
     b = NoiseWindow.draw(50, 2, (0.1, 0.4), torch.Generator().manual_seed(0))
     assert a == b and a.width == 2 and len(a.starts) == 50
     assert all(0.1 <= s < 0.4 for s in a.starts) and max(a.starts) - min(a.starts) > 0.2
+
+
+@pytest.mark.parametrize("kind", ["stable_diffusion", "consistency"])
+def test_loading_emits_no_deprecation_warning(kind):
+    """Loading the shipped tiny-sd / tiny-lcm uses diffusers' current arguments: no deprecation warning,
+    neither as a Python warning (pyproject ignores those globally, so they are caught here)
+    nor through the diffusers / transformers loggers (which do not propagate to the root)."""
+    logged = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if kind == "stable_diffusion":
+                make_policy(str(TINY_SD))
+            else:
+                from genalign.policies import ConsistencyPolicy
+
+                ConsistencyPolicy.from_pretrained(str(TINY_SD.parent / "tiny-lcm"))
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    messages = [str(w.message) for w in caught] + logged
+    assert not [m for m in messages if "deprecat" in m.lower()], messages
+
+
+def test_saved_policy_records_its_base_relative_to_itself(tiny_sd_dir, tmp_path):
+    """final/genalign_policy.json names a local base model relative to its own folder: moving
+    the run together with its base model keeps it loadable; files with an absolute base (older
+    runs) still load; a hub id is stored as is."""
+    from genalign.policies.unet_tuning import POLICY_FILE, portable_location, resolve_location
+
+    home = tmp_path / "a"
+    shutil.copytree(tiny_sd_dir, home / "base")
+    policy = make_policy(str(home / "base"), guidance_scale=3.0)
+    perturb_lora(policy, scale=0.2)
+    ours = policy.rollout(PROMPTS, 1, gens(2, 10)).outputs
+    policy.save_pretrained(str(home / "run" / "final"))
+    meta = json.loads((home / "run" / "final" / POLICY_FILE).read_text())
+    assert meta["base"] == "../../base"
+    shutil.move(str(home), str(tmp_path / "b"))  # the old location is gone
+    final = tmp_path / "b" / "run" / "final"
+    reloaded = StableDiffusionPolicy.from_pretrained(str(final))
+    assert Path(reloaded.config.pretrained) == tmp_path / "b" / "base"
+    torch.testing.assert_close(reloaded.rollout(PROMPTS, 1, gens(2, 10)).outputs, ours, rtol=0, atol=1e-5)
+    meta["base"] = str(tmp_path / "b" / "base")  # as written before paths were relative
+    (final / POLICY_FILE).write_text(json.dumps(meta))
+    old = StableDiffusionPolicy.from_pretrained(str(final))
+    torch.testing.assert_close(old.rollout(PROMPTS, 1, gens(2, 10)).outputs, ours, rtol=0, atol=1e-5)
+    assert portable_location("org/model", str(final)) == "org/model"
+    assert resolve_location("org/model", str(final)) == "org/model"
+    (final / "sub").mkdir()
+    assert portable_location(str(final / "sub"), str(final)) == "./sub"  # not mistaken for a hub id

@@ -252,6 +252,27 @@ def test_relation_fails_when_an_object_is_missing():
     assert dict(check.clauses)["red circle above blue square"] is False
 
 
+@pytest.mark.parametrize("counts", [("two", "a"), ("a", "two")])
+def test_relation_with_counts_needs_every_pair(counts):
+    """'two red circles to the left of a blue square': every red circle must be left of every
+    blue square (and with two squares, the circle left of both); one of two is not enough."""
+    a_word, b_word = counts
+    a_noun = "red circles" if a_word == "two" else "red circle"
+    b_noun = "blue squares" if b_word == "two" else "blue square"
+    spec = parse_prompt(f"{a_word} {a_noun} to the left of {b_word} {b_noun}")
+    label = f"{a_noun} to the left of {b_noun}"
+    if a_word == "two":
+        good = [Obj("circle", "red", 0.2, 0.3), Obj("circle", "red", 0.2, 0.7), Obj("square", "blue", 0.8, 0.5)]
+        one_off = [Obj("circle", "red", 0.2, 0.5), Obj("circle", "red", 0.9, 0.2), Obj("square", "blue", 0.6, 0.5)]
+    else:
+        good = [Obj("circle", "red", 0.2, 0.5), Obj("square", "blue", 0.8, 0.3), Obj("square", "blue", 0.8, 0.7)]
+        one_off = [Obj("circle", "red", 0.5, 0.5), Obj("square", "blue", 0.8, 0.5), Obj("square", "blue", 0.1, 0.5)]
+    assert check_scene(spec, good).strict
+    check = check_scene(spec, one_off)
+    assert dict(check.clauses)[label] is False and not check.strict
+    assert check.partial == 3 / 4  # both counts right, no extra objects; only the relation fails
+
+
 def test_rendered_scene_fails_near_miss_prompts():
     _, objects = render_scene(parse_prompt("two red circles"), seed=0)
     assert not check_scene(parse_prompt("three red circles"), objects).strict

@@ -1,6 +1,9 @@
 """The policy seam. A policy turns conditions into trajectories and scores its own actions.
 
-Protocol only: no shared logic lives here (see STYLE.md, habit 3).
+Protocol only: this module states what a policy must provide and holds no logic. A policy
+implements the whole protocol itself (structural typing, no base class to inherit from);
+what two policies share lives in plain functions they both call (for the diffusers UNet
+policies, :mod:`genalign.policies.unet_tuning`).
 """
 
 from __future__ import annotations

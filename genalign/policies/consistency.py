@@ -28,6 +28,7 @@ diffusers pipelines do, so a seed gives the same image here and in plain diffuse
 Fine-tuning and the reference are those of the SD policy (:mod:`genalign.policies.unet_tuning`):
 LoRA through peft (reference = adapters disabled) or full (reference = frozen copy). An
 LCM-LoRA given as ``lcm_lora`` is fused into the UNet first, so it is part of the reference.
+The config and the pipeline loading are in :mod:`genalign.policies.consistency_config`.
 """
 
 from __future__ import annotations
@@ -37,16 +38,21 @@ import json
 import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import torch
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+from diffusers import LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 
-from genalign.configs import opt
 from genalign.distributions import gaussian_log_prob
+from genalign.policies.consistency_config import (
+    PIPELINE_GUIDANCE_SCALE,
+    ConsistencyPolicyConfig,
+    load_pipeline,
+    not_lcm_message,
+)
 from genalign.policies.lcm import (
     LCMConstants,
     consistency_function,
@@ -56,100 +62,18 @@ from genalign.policies.lcm import (
 from genalign.policies.unet_tuning import (
     POLICY_FILE,
     UNetFinetune,
-    check_model_location,
     decode_latents,
     encode_images,
     make_lora_config,
     merge_runtime,
+    portable_location,
+    resolve_location,
+    scale_model_input,
 )
 from genalign.policies.window import NoiseWindow
 from genalign.trajectory import Trajectory
 
-#: LatentConsistencyModelPipeline's default guidance scale (for a guidance-embedded UNet)
-PIPELINE_GUIDANCE_SCALE = 8.5
-
-
-@dataclass
-class ConsistencyPolicyConfig:
-    type: Literal["consistency"] = opt("consistency", "policy kind")
-    pretrained: str = opt(
-        "",
-        "local directory or hub id of a diffusers LatentConsistencyModelPipeline, of a Stable Diffusion "
-        "pipeline (with scheduler: lcm and LCM weights in lcm_lora), or a genalign consistency policy dir",
-    )
-    revision: str | None = opt(None, "hub revision (branch, tag or commit) of `pretrained`")
-    scheduler: Literal["pretrained", "lcm"] = opt(
-        "pretrained",
-        "pretrained: the folder's own scheduler, which must be an LCMScheduler; lcm: an LCMScheduler built "
-        "from the folder's scheduler config (a Stable Diffusion folder)",
-    )
-    lcm_lora: str = opt(
-        "",
-        "LCM-LoRA weights (directory, .safetensors file or hub id) fused into the UNet before fine-tuning",
-    )
-    num_steps: int = opt(
-        4,
-        "consistency sampling steps N (UNet calls per sample), >= 2; the MDP has N − 1 stochastic "
-        "transitions (the horizon T) and the last f_θ output is the sample",
-    )
-    guidance_scale: float | None = opt(
-        None,
-        "guidance w. Guidance-embedded UNet (time_cond_proj_dim): embeds w − 1 as LatentConsistencyModelPipeline "
-        "(default 8.5); otherwise classifier-free guidance (default 1.0 = none; LCM-LoRA works best at 1–2)",
-    )
-    negative_prompt: str = opt(
-        "", "negative prompt of the CFG branch (only a UNet without guidance embedding, w > 1)"
-    )
-    height: int | None = opt(
-        None, "image height in pixels (default: the UNet's sample size × VAE factor)"
-    )
-    width: int | None = opt(None, "image width in pixels (default: as height)")
-    finetune: Literal["lora", "full"] = opt(
-        "lora", "train LoRA adapters on the UNet, or all UNet weights"
-    )
-    lora_rank: int = opt(4, "LoRA rank r")
-    lora_alpha: float | None = opt(
-        None, "LoRA alpha (scale = alpha / r); default: equal to the rank"
-    )
-    lora_targets: list[str] = opt(
-        field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]),
-        "UNet module names that get LoRA adapters (diffusers attention projections by default)",
-    )
-    weight_dtype: Literal["float32", "float16", "bfloat16"] = opt(
-        "float32",
-        "dtype of the frozen weights (VAE, text encoder, UNet base); trainable weights stay fp32",
-    )
-    gradient_checkpointing: bool = opt(
-        False, "recompute UNet activations in backward to save memory"
-    )
-    xformers: bool = opt(
-        False, "use xformers memory-efficient attention (needs the `gpu` extra and CUDA)"
-    )
-
-    def validate(self) -> None:
-        if not self.pretrained:
-            raise ValueError("'pretrained' is required: a local pipeline directory or a hub id")
-        check_model_location(self.pretrained, "pretrained")
-        if self.lcm_lora and not os.path.isfile(self.lcm_lora):
-            check_model_location(self.lcm_lora, "lcm_lora")
-        if self.num_steps < 2:
-            raise ValueError(
-                f"'num_steps' must be >= 2, got {self.num_steps}: one-step consistency sampling has no stochastic "
-                "transition to score"
-            )
-        local_scheduler = os.path.join(self.pretrained, "scheduler", "scheduler_config.json")
-        if self.scheduler == "pretrained" and os.path.isfile(local_scheduler):
-            with open(local_scheduler) as f:
-                kind = json.load(f).get("_class_name")
-            if kind != "LCMScheduler":
-                raise ValueError(_not_lcm_message(self.pretrained, kind))
-
-
-def _not_lcm_message(path: str, kind: str | None) -> str:
-    return (
-        f"'scheduler': {path} comes with a {kind}, but consistency sampling needs an LCMScheduler; for a Stable "
-        "Diffusion folder set scheduler: lcm (and give the consistency weights in lcm_lora)"
-    )
+__all__ = ["PIPELINE_GUIDANCE_SCALE", "ConsistencyPolicy", "ConsistencyPolicyConfig"]
 
 
 class ConsistencyPolicy:
@@ -160,7 +84,7 @@ class ConsistencyPolicy:
     def __init__(self, pipeline: Any, config: ConsistencyPolicyConfig):
         if not isinstance(pipeline.scheduler, LCMScheduler):
             raise ValueError(
-                _not_lcm_message(
+                not_lcm_message(
                     config.pretrained or "the pipeline", type(pipeline.scheduler).__name__
                 )
             )
@@ -225,17 +149,20 @@ class ConsistencyPolicy:
             ):  # a complete pipeline with an LCMScheduler and any LCM-LoRA fused in
                 merged = merge_runtime(saved, config, pretrained=path_or_id, base_keys=())
                 merged.revision, merged.scheduler, merged.lcm_lora = None, "pretrained", ""
-                return cls(_load_pipeline(path_or_id, None, "pretrained", ""), merged)
+                return cls(load_pipeline(path_or_id, None, "pretrained", ""), merged)
             base_keys = ("revision", "scheduler", "lcm_lora")
+            base = resolve_location(meta["base"], path_or_id)
+            if saved.lcm_lora:
+                saved.lcm_lora = resolve_location(saved.lcm_lora, path_or_id)
             policy = cls(
-                _load_pipeline(meta["base"], saved.revision, saved.scheduler, saved.lcm_lora),
-                merge_runtime(saved, config, pretrained=meta["base"], base_keys=base_keys),
+                load_pipeline(base, saved.revision, saved.scheduler, saved.lcm_lora),
+                merge_runtime(saved, config, pretrained=base, base_keys=base_keys),
             )
             policy.tuning.load_lora(path_or_id)
             return policy
         config.pretrained = path_or_id
         return cls(
-            _load_pipeline(path_or_id, config.revision, config.scheduler, config.lcm_lora), config
+            load_pipeline(path_or_id, config.revision, config.scheduler, config.lcm_lora), config
         )
 
     # -- protocol ------------------------------------------------------------------------
@@ -281,7 +208,12 @@ class ConsistencyPolicy:
     def _model_output(
         self, latents: torch.Tensor, t: torch.Tensor, embeds: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Guided UNet output for latents ``[N, C, h, w]`` at timesteps ``[N]`` (fp32)."""
+        """Guided UNet output for latents ``[N, C, h, w]`` at timesteps ``[N]`` (fp32).
+
+        The one path to the UNet: the scheduler's model-input scaling is applied here, so
+        rollouts, single steps, recomputed log-probs and f_θ all see the same input.
+        """
+        latents = scale_model_input(self.scheduler, latents, t)
         unet, dtype = self.tuning.module, self.unet.dtype
         cond = embeds["prompt_embeds"].to(dtype)
         if self.embed_dim is not None:
@@ -615,11 +547,9 @@ class ConsistencyPolicy:
         base pipeline. Full: a complete pipeline with its LCMScheduler (any LCM-LoRA fused in)."""
         self.tuning.save(directory)
         config = asdict(self.config)
-        base = self.config.pretrained
-        if os.path.isdir(base):
-            base = os.path.abspath(base)
-        if self.config.lcm_lora and os.path.exists(self.config.lcm_lora):
-            config["lcm_lora"] = os.path.abspath(self.config.lcm_lora)
+        base = portable_location(self.config.pretrained, directory)  # local: relative to `directory`
+        if self.config.lcm_lora:
+            config["lcm_lora"] = portable_location(self.config.lcm_lora, directory)
         meta = {
             "type": "consistency",
             "finetune": self.config.finetune,
@@ -628,40 +558,3 @@ class ConsistencyPolicy:
         }
         with open(os.path.join(directory, POLICY_FILE), "w") as f:
             json.dump(meta, f, indent=2)
-
-
-def _load_pipeline(path_or_id: str, revision: str | None, scheduler: str, lcm_lora: str) -> Any:
-    """A diffusers pipeline with an LCMScheduler, LCM-LoRA fused: LatentConsistencyModelPipeline for a
-    guidance-embedded UNet, StableDiffusionPipeline otherwise (diffusers' own LCM-LoRA recipe)."""
-    check_model_location(path_or_id, "pretrained")
-    kwargs: dict[str, Any] = {}
-    if scheduler == "lcm":
-        kwargs["scheduler"] = LCMScheduler.from_pretrained(
-            path_or_id, subfolder="scheduler", revision=revision
-        )
-    pipe = LatentConsistencyModelPipeline.from_pretrained(
-        path_or_id,
-        revision=revision,
-        safety_checker=None,
-        requires_safety_checker=False,
-        use_safetensors=True,
-        torch_dtype=torch.float32,
-        **kwargs,
-    )
-    if not isinstance(pipe.scheduler, LCMScheduler):
-        raise ValueError(_not_lcm_message(path_or_id, type(pipe.scheduler).__name__))
-    if lcm_lora:
-        if os.path.isfile(lcm_lora):
-            pipe.load_lora_weights(
-                os.path.dirname(lcm_lora) or ".",
-                weight_name=os.path.basename(lcm_lora),
-                adapter_name="lcm",
-            )
-        else:
-            check_model_location(lcm_lora, "lcm_lora")
-            pipe.load_lora_weights(lcm_lora, adapter_name="lcm")
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
-    if pipe.unet.config.time_cond_proj_dim is None:
-        pipe = StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
-    return pipe

@@ -9,6 +9,14 @@ DDPO (Black et al., 2023). Symbols: ``alpha_t -> ᾱ_t``, ``alpha_prev -> ᾱ_t'
     μ   = √ᾱ_t' x̂0 + √(1 − ᾱ_t' − σ_t²) ε
     x_t' ~ N(μ, σ_t² I)
 
+The ε coefficient is computed in the factored form
+
+    1 − ᾱ_t' − σ_t² = (1−ᾱ_t') · [(1−ᾱ_t) − η² (1 − ᾱ_t/ᾱ_t')] / (1−ᾱ_t)
+
+(see :func:`ddim_std_and_eps_coef`), which is exactly 0 in float arithmetic where it is 0
+in exact arithmetic (η = 1 from a zero-terminal-SNR ᾱ_T = 0, or ᾱ_t' = 1), whatever the
+last bits of the schedule.
+
 The step reproduces ``diffusers.DDIMScheduler.step`` (same prev-timestep rule, same
 clipping, same noise draw from a generator) and additionally returns log π(x_t' | x_t),
 the mean over latent dims (see :mod:`genalign.distributions`). Everything runs in fp32.
@@ -118,6 +126,35 @@ def predict_x0_eps(
     return x0, eps
 
 
+def ddim_std_and_eps_coef(
+    alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ_t and the ε coefficient √(1 − ᾱ_t' − σ_t²) of the DDIM(η) step, elementwise (fp32).
+
+    ``alpha_t``, ``alpha_prev``: ᾱ_t and ᾱ_t' of any (same) shape; ``eta``: one value or a
+    tensor broadcastable to them. With r = 1 − ᾱ_t/ᾱ_t' and σ_t² = η² (1−ᾱ_t') r / (1−ᾱ_t),
+
+        1 − ᾱ_t' − σ_t² = (1−ᾱ_t') · [(1−ᾱ_t) − η² r] / (1−ᾱ_t).
+
+    Subtracting σ_t² from 1 − ᾱ_t' after rounding both leaves a residue of a few 1e-8 where
+    the exact value is 0, and its square root (~2e-4) then multiplies ε. In the factored form
+    the zero cases are exact: at ᾱ_t = 0, r = 1 − 0 = 1 and the bracket is 1 − η² (0 at η = 1);
+    at ᾱ_t' = 1 the factor 1 − ᾱ_t' is 0. ᾱ_t = 1 (no noise at t; then ᾱ_t' = 1 too) has no
+    stochastic step: σ_t = 0 and the coefficient is √(1 − ᾱ_t') = 0. The clamp only guards
+    η > 1, where the DDIM step is undefined.
+    """
+    alpha_t, alpha_prev = alpha_t.float(), alpha_prev.float()
+    eta = torch.as_tensor(eta, dtype=torch.float32, device=alpha_t.device)
+    one_minus_a = 1 - alpha_t  # 1 − ᾱ_t
+    noisy = one_minus_a > 0
+    denom = torch.where(noisy, one_minus_a, torch.ones_like(one_minus_a))
+    r = 1 - alpha_t / alpha_prev  # 1 − ᾱ_t/ᾱ_t'
+    variance = torch.where(noisy, (1 - alpha_prev) / denom * r, torch.zeros_like(r))  # σ_t² / η²
+    std = eta * variance.clamp(min=0).sqrt()  # σ_t
+    coef_sq = torch.where(noisy, (1 - alpha_prev) * (one_minus_a - eta**2 * r) / denom, 1 - alpha_prev)
+    return std, coef_sq.clamp(min=0).sqrt()
+
+
 def ddim_step(
     consts: DDIMConstants,
     model_output: torch.Tensor,
@@ -146,8 +183,7 @@ def ddim_step(
         raise ValueError("eta must be >= 0 per row")
     x0, eps = predict_x0_eps(consts, model_output, timesteps, sample)
     alpha_t, alpha_prev = consts.alphas(timesteps)  # [B], [B]
-    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)  # [B]
-    std = eta_rows * variance.sqrt()  # σ_t [B]
+    std, eps_coef = ddim_std_and_eps_coef(alpha_t, alpha_prev, eta_rows)  # σ_t, √(1 − ᾱ_t' − σ_t²)  [B] each
     stochastic = eta_rows > 0  # [B]
     if bool((std[stochastic] <= 0).any()):
         raise ValueError("DDIM step has σ = 0 at this timestep, so no log-density exists")
@@ -155,8 +191,7 @@ def ddim_step(
         raise ValueError("cannot score a deterministic (eta = 0) DDIM step: it has no log-density")
     a_prev = _expand(alpha_prev, sample)
     s = _expand(std, sample)
-    # 1 - ᾱ_t' - σ² is exactly 0 at η = 1 where ᾱ_t = 0 (zero terminal SNR); rounding can make it -6e-8.
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - s**2).clamp(min=0).sqrt() * eps  # μ [B, C, h, w]
+    mean = a_prev.sqrt() * x0 + _expand(eps_coef, sample) * eps  # μ [B, C, h, w]
     if prev_sample is None:
         if noise is None:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)

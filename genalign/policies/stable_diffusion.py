@@ -27,7 +27,7 @@ from peft import LoraConfig
 
 from genalign.configs import opt
 from genalign.distributions import gaussian_log_prob
-from genalign.policies.ddim import DDIMConstants, ddim_step, predict_x0_eps
+from genalign.policies.ddim import DDIMConstants, ddim_std_and_eps_coef, ddim_step, predict_x0_eps
 from genalign.policies.unet_tuning import (
     POLICY_FILE,
     UNetFinetune,
@@ -36,6 +36,9 @@ from genalign.policies.unet_tuning import (
     encode_images,
     make_lora_config,
     merge_runtime,
+    portable_location,
+    resolve_location,
+    scale_model_input,
 )
 from genalign.policies.window import NoiseWindow, mirror_pairs
 from genalign.trajectory import Trajectory
@@ -118,8 +121,9 @@ class StableDiffusionPolicy:
             if meta["finetune"] == "full":
                 pipe = _load_pipeline(path_or_id, None)
                 return cls(pipe, _merge_runtime(saved, config, pretrained=path_or_id))
-            pipe = _load_pipeline(meta["base"], saved.revision)
-            policy = cls(pipe, _merge_runtime(saved, config, pretrained=meta["base"]))
+            base = resolve_location(meta["base"], path_or_id)
+            pipe = _load_pipeline(base, saved.revision)
+            policy = cls(pipe, _merge_runtime(saved, config, pretrained=base))
             policy.tuning.load_lora(path_or_id)
             return policy
         config.pretrained = path_or_id
@@ -154,7 +158,12 @@ class StableDiffusionPolicy:
         return cond, uncond
 
     def _eps(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """Guided model output for latents ``[N, C, h, w]`` at timesteps ``[N]``."""
+        """Guided model output for latents ``[N, C, h, w]`` at timesteps ``[N]``.
+
+        The one path to the UNet: the scheduler's model-input scaling is applied here, so
+        rollouts, single steps, recomputed log-probs and x̂0 predictions all see the same input.
+        """
+        latents = scale_model_input(self.scheduler, latents, t)
         w = self.config.guidance_scale
         dtype = self.unet.dtype
         unet = self.tuning.module
@@ -190,8 +199,7 @@ class StableDiffusionPolicy:
         n = latents.shape[0]
         for i, t in enumerate(self.scheduler.timesteps[first_step:], start=first_step):
             t_batch = torch.full((n,), int(t), device=latents.device, dtype=torch.long)
-            model_in = self.scheduler.scale_model_input(latents, t)
-            eps = self._eps(model_in, t_batch, cond, uncond)
+            eps = self._eps(latents, t_batch, cond, uncond)
             eta = self.config.eta if stochastic is None else stochastic[:, i].float() * self.config.eta  # [N]
             noise = None
             if antithetic:
@@ -323,8 +331,7 @@ class StableDiffusionPolicy:
         child = traj[torch.arange(traj.batch_size, device=traj.states.device).repeat_interleave(n)]
         x_t = child.states[:, step].float()
         t_batch = child.timesteps[:, step]
-        model_in = self.scheduler.scale_model_input(x_t, int(t_batch[0]))
-        eps = self._eps(model_in, t_batch, child.extras["prompt_embeds"], child.extras["negative_prompt_embeds"])
+        eps = self._eps(x_t, t_batch, child.extras["prompt_embeds"], child.extras["negative_prompt_embeds"])
         out = ddim_step(self.consts, eps, t_batch, x_t, self.config.eta, generator=generator)
         states, actions, log_probs, mask = child.states.clone(), child.actions.clone(), child.log_probs.clone(), child.mask.clone()
         actions[:, step] = out.prev_sample
@@ -372,9 +379,9 @@ class StableDiffusionPolicy:
         x0k = x0.unsqueeze(1).expand(-1, k, *shape)  # [B, K, C, h, w]
         a_t, a_prev = self.consts.alphas(timesteps.flatten())  # [B*K] each
         a_t, a_prev = a_t.view(b, k, 1, 1, 1), a_prev.view(b, k, 1, 1, 1)
-        sigma = self.config.eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+        sigma, eps_coef = ddim_std_and_eps_coef(a_t, a_prev, self.config.eta)  # σ_t, √(1 − ᾱ_t' − σ_t²)
         states = a_t.sqrt() * x0k + (1 - a_t).sqrt() * eps  # x_t
-        mean = a_prev.sqrt() * x0k + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        mean = a_prev.sqrt() * x0k + eps_coef * eps
         actions = mean + sigma * z  # x_t' ~ q(x_t' | x_t, x_0)
         # The behaviour log-prob is that of the forward posterior q, which drew the actions.
         log_probs = gaussian_log_prob(actions.flatten(0, 1), mean.flatten(0, 1), sigma.flatten(0, 1)).view(b, k)
@@ -404,9 +411,7 @@ class StableDiffusionPolicy:
     def save_pretrained(self, directory: str) -> None:
         """LoRA: diffusers LoRA format (``pipe.load_lora_weights(directory)`` works). Full: a pipeline."""
         self.tuning.save(directory)
-        base = self.config.pretrained
-        if os.path.isdir(base):
-            base = os.path.abspath(base)
+        base = portable_location(self.config.pretrained, directory)  # local: relative to `directory`
         meta = {"type": "stable_diffusion", "finetune": self.config.finetune, "base": base, "config": asdict(self.config)}
         with open(os.path.join(directory, POLICY_FILE), "w") as f:
             json.dump(meta, f, indent=2)
@@ -425,5 +430,5 @@ def _load_pipeline(path_or_id: str, revision: str | None) -> StableDiffusionPipe
         safety_checker=None,
         requires_safety_checker=False,
         use_safetensors=True,
-        torch_dtype=torch.float32,
+        dtype=torch.float32,
     )

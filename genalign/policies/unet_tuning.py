@@ -33,6 +33,28 @@ def check_model_location(path_or_id: str, key: str) -> None:
         )
 
 
+def portable_location(location: str, directory: str) -> str:
+    """How a policy saved in ``directory`` records a model it sits on (base pipeline, LCM-LoRA).
+
+    A local path is stored relative to ``directory``, always starting with ``./`` or ``../``, so
+    a run folder moved or copied together with its base model still loads; a hub id is stored
+    as is. :func:`resolve_location` is the inverse.
+    """
+    if not os.path.exists(location):
+        return location
+    rel = os.path.relpath(os.path.abspath(location), os.path.abspath(directory))
+    return rel if rel == os.pardir or rel.startswith(os.pardir + os.sep) else os.path.join(os.curdir, rel)
+
+
+def resolve_location(location: str, directory: str) -> str:
+    """A model location read from the policy file in ``directory``: ``./`` or ``../`` paths are
+    relative to ``directory``; absolute paths (files written before paths were relative) and hub
+    ids are returned unchanged."""
+    if location.startswith((os.curdir + os.sep, os.pardir + os.sep)) or location in (os.curdir, os.pardir):
+        return os.path.normpath(os.path.join(directory, location))
+    return location
+
+
 def make_lora_config(rank: int, alpha: float | None, targets: Sequence[str]) -> LoraConfig:
     """LoRA on ``targets`` with scale alpha / r (alpha defaults to r); B starts at zero."""
     return LoraConfig(
@@ -155,6 +177,24 @@ class UNetFinetune:
 
 
 @torch.no_grad()
+def scale_model_input(scheduler: Any, latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The scheduler's model-input scaling, row by row: latents ``[N, C, h, w]``, timesteps ``[N]``.
+
+    Every UNet call of a policy (rollout, one step, log-prob recomputation, x̂0 prediction)
+    goes through this, so a recomputed log-prob sees the same model input as the rollout
+    that drew the action. ``scale_model_input`` takes one timestep, so rows are grouped by
+    timestep (identity for DDIM and LCM).
+    """
+    first = timesteps.reshape(-1)[:1]
+    if bool((timesteps == first).all()):
+        return scheduler.scale_model_input(latents, timesteps[0])
+    out = torch.empty_like(latents)
+    for t in timesteps.unique():
+        rows = timesteps == t
+        out[rows] = scheduler.scale_model_input(latents[rows], t)
+    return out
+
+
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Latents ``[N, C, h, w]`` -> images ``[N, 3, H, W]`` in [0, 1]."""
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
