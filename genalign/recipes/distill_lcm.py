@@ -161,7 +161,7 @@ def load_teacher(path: str):
         safety_checker=None,
         requires_safety_checker=False,
         use_safetensors=True,
-        torch_dtype=torch.float32,
+        dtype=torch.float32,
     )
     if teacher.unet.config.time_cond_proj_dim is not None:
         raise ValueError(
