@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func in (_train, _sample, _eval, _toyworld, _value) and not getattr(args, "dry_run", False):
+        from genalign.progress import quiet_library_bars
+
+        quiet_library_bars()
     try:
         return args.func(args)
     except ConfigError as e:

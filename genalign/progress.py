@@ -116,3 +116,15 @@ def write(message: str, file: TextIO | None = None) -> None:
         tqdm.write(message, file=file)
     else:
         print(message, file=file or sys.stdout, flush=True)
+
+
+def quiet_library_bars() -> None:
+    """Off a terminal, turn off diffusers' and transformers' own bars ("Loading pipeline
+    components", weight loading), which redraw with carriage returns. On a terminal: no-op."""
+    if _is_tty(sys.stderr):
+        return
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

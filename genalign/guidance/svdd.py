@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from genalign.progress import progress as progress_bar
 from genalign.trajectory import Trajectory
 
 #: a value estimate of the finished sample from the state after ``step`` steps: (traj, step) -> [B]
@@ -109,7 +109,7 @@ def svdd_sample(
     extra = [[torch.Generator().manual_seed(_derived_seed(int(s), j)) for j in range(1, m)] for s in seeds]
     select_gen = torch.Generator().manual_seed(_derived_seed(int(seeds[0]), 2**31))
     traj = policy.start(conditions, n_per_condition, own)
-    for step in tqdm(range(traj.num_steps), desc="svdd steps", leave=False, disable=not progress):
+    for step in progress_bar(range(traj.num_steps), desc="svdd steps", leave=False, disable=not progress):
         gens = [g for i in range(n_rows) for g in [own[i], *extra[i]]]  # row-major, candidate 0 = own
         cand = policy.step(traj, step, m, gens)  # [B*M rows]; the last step also decodes them
         if counter is not None:

@@ -8,10 +8,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from genalign.configs import opt
 from genalign.guidance.value_model import ValueNet, ValueNetConfig, train_value, value_dataset
+from genalign.progress import progress
 
 
 @dataclass
@@ -53,7 +53,7 @@ def run(cfg: ValueTrainConfig) -> dict:
     parts, n = [], cfg.samples_per_prompt
     per_call = max(1, 64 // n)
     with torch.no_grad():
-        for i in tqdm(range(0, len(prompts), per_call), desc="value rollouts"):
+        for i in progress(range(0, len(prompts), per_call), desc="value rollouts"):
             chunk = prompts[i : i + per_call]
             gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + (i + p) * n + j) for p in range(len(chunk)) for j in range(n)]
             traj = policy.rollout(chunk, n, gens)

@@ -40,10 +40,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from genalign.policies.ddim import x0_eps_from_output
 from genalign.policies.lcm import boundary_scalings, guidance_embedding
+from genalign.progress import progress
 
 from .common import (
     Budget,
@@ -271,7 +271,7 @@ def distill(teacher, args, log_every: int) -> tuple[torch.nn.Module, dict]:
     huber_c = args.huber_c if args.huber_c is not None else 0.00054 * latent_dims**0.5
     budget = Budget(args.steps, args.minutes, warmup=args.warmup)
     curve, step = LossCurve(log_every, budget), 0
-    bar = tqdm(total=args.steps, desc="lcm distillation", dynamic_ncols=True)
+    bar = progress(total=args.steps, desc="lcm distillation")
     while not budget.done(step):
         lr = args.lr * budget.lr_factor(step)
         set_lr(opt, lr)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from genalign.progress import progress
 
 from .common import Budget, LossCurve, ShapesStream, set_lr
 
@@ -23,7 +24,7 @@ def train_vae(vae, stream: ShapesStream, args, log_every: int = 25) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 1)
     curve, step = LossCurve(log_every, budget), 0
     vae.train()
-    bar = tqdm(total=args.vae_steps, desc="vae", dynamic_ncols=True)
+    bar = progress(total=args.vae_steps, desc="vae")
     while not budget.done(step):
         set_lr(opt, args.vae_lr * budget.lr_factor(step))
         x, _ = stream.batch(args.vae_batch_size)  # [B, 3, S, S]
@@ -148,7 +149,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
     curve, step = LossCurve(log_every, budget), 0
     for m in models:
         m.train()
-    bar = tqdm(total=args.unet_steps, desc="unet", dynamic_ncols=True)
+    bar = progress(total=args.unet_steps, desc="unet")
     while not budget.done(step):
         set_lr(opt, args.unet_lr * budget.lr_factor(step))
         x, prompts = stream.batch(args.batch_size)
