@@ -47,8 +47,8 @@ def write_checkpoint(
     try:
         save_file({k: v.contiguous() for k, v in trainable.items()}, os.path.join(tmp, "trainable.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        for name, values in (tensors or {}).items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in values.items()}, os.path.join(tmp, f"{name}.safetensors"))
+        for set_name, values in (tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in values.items()}, os.path.join(tmp, f"{set_name}.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})

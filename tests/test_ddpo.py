@@ -128,3 +128,15 @@ def test_group_baseline_normalises_within_each_group():
     torch.testing.assert_close(adv, torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0)
     algo = DDPO(DDPOConfig(group_baseline=True))
     torch.testing.assert_close(algo.advantages(rewards, ["a"] * 7, group), adv)
+
+
+def test_equal_rewards_give_zero_not_nan():
+    """A group whose rewards are all equal has σ = 0: the 1e-6 in the denominator turns 0/0 into
+    0/1e-6 = 0, for the prompt's history and for the batch fallback alike."""
+    history = PerPromptStats(buffer_size=8, min_count=2)
+    adv = history(torch.tensor([0.7, 0.7, 0.7]), ["a", "a", "a"])
+    assert torch.isfinite(adv).all() and torch.equal(adv, torch.zeros(3))
+    fallback = PerPromptStats(buffer_size=8, min_count=100)
+    adv = fallback(torch.tensor([0.2, 0.2]), ["b", "c"])
+    assert torch.isfinite(adv).all() and torch.equal(adv, torch.zeros(2))
+    assert torch.equal(batch_normalize(torch.tensor([3.0, 3.0])), torch.zeros(2))

@@ -228,3 +228,15 @@ def test_shapes_world_targets_satisfy_their_prompt():
     image, objects = render_scene(parse_prompt("two blue circles"), seed=3, size=32)
     assert out.shape == (1, 3, 32, 32) and check_scene(parse_prompt("two blue circles"), objects).strict
     assert torch.allclose(out[0].permute(1, 2, 0) * 255, torch.tensor(list(image.getdata()), dtype=torch.float32).view(32, 32, 3))
+
+
+def test_b2_threshold_keeps_only_branches_that_stand_out():
+    """Batch statistics (min_count large) over (0, 10, 5, 5.2): μ = 5.05, σ = 3.5373. Group 0:
+    z = (−1.4277, 1.4000), beyond ±0.5 -> both trained. Group 1: z = (−0.0141, 0.0424): its
+    best-vs-worst gap is below the threshold -> neither row is trained (NaN)."""
+    algo = B2DiffuRL(B2DiffuRLConfig(stat_min_count=100, select_threshold=0.5))
+    adv = algo.advantages(torch.tensor([0.0, 10.0, 5.0, 5.2]), ["a", "a", "b", "b"], torch.tensor([0, 0, 1, 1]))
+    sigma = math.sqrt(((0 - 5.05) ** 2 + (10 - 5.05) ** 2 + 0.05**2 + 0.15**2) / 4) + 1e-6
+    assert adv[0].item() == pytest.approx(-5.05 / sigma, rel=1e-5)
+    assert adv[1].item() == pytest.approx(4.95 / sigma, rel=1e-5)
+    assert torch.isnan(adv[2:]).all(), "a group below the threshold trains no row"
