@@ -58,7 +58,7 @@ def batch_gradient(policy, reward, prompts, k, seed, params, metric, window=1.0,
     for p in params:
         p.grad = None
     for c in range(steps.shape[1]):  # one step at a time keeps memory flat
-        loss, _ = algo.loss(traj.subset(steps[:, c : c + 1]), policy.log_prob(traj, steps[:, c : c + 1]), None)
+        loss = algo.loss(traj.subset(steps[:, c : c + 1]), policy.log_prob(traj, steps[:, c : c + 1]), None).mean
         loss.backward()
     return torch.cat([p.grad.flatten() for p in params]).clone()
 

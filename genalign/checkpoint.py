@@ -3,7 +3,8 @@
 Layout of ``<run>/checkpoints/epoch_00003/``:
     trainable.safetensors   trainable policy parameters
     optimizer.pt            optimizer state (tensors and numbers; loaded with weights_only=True)
-    rng.safetensors         torch's global RNG state
+    rng.safetensors         torch's global RNG state (CPU, and every CUDA device when present)
+    <name>.safetensors      optional named tensor sets (e.g. ``snapshots``: an algorithm's weight pool)
     state.json              epoch, counters, wall time, algorithm state, python/numpy RNG
 ``<run>/checkpoints/latest`` names the newest complete checkpoint. A checkpoint is built
 in a hidden temp folder, then renamed into place, then ``latest`` is replaced atomically.
@@ -32,7 +33,13 @@ def write_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int = 2,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> str:
+    """Write ``<root>/epoch_<epoch>`` atomically and point ``latest`` at it; keep the newest ``keep``.
+
+    ``tensors`` maps a name to a tensor set saved as ``<name>.safetensors`` (read back with
+    :func:`read_tensors`). The global RNG states (torch, CUDA, numpy, python) are saved too.
+    """
     os.makedirs(root, exist_ok=True)
     name = f"epoch_{epoch:05d}"
     final = os.path.join(root, name)
@@ -40,7 +47,12 @@ def write_checkpoint(
     try:
         save_file({k: v.contiguous() for k, v in trainable.items()}, os.path.join(tmp, "trainable.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        save_file({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+        for set_name, values in (tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in values.items()}, os.path.join(tmp, f"{set_name}.safetensors"))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, os.path.join(tmp, "rng.safetensors"))
         np_state = np.random.get_state()
         full_state = {
             **state,
@@ -74,13 +86,25 @@ def read_checkpoint(path: str, optimizer: torch.optim.Optimizer) -> tuple[dict[s
     """Restore optimizer and RNG state; return (trainable params, state dict)."""
     trainable = load_file(os.path.join(path, "trainable.safetensors"))
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu"))
-    torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["torch"])
+    rng = load_file(os.path.join(path, "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    cuda = [rng[f"cuda/{i}"] for i in range(len(rng) - 1) if f"cuda/{i}" in rng]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     random.setstate(_lists_to_tuples(state["python_rng"]))
     kind, keys, *rest = state["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     return trainable, state
+
+
+def read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
+    """A tensor set written with ``write_checkpoint(..., tensors={name: ...})``."""
+    file = os.path.join(path, f"{name}.safetensors")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"checkpoint {path} has no {name}.safetensors")
+    return load_file(file)
 
 
 def _atomic_write_text(path: str, text: str) -> None:

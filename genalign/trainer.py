@@ -5,9 +5,10 @@ with no code change. Conditions are split across processes by prompt, so a promp
 group of rollouts stays on one process; rewards are gathered so per-prompt statistics
 are global and identical everywhere.
 
-Reproducibility: each rollout row draws its noise from its own generator seeded by
-(seed, epoch, row), and shuffles by (seed, epoch, pass), so a resumed run reproduces the
-uninterrupted one exactly on CPU.
+Reproducibility: every random draw comes from its own named stream (genalign.seeds): each
+rollout row from (seed, ROLLOUT, epoch, row), each shuffle from (seed, SHUFFLE, epoch, pass),
+and so on; checkpoints keep the global RNG states and the algorithm's weight snapshots, so a
+resumed run reproduces the uninterrupted one exactly on CPU.
 """
 
 from __future__ import annotations
@@ -21,32 +22,29 @@ import time
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
 
 from genalign import checkpoint, run_report
+from genalign import seeds as seeding
 from genalign.algorithms import ALGORITHMS
 from genalign.algorithms.base import SamplingPlan
 from genalign.configs import ConfigError, to_dict
+from genalign.optimise import EpochSums, global_count, minibatches, scale_gradients
 from genalign.policies import POLICIES
 from genalign.policies.window import NoiseWindow
 from genalign.progress import progress, write
+from genalign.seeds import Stream, derive_seed
 from genalign.train_config import TrainConfig
 from genalign.trajectory import Trajectory
 from rewards.compose import NonFiniteRewardError, WeightedSum, check_finite
 from rewards.registry import build_reward
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integer parts, stable across runs and platforms."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
-
-
 def row_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per explicit seed (report grids use fixed user seeds)."""
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
@@ -157,19 +155,19 @@ class Trainer:
     def _epoch(self, epoch: int, timings: dict[str, float]) -> dict[str, Any]:
         cfg, acc = self.config, self.acc
         n = cfg.train.samples_per_prompt
-        prompts = self.prompts.sample(cfg.train.prompts_per_epoch, seed=derive_seed(cfg.seed, epoch))
+        prompts = self.prompts.sample(cfg.train.prompts_per_epoch, seed=derive_seed(cfg.seed, Stream.PROMPTS, epoch))
         local = list(range(acc.process_index, len(prompts), acc.num_processes))
         per_call = max(1, cfg.train.rollout_batch_size // n)
         if self.algorithm.needs_snapshots:
             self.snapshots.append(self.policy.trainable_state_dict())  # index e = weights at the start of epoch e
-        plan = self.algorithm.plan(epoch, len(self.snapshots), torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 3)))
+        plan = self.algorithm.plan(epoch, len(self.snapshots), seeding.generator(cfg.seed, Stream.PLAN, epoch))
 
         t0 = time.perf_counter()
         trajs, comps, monitor, scores = [], defaultdict(list), defaultdict(list), []
         chunks = [local[i : i + per_call] for i in range(0, len(local), per_call)]
-        for chunk in tqdm(chunks, desc=f"epoch {epoch + 1} rollouts", leave=False, disable=not self.main):
-            seeds = [derive_seed(cfg.seed, epoch, p * n + j) for p in chunk for j in range(n)]
-            traj, outputs, conditions = self._collect(plan, [prompts[p] for p in chunk], seeds, epoch, chunk)
+        for chunk in progress(chunks, desc=f"epoch {epoch + 1} rollouts", leave=False, disable=not self.main):
+            rows = [p * n + j for p in chunk for j in range(n)]  # the rows' numbers within the epoch
+            traj, outputs, conditions = self._collect(plan, [prompts[p] for p in chunk], rows, epoch, chunk)
             scored = self.reward(outputs, conditions)
             for k, v in scored.components.items():
                 comps[k].append(v.float().cpu())
@@ -216,7 +214,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         # An epoch may select no row at all (B²-DiffuRL when no branch stands out): no update.
-        train_metrics = self._optimise(traj, epoch, plan) if traj.batch_size else {"loss": 0.0}
+        train_metrics = self._optimise(traj, epoch, plan) if traj.batch_size else {"loss": 0.0, "optimizer_steps": 0.0}
         timings["optimisation"] += time.perf_counter() - t0
 
         self.samples += len(prompts) * n
@@ -242,47 +240,56 @@ class Trainer:
         return metrics
 
     def _collect(
-        self, plan: SamplingPlan, chunk_prompts: list[str], seeds: list[int], epoch: int, chunk: list[int]
+        self, plan: SamplingPlan, chunk_prompts: list[str], rows: list[int], epoch: int, chunk: list[int]
     ) -> tuple[Trajectory, Any, list[Any]]:
-        """One rollout call of the epoch, shaped by the plan.
+        """One rollout call of the epoch, shaped by the plan: prompts ``chunk`` (their numbers in
+        the epoch), rows ``rows`` (``p · n + j``). Each row and prompt draws from its own stream.
 
         Returns the trajectory to train on, and the outputs/conditions the reward scores (for
         ``off_policy``: the reference samples, whose scores are only monitored).
         """
-        n = self.config.train.samples_per_prompt
+        n, seed = self.config.train.samples_per_prompt, self.config.seed
         device = self.acc.device
+        row_gens = seeding.generators(seed, Stream.ROLLOUT, epoch, rows)
         with self.acc.autocast():
             if plan.kind == "rollouts":
                 kwargs: dict[str, Any] = {"shared_noise": plan.shared_noise}
                 if plan.noise_window > 0:
-                    g = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch, 6_000_000 + chunk[0]))
-                    kwargs["noise_window"] = NoiseWindow.draw(len(chunk_prompts), plan.noise_window, plan.noise_window_starts, g)
+                    starts = [  # one draw per prompt, from the prompt's own generator
+                        NoiseWindow.draw(1, plan.noise_window, plan.noise_window_starts,
+                                         seeding.generator(seed, Stream.NOISE_WINDOW, epoch, p)).starts[0]
+                        for p in chunk
+                    ]
+                    kwargs["noise_window"] = NoiseWindow(starts, plan.noise_window)
                 if plan.antithetic:
                     kwargs["antithetic"] = True
-                traj = self.policy.rollout(chunk_prompts, n, row_generators(seeds), **kwargs)
+                traj = self.policy.rollout(chunk_prompts, n, row_gens, **kwargs)
                 traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
                 return traj, traj.outputs, traj.conditions
             if plan.kind == "branches":
-                prefix_seeds = [derive_seed(self.config.seed, epoch, 5_000_000 + p) for p in chunk]
-                prefix = self.policy.rollout(chunk_prompts, 1, row_generators(prefix_seeds))
+                prefix = self.policy.rollout(chunk_prompts, 1, seeding.generators(seed, Stream.BRANCH_PREFIX, epoch, chunk))
                 step = min(prefix.num_steps - 1, int(round(plan.branch_at * prefix.num_steps)))
-                traj = self.policy.continue_from(prefix, step, n, row_generators(seeds))
+                traj = self.policy.continue_from(prefix, step, n, row_gens)
                 traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
                 return traj, traj.outputs, traj.conditions
             # off_policy: reference samples (losers or anchors) and off-policy targets (winners)
             with self._weights(plan.reference):
-                ref = self.policy.rollout(chunk_prompts, n, row_generators(seeds))
+                ref = self.policy.rollout(chunk_prompts, n, row_gens)
             conds = list(ref.conditions)
-            targets = self.algorithm.targets(conds, seeds, ref.outputs.shape[-1]).to(ref.outputs.device)
-            g = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch, 2_000_000 + chunk[0]))
+            target_seeds = [derive_seed(seed, Stream.TARGETS, epoch, r) for r in rows]
+            targets = self.algorithm.targets(conds, target_seeds, ref.outputs.shape[-1]).to(ref.outputs.device)
             k = min(plan.steps_per_sample, ref.num_steps)
-            steps = torch.stack([torch.randperm(ref.num_steps, generator=g)[:k].sort().values for _ in conds])  # [M, K]
-            # the pair shares chain steps and forward noise (same generator seeds)
+            steps = torch.stack([  # [M, K]: each pair's chain steps, from the pair's own generator
+                torch.randperm(ref.num_steps, generator=g)[:k].sort().values
+                for g in seeding.generators(seed, Stream.PAIR_STEPS, epoch, rows)
+            ])
+            # The pair shares chain steps and forward noise; the noise is its own stream, independent
+            # of the reference sample's rollout noise (which would otherwise be the first draw).
             traj = self.policy.forward_process(
                 conds + conds, torch.cat([targets, ref.outputs]), torch.cat([steps, steps]),
-                row_generators(seeds) + row_generators(seeds),
+                seeding.generators(seed, Stream.FORWARD, epoch, rows) + seeding.generators(seed, Stream.FORWARD, epoch, rows),
             )
-            pair = torch.tensor([p * n + j for p in chunk for j in range(n)], device=device)
+            pair = torch.tensor(rows, device=device)
             traj.group = torch.cat([pair, pair]).to(traj.group.device)
             traj.extras["role"] = torch.cat([torch.ones(len(conds)), torch.zeros(len(conds))]).long().to(traj.group.device)
             return traj, ref.outputs, conds
@@ -312,68 +319,50 @@ class Trainer:
         return torch.cat(out)
 
     def _minibatches(self, traj: Trajectory, g: torch.Generator, whole_groups: bool) -> list[torch.Tensor]:
-        size = self.config.train.train_batch_size
-        if not whole_groups:
-            perm = torch.randperm(traj.batch_size, generator=g)
-            return [perm[i : i + size] for i in range(0, traj.batch_size, size)]
-        group = traj.group.cpu()
-        uniq = group.unique()
-        batches, current = [], []
-        for gi in uniq[torch.randperm(len(uniq), generator=g)]:
-            current.extend((group == gi).nonzero().view(-1).tolist())
-            if len(current) >= size:
-                batches.append(torch.tensor(current))
-                current = []
-        if current:
-            batches.append(torch.tensor(current))
-        return batches
+        return minibatches(traj.batch_size, traj.group, self.config.train.train_batch_size, g, whole_groups)
 
     def _optimise(self, traj: Trajectory, epoch: int, plan: SamplingPlan) -> dict[str, float]:
-        cfg, acc = self.config.train, self.acc
-        sums: dict[str, float] = defaultdict(float)
-        count = 0
+        """Inner epochs over ``traj``: each optimiser step follows ∇(Σ total)/(Σ normaliser) over
+        its accumulation window (all minibatches, step chunks and processes), so memory settings
+        do not change the update (genalign.optimise)."""
+        cfg, acc, seed = self.config.train, self.acc, self.config.seed
+        sums = EpochSums()
+        ga = cfg.gradient_accumulation_steps
         for inner in range(cfg.inner_epochs):
-            g = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch, 1_000_000 + inner))
-            batches = self._minibatches(traj, g, plan.whole_groups)
-            ga = cfg.gradient_accumulation_steps
-            for i, idx in enumerate(batches):
-                window_start = (i // ga) * ga
-                window = min(ga, len(batches) - window_start)
-                is_update = i == window_start + window - 1
-                mb = traj[idx]
-                steps = self.algorithm.train_steps(mb, g)  # [b, K]
-                k_total = steps.shape[1]
-                chunk = self.policy.step_chunk or k_total
-                col_groups = [list(range(c, min(c + chunk, k_total))) for c in range(0, k_total, chunk)]
-                for ci, cols in enumerate(col_groups):
-                    sync = is_update and ci == len(col_groups) - 1
-                    sub_steps = steps[:, cols]
-                    with self._no_sync(not sync), acc.autocast():
-                        log_probs = self.policy.log_prob(mb, sub_steps)  # [b, k]
-                        ref = None
-                        if "ref_log_probs" in mb.extras:
-                            ref = mb.extras["ref_log_probs"].to(log_probs.device).gather(1, sub_steps.to(log_probs.device))
-                        elif self.algorithm.needs_reference:
-                            with torch.no_grad(), self.policy.reference():
-                                ref = self.policy.log_prob(mb, sub_steps)
-                        loss, m = self.algorithm.loss(mb.subset(sub_steps), log_probs, ref)
-                        acc.backward(loss / (len(col_groups) * window))
-                    sums["loss"] += float(loss.detach())
-                    for key, value in m.items():
-                        sums[key] += value
-                    count += 1
-                if is_update:
-                    if cfg.max_grad_norm > 0:
-                        norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                        sums["grad_norm_sum"] += float(norm)
-                        sums["updates"] += 1
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-        out = {k: v / max(count, 1) for k, v in sums.items() if k not in ("grad_norm_sum", "updates")}
-        if sums.get("updates"):
-            out["grad_norm"] = sums["grad_norm_sum"] / sums["updates"]
-        reduced = acc.reduce(torch.tensor(list(out.values()), device=acc.device), "mean") if out else None
-        return dict(zip(out, reduced.tolist())) if reduced is not None else {}
+            batches = self._minibatches(traj, seeding.generator(seed, Stream.SHUFFLE, epoch, inner), plan.whole_groups)
+            all_steps = self.algorithm.train_steps(traj, seeding.generator(seed, Stream.TRAIN_STEPS, epoch, inner))  # [N, K]
+            for start in range(0, len(batches), ga):
+                window = batches[start : start + ga]  # the last window of a pass may be partial
+                normaliser = 0.0
+                for i, idx in enumerate(window):
+                    mb, steps = traj[idx], all_steps[idx]  # [b, K]
+                    k_total = steps.shape[1]
+                    chunk = self.policy.step_chunk or k_total
+                    col_groups = [list(range(c, min(c + chunk, k_total))) for c in range(0, k_total, chunk)]
+                    for ci, cols in enumerate(col_groups):
+                        sync = i == len(window) - 1 and ci == len(col_groups) - 1
+                        sub_steps = steps[:, cols]
+                        with self._no_sync(not sync), acc.autocast():
+                            log_probs = self.policy.log_prob(mb, sub_steps)  # [b, k]
+                            ref = None
+                            if "ref_log_probs" in mb.extras:
+                                ref = mb.extras["ref_log_probs"].to(log_probs.device).gather(1, sub_steps.to(log_probs.device))
+                            elif self.algorithm.needs_reference:
+                                with torch.no_grad(), self.policy.reference():
+                                    ref = self.policy.log_prob(mb, sub_steps)
+                            terms = self.algorithm.loss(mb.subset(sub_steps), log_probs, ref)
+                            acc.backward(terms.total)
+                        normaliser += terms.normaliser
+                        sums.add(terms, first_pass=inner == 0 and ci == 0)
+                # one normaliser for the step; DDP already averaged the gradients over processes
+                n_global = global_count(normaliser, acc)
+                scale_gradients(self.modules, self.params, acc.num_processes / n_global if n_global > 0 else 0.0)
+                if cfg.max_grad_norm > 0:
+                    sums.grad_norms.append(float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm)))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                sums.steps += 1
+        return sums.reduce(acc)
 
     def _no_sync(self, skip: bool):
         if not skip or self.acc.num_processes == 1:
@@ -391,9 +380,13 @@ class Trainer:
                 "reward_queries": self.reward_queries,
                 "wall_seconds": wall,
                 "algorithm": self.algorithm.state_dict(),
+                "snapshots": len(self.snapshots),
             }
+            # the weight snapshots an algorithm draws references from (index e: start of epoch e)
+            tensors = {"snapshots": {f"{i}/{k}": v for i, snap in enumerate(self.snapshots) for k, v in snap.items()}}
             checkpoint.write_checkpoint(
-                root, epoch, self.policy.trainable_state_dict(), self.optimizer, state, keep=self.config.train.keep_checkpoints
+                root, epoch, self.policy.trainable_state_dict(), self.optimizer, state,
+                keep=self.config.train.keep_checkpoints, tensors=tensors if self.snapshots else None,
             )
         self.acc.wait_for_everyone()
 
@@ -404,6 +397,14 @@ class Trainer:
         trainable, state = checkpoint.read_checkpoint(path, self.optimizer)
         self.policy.load_trainable_state_dict(trainable)
         self.algorithm.load_state_dict(state["algorithm"])
+        self.snapshots = []
+        if state.get("snapshots"):
+            flat = checkpoint.read_tensors(path, "snapshots")
+            self.snapshots = [
+                {k.split("/", 1)[1]: v for k, v in flat.items() if k.split("/", 1)[0] == str(i)} for i in range(state["snapshots"])
+            ]
+        elif self.algorithm.needs_snapshots and state["epoch"] > 0:
+            raise ValueError(f"{path} holds no weight snapshots, which {self.algorithm.name} needs to resume exactly")
         self.start_epoch = state["epoch"]
         self.samples, self.reward_queries = state["samples"], state["reward_queries"]
         self.wall_before = state["wall_seconds"]

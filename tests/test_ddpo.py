@@ -26,13 +26,15 @@ def test_is_an_algorithm():
 def test_ddpo_loss_hand_derived():
     """ε = 0.2. Row 0: A = 1, ρ = e^0.5 = 1.6487 -> max(−1.6487, −1.2) = −1.2 (clipped).
     Row 1: A = −2, ρ = e^−0.5 = 0.6065 -> max(1.2131, 1.6) = 1.6 (clipped).
-    L = (−1.2 + 1.6) / 2 = 0.2; both clipped -> clip_fraction 1; approx_kl = ½·mean(0.25) = 0.125."""
+    Σ = −1.2 + 1.6 = 0.4 over 2 entries; both clipped -> clip_fraction 1; approx_kl = ½·mean(0.25) = 0.125."""
     algo = DDPO(DDPOConfig(clip_range=0.2))
     new = torch.tensor([[0.5], [0.0]], requires_grad=True)
-    loss, m = algo.loss(batch(torch.tensor([1.0, -2.0]), torch.tensor([[0.0], [0.5]])), new, None)
-    assert loss.item() == pytest.approx(0.2, abs=1e-6)
-    assert m["clip_fraction"] == pytest.approx(1.0)
-    assert m["approx_kl"] == pytest.approx(0.125, abs=1e-6)
+    terms = algo.loss(batch(torch.tensor([1.0, -2.0]), torch.tensor([[0.0], [0.5]])), new, None)
+    loss = terms.total  # a sum over the 2 active entries; the trainer divides by the step's count
+    assert terms.normaliser == 2
+    assert loss.item() == pytest.approx(0.4, abs=1e-6)
+    assert terms.metric("clip_fraction") == pytest.approx(1.0)
+    assert terms.metric("approx_kl") == pytest.approx(0.125, abs=1e-6)
     loss.backward()
     assert torch.count_nonzero(new.grad) == 0, "clipped terms carry no gradient"
 
@@ -41,7 +43,7 @@ def test_ddpo_loss_unclipped_gradient_and_adv_clip():
     """Inside the trust region L = −A ρ, so dL/dlogπ = −A ρ / N. A = 10 is clipped to 5."""
     algo = DDPO(DDPOConfig(clip_range=0.2, adv_clip_max=5.0))
     new = torch.tensor([[0.05, 0.0]], requires_grad=True)
-    loss, _ = algo.loss(batch(torch.tensor([10.0]), torch.zeros(1, 2)), new, None)
+    loss = algo.loss(batch(torch.tensor([10.0]), torch.zeros(1, 2)), new, None).mean
     expected = -5.0 * (math.exp(0.05) + 1.0) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
@@ -52,8 +54,8 @@ def test_mask_excludes_steps():
     lp = torch.tensor([[0.0, 0.0]])
     b = batch(torch.tensor([1.0]), lp)
     b.mask = torch.tensor([[True, False]])
-    loss, _ = ppo_clip_loss(torch.tensor([[1.0]]), torch.tensor([[0.1, 5.0]]), lp, 0.2, b.mask)
-    assert loss.item() == pytest.approx(-math.exp(0.1), rel=1e-6)
+    terms = ppo_clip_loss(torch.tensor([[1.0]]), torch.tensor([[0.1, 5.0]]), lp, 0.2, b.mask)
+    assert terms.total.item() == pytest.approx(-math.exp(0.1), rel=1e-6) and terms.normaliser == 1
 
 
 def test_per_prompt_stats_hand_values():
@@ -126,3 +128,15 @@ def test_group_baseline_normalises_within_each_group():
     torch.testing.assert_close(adv, torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0)
     algo = DDPO(DDPOConfig(group_baseline=True))
     torch.testing.assert_close(algo.advantages(rewards, ["a"] * 7, group), adv)
+
+
+def test_equal_rewards_give_zero_not_nan():
+    """A group whose rewards are all equal has σ = 0: the 1e-6 in the denominator turns 0/0 into
+    0/1e-6 = 0, for the prompt's history and for the batch fallback alike."""
+    history = PerPromptStats(buffer_size=8, min_count=2)
+    adv = history(torch.tensor([0.7, 0.7, 0.7]), ["a", "a", "a"])
+    assert torch.isfinite(adv).all() and torch.equal(adv, torch.zeros(3))
+    fallback = PerPromptStats(buffer_size=8, min_count=100)
+    adv = fallback(torch.tensor([0.2, 0.2]), ["b", "c"])
+    assert torch.isfinite(adv).all() and torch.equal(adv, torch.zeros(2))
+    assert torch.equal(batch_normalize(torch.tensor([3.0, 3.0])), torch.zeros(2))

@@ -54,7 +54,9 @@ def test_per_step_dpo_loss_hand_derived():
     dL/dΔ_w at step 0 = −β σ(−0.035) / 2 (two entries); at step 1 the clip kills the gradient."""
     dw = torch.tensor([[0.05, 0.3]], requires_grad=True)
     dl = torch.tensor([[-0.02, 0.0]], requires_grad=True)
-    loss, m = per_step_dpo_loss(dw, dl, torch.ones(1, 2, dtype=torch.bool), beta=0.5, clip_eps=0.1)
+    terms = per_step_dpo_loss(dw, dl, torch.ones(1, 2, dtype=torch.bool), beta=0.5, clip_eps=0.1)
+    assert terms.normaliser == 2  # a sum over 2 active entries
+    loss = terms.mean
     l0 = -math.log(sigmoid(0.035))
     l1 = -math.log(sigmoid(0.5 * math.log(1.1)))
     assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-5)
@@ -62,14 +64,14 @@ def test_per_step_dpo_loss_hand_derived():
     assert dw.grad[0, 0].item() == pytest.approx(-0.5 * sigmoid(-0.035) / 2, rel=1e-5)
     assert dw.grad[0, 1].item() == 0.0
     assert dl.grad[0, 0].item() == pytest.approx(0.5 * sigmoid(-0.035) / 2, rel=1e-5)
-    assert m["ratio_clip_fraction"] == pytest.approx(0.5)
+    assert terms.metric("ratio_clip_fraction") == pytest.approx(0.5)
 
 
 def test_dpo_sign_flips_the_loser_term():
     """sign = −1: logit = β(log r_w + log r_l) -> both log-ratios are pushed up."""
     dw = torch.tensor([[0.02]], requires_grad=True)
     dl = torch.tensor([[0.04]], requires_grad=True)
-    loss, _ = per_step_dpo_loss(dw, dl, torch.ones(1, 1, dtype=torch.bool), 1.0, 0.1, sign=torch.tensor([-1.0]))
+    loss = per_step_dpo_loss(dw, dl, torch.ones(1, 1, dtype=torch.bool), 1.0, 0.1, sign=torch.tensor([-1.0])).total
     assert loss.item() == pytest.approx(-math.log(sigmoid(0.06)), rel=1e-6)
     loss.backward()
     assert dw.grad.item() < 0 and dl.grad.item() < 0  # descent raises both
@@ -81,10 +83,10 @@ def test_d3po_loss_uses_every_labelled_pair_and_skips_ties():
     algo = D3PO(D3POConfig(beta=1.0, clip_eps=0.5))
     b = traj([0, 0, 0, 1, 1], rewards=[1.0, 0.0, 1.0, 0.0, 2.0])
     delta = torch.tensor([[0.1], [0.0], [0.2], [0.0], [-0.1]])
-    loss, m = algo.loss(b, delta, torch.zeros(5, 1))
-    expected = (-math.log(sigmoid(0.1)) - math.log(sigmoid(0.2)) - math.log(sigmoid(-0.1))) / 3
-    assert m["pairs"] == 3 and m["unlabelled_pairs"] == 1
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    terms = algo.loss(b, delta, torch.zeros(5, 1))
+    expected = -math.log(sigmoid(0.1)) - math.log(sigmoid(0.2)) - math.log(sigmoid(-0.1))
+    assert terms.counts == {"pairs": 3, "unlabelled_pairs": 1}
+    assert terms.total.item() == pytest.approx(expected, rel=1e-6) and terms.normaliser == 3
     with pytest.raises(ValueError, match="no state"):
         algo.load_state_dict({"stats": {}})
     algo.load_state_dict(algo.state_dict())
@@ -150,10 +152,10 @@ def test_seppo_loss_hand_derived():
     algo = SePPO(SePPOConfig(beta=2.0, clip_eps=0.5))
     b = traj([0, 1, 0, 1], role=torch.tensor([1, 1, 0, 0]))
     lp = torch.tensor([[0.1], [0.0], [-0.05], [0.08]])
-    loss, m = algo.loss(b, lp, torch.zeros(4, 1))
-    expected = (-math.log(sigmoid(2 * 0.15)) - math.log(sigmoid(2 * 0.08))) / 2
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert m["ref_as_winner"] == pytest.approx(0.5)
+    terms = algo.loss(b, lp, torch.zeros(4, 1))
+    expected = -math.log(sigmoid(2 * 0.15)) - math.log(sigmoid(2 * 0.08))
+    assert terms.total.item() == pytest.approx(expected, rel=1e-6) and terms.normaliser == 2
+    assert terms.metric("ref_as_winner") == pytest.approx(0.5) and terms.counts == {"pairs": 2}
 
 
 def test_seppo_reference_strategies():
@@ -188,9 +190,9 @@ def test_b2_dpo_pairs_best_with_worst():
     algo = B2DiffuRL(B2DiffuRLConfig(loss="dpo", beta=1.0, clip_eps=0.5))
     b = traj([0, 0, 0])
     b.advantages = torch.tensor([1.2, -0.9, 0.0])
-    loss, m = algo.loss(b, torch.tensor([[0.1], [-0.1], [0.0]]), torch.zeros(3, 1))
-    assert m["pairs"] == 1
-    assert loss.item() == pytest.approx(-math.log(sigmoid(0.2)), rel=1e-6)
+    terms = algo.loss(b, torch.tensor([[0.1], [-0.1], [0.0]]), torch.zeros(3, 1))
+    assert terms.counts == {"pairs": 1} and terms.normaliser == 1
+    assert terms.total.item() == pytest.approx(-math.log(sigmoid(0.2)), rel=1e-6)
 
 
 def test_folder_targets(tmp_path):
@@ -226,3 +228,15 @@ def test_shapes_world_targets_satisfy_their_prompt():
     image, objects = render_scene(parse_prompt("two blue circles"), seed=3, size=32)
     assert out.shape == (1, 3, 32, 32) and check_scene(parse_prompt("two blue circles"), objects).strict
     assert torch.allclose(out[0].permute(1, 2, 0) * 255, torch.tensor(list(image.getdata()), dtype=torch.float32).view(32, 32, 3))
+
+
+def test_b2_threshold_keeps_only_branches_that_stand_out():
+    """Batch statistics (min_count large) over (0, 10, 5, 5.2): μ = 5.05, σ = 3.5373. Group 0:
+    z = (−1.4277, 1.4000), beyond ±0.5 -> both trained. Group 1: z = (−0.0141, 0.0424): its
+    best-vs-worst gap is below the threshold -> neither row is trained (NaN)."""
+    algo = B2DiffuRL(B2DiffuRLConfig(stat_min_count=100, select_threshold=0.5))
+    adv = algo.advantages(torch.tensor([0.0, 10.0, 5.0, 5.2]), ["a", "a", "b", "b"], torch.tensor([0, 0, 1, 1]))
+    sigma = math.sqrt(((0 - 5.05) ** 2 + (10 - 5.05) ** 2 + 0.05**2 + 0.15**2) / 4) + 1e-6
+    assert adv[0].item() == pytest.approx(-5.05 / sigma, rel=1e-5)
+    assert adv[1].item() == pytest.approx(4.95 / sigma, rel=1e-5)
+    assert torch.isnan(adv[2:]).all(), "a group below the threshold trains no row"

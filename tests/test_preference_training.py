@@ -67,14 +67,15 @@ def test_d3po_optimisation_separates_preferred_from_rejected(tiny_sd_dir):
         ref = policy.log_prob(traj, steps)
     first = None
     for _ in range(15):
-        loss, metrics = algo.loss(traj, policy.log_prob(traj, steps), ref)
+        terms = algo.loss(traj, policy.log_prob(traj, steps), ref)
+        loss = terms.mean
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert first == pytest.approx(math.log(2), abs=1e-4)
     assert loss.item() < first - 0.05
-    assert metrics["pair_accuracy"] >= 0.75 and metrics["pairs"] == 6  # 6 of the 3·2 pairs: no ties
+    assert terms.metric("pair_accuracy") >= 0.75 and terms.counts["pairs"] == 6  # 6 of the 3·2 pairs: no ties
 
 
 def base_config(tiny_sd_dir, out, *extra):
@@ -92,8 +93,9 @@ def base_config(tiny_sd_dir, out, *extra):
     [
         (["algorithm.name=d3po"], "pairs"),
         (["algorithm.name=b2diffurl", "algorithm.stages=3", "algorithm.epochs_per_stage=1", "algorithm.select_threshold=0.1"], "branch_step"),
+        # stat_min_count=1: z against the prompt's own rewards, so each group has a best above and a worst below
         (["algorithm.name=b2diffurl", "algorithm.loss=dpo", "algorithm.stages=3", "algorithm.epochs_per_stage=1",
-          "algorithm.select_threshold=0.1"], "branch_step"),
+          "algorithm.select_threshold=0.1", "algorithm.stat_min_count=1"], "branch_step"),
         (["algorithm.name=seppo", "algorithm.steps_per_sample=2"], "reference_snapshot"),
     ],
     ids=["d3po", "b2-ppo", "b2-dpo", "seppo"],

@@ -112,3 +112,85 @@ def test_nonfinite_rewards_dropped_or_reported(tiny_sd_dir, tmp_path):
     strict.reward = WeightedSum([_NaNEvery2nd()], [1.0])
     with pytest.raises(NonFiniteRewardError, match="flaky"):
         strict.train()
+
+
+def seppo_config(tiny_sd_dir, out, *extra):
+    return load_config(TrainConfig, None, [
+        "policy.type=stable_diffusion", f"policy.pretrained={tiny_sd_dir}", "policy.num_steps=3",
+        "prompts.source=list", "prompts.prompts=[a red circle, a blue square, a green triangle]",
+        "algorithm.name=seppo", "algorithm.steps_per_sample=2", "reward.components=[{type: jpeg_compressibility}]",
+        "train.epochs=3", "train.prompts_per_epoch=2", "train.samples_per_prompt=2", "train.rollout_batch_size=4",
+        "train.train_batch_size=4", "train.learning_rate=1e-2", "report.enabled=false", "eval.enabled=false",
+        f"output_dir={out}", *extra,
+    ])
+
+
+def test_seppo_forward_noise_is_not_the_rollout_noise(tiny_sd_dir, tmp_path, monkeypatch):
+    """The forward process of an off-policy pair draws its own noise: seeding it with the
+    reference sample's rollout seeds made its first draw that rollout's x_T."""
+    from genalign.policies.stable_diffusion import StableDiffusionPolicy
+
+    seen = {"rollout": [], "forward": []}
+    rollout, forward = StableDiffusionPolicy.rollout, StableDiffusionPolicy.forward_process
+
+    def record_rollout(self, prompts, n, generator=None, **kw):
+        seen["rollout"] += [g.initial_seed() for g in generator]
+        return rollout(self, prompts, n, generator, **kw)
+
+    def record_forward(self, conditions, outputs, steps, generator=None):
+        seen["forward"] += [g.initial_seed() for g in generator]
+        return forward(self, conditions, outputs, steps, generator)
+
+    monkeypatch.setattr(StableDiffusionPolicy, "rollout", record_rollout)
+    monkeypatch.setattr(StableDiffusionPolicy, "forward_process", record_forward)
+    train(seppo_config(tiny_sd_dir, str(tmp_path / "run"), "train.epochs=1"))
+    assert len(seen["rollout"]) == 4 and len(seen["forward"]) == 8  # 4 pairs: winner and reference
+    assert seen["forward"][:4] == seen["forward"][4:], "a pair shares its forward noise"
+    assert not set(seen["forward"]) & set(seen["rollout"])
+
+
+def _global_rng():
+    import random
+
+    import numpy as np
+
+    return torch.get_rng_state().clone(), random.getstate(), np.random.get_state()[1].copy()
+
+
+def test_seppo_resume_equals_uninterrupted_with_global_rng(tiny_sd_dir, tmp_path, monkeypatch):
+    """SePPO draws references from weight snapshots: they travel in the checkpoint, so a resumed
+    run ends bit-exact on CPU. The global RNG states are restored too: the test consumes them at
+    every checkpoint, and the state right after resume equals the uninterrupted run's there."""
+    import random
+
+    import numpy as np
+
+    at_checkpoint, after_resume = {}, []
+    write, resume = Trainer._checkpoint, Trainer._resume
+
+    def checkpoint_(self, root, epoch, wall):
+        torch.rand(3), random.random(), np.random.rand(2)  # global randomness an epoch may consume
+        write(self, root, epoch, wall)
+        at_checkpoint[(self.out, epoch)] = _global_rng()
+
+    def resume_(self, root):
+        resume(self, root)
+        after_resume.append(_global_rng())
+
+    monkeypatch.setattr(Trainer, "_checkpoint", checkpoint_)
+    monkeypatch.setattr(Trainer, "_resume", resume_)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    full = train(seppo_config(tiny_sd_dir, a))
+    train(seppo_config(tiny_sd_dir, b, "train.epochs=1"))
+    resumed = train(seppo_config(tiny_sd_dir, b), resume=True)
+    assert [r["reference_snapshot"] for r in full] == [r["reference_snapshot"] for r in resumed]
+    pool = checkpoint.read_tensors(checkpoint.latest_checkpoint(os.path.join(b, "checkpoints")), "snapshots")
+    assert {k.split("/")[0] for k in pool} == {"0", "1", "2"}, "the pool: the weights at the start of each epoch"
+    wa = load_file(os.path.join(a, "final", "pytorch_lora_weights.safetensors"))
+    wb = load_file(os.path.join(b, "final", "pytorch_lora_weights.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    t, py, npy = at_checkpoint[(a, 1)]
+    t2, py2, npy2 = after_resume[0]
+    assert torch.equal(t, t2) and py == py2 and np.array_equal(npy, npy2)

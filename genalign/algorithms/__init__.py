@@ -1,7 +1,7 @@
 """Algorithms: losses over trajectories. A plain dict maps config names to classes."""
 
 from genalign.algorithms.b2diffurl import B2DiffuRL, B2DiffuRLConfig
-from genalign.algorithms.base import Algorithm, SamplingPlan
+from genalign.algorithms.base import Algorithm, LossTerms, SamplingPlan
 from genalign.algorithms.d3po import D3PO, D3POConfig
 from genalign.algorithms.ddpo import DDPO, DDPOConfig
 from genalign.algorithms.seppo import SePPO, SePPOConfig
@@ -15,6 +15,6 @@ ALGORITHMS = {
 }
 
 __all__ = [
-    "ALGORITHMS", "DDPO", "D3PO", "SePPO", "B2DiffuRL", "Algorithm", "SamplingPlan",
+    "ALGORITHMS", "DDPO", "D3PO", "SePPO", "B2DiffuRL", "Algorithm", "LossTerms", "SamplingPlan",
     "DDPOConfig", "D3POConfig", "SePPOConfig", "B2DiffuRLConfig",
 ]

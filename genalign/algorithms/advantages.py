@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from genalign.algorithms.base import LossTerms
+
 
 class PerPromptStats:
     """A_i = (r_i − μ_prompt) / (σ_prompt + 1e-6), with μ, σ over the last ``buffer_size``
@@ -91,26 +93,26 @@ def active_steps(mask: torch.Tensor) -> torch.Tensor:
 
 def ppo_clip_loss(
     advantages: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor, clip_range: float, mask: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate, averaged over active entries.
+) -> LossTerms:
+    """Clipped surrogate, summed over active entries (normaliser: their number).
 
     advantages: ``[B, 1]`` or ``[B, K]``; log_probs, old_log_probs, mask: ``[B, K]``.
-    L = mean max(−A ρ, −A clip(ρ, 1−ε, 1+ε)),  ρ = exp(log π_θ − log π_old).
+    Per entry: max(−A ρ, −A clip(ρ, 1−ε, 1+ε)),  ρ = exp(log π_θ − log π_old); the trainer
+    divides the sum over an optimiser step by the number of active entries of that step.
     """
     ratio = torch.exp(log_probs - old_log_probs)  # ρ_t(θ) [B, K]
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    m = mask.float()
-    denom = m.sum().clamp(min=1.0)
-    loss = (torch.maximum(unclipped, clipped) * m).sum() / denom
+    m = mask.to(log_probs.device).float()
+    total = torch.where(m > 0, torch.maximum(unclipped, clipped), torch.zeros_like(ratio)).sum()
     with torch.no_grad():
         delta = log_probs - old_log_probs
         metrics = {
-            "approx_kl": float((0.5 * delta**2 * m).sum() / denom),
-            "clip_fraction": float((((ratio - 1.0).abs() > clip_range).float() * m).sum() / denom),
-            "ratio_mean": float((ratio * m).sum() / denom),
+            "approx_kl": float((0.5 * delta**2 * m).sum()),
+            "clip_fraction": float((((ratio - 1.0).abs() > clip_range).float() * m).sum()),
+            "ratio_mean": float((ratio * m).sum()),
         }
-    return loss, metrics
+    return LossTerms(total, float(m.sum()), metrics)
 
 
 def window_steps(

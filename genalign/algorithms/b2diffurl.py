@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from genalign.algorithms.advantages import PerPromptStats, ppo_clip_loss
-from genalign.algorithms.base import SamplingPlan
+from genalign.algorithms.base import LossTerms, SamplingPlan
 from genalign.algorithms.pairs import per_step_dpo_loss
 from genalign.configs import opt
 from genalign.trajectory import Trajectory
@@ -106,9 +106,7 @@ class B2DiffuRL:
         b = int(traj.extras["branch_step"].min())
         return torch.arange(b, traj.num_steps).unsqueeze(0).expand(traj.batch_size, -1).clone()
 
-    def loss(
-        self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None) -> LossTerms:
         adv = batch.advantages.to(log_probs.device).float()  # [B]; NaN rows are masked by the trainer
         mask = batch.mask.to(log_probs.device)
         if self.config.loss == "ppo":
@@ -125,11 +123,11 @@ class B2DiffuRL:
                 winners.append(rows[torch.nan_to_num(a, nan=-1e9).argmax()])
                 losers.append(rows[torch.nan_to_num(a, nan=1e9).argmin()])
         if not winners:
-            return log_probs.sum() * 0.0, {"pairs": 0.0}
+            return LossTerms(log_probs.sum() * 0.0, 0.0, counts={"pairs": 0.0})
         w, l_ = torch.stack(winners), torch.stack(losers)
-        loss, metrics = per_step_dpo_loss(delta[w], delta[l_], mask[w] & mask[l_], self.config.beta, self.config.clip_eps)
-        metrics["pairs"] = float(len(w))
-        return loss, metrics
+        terms = per_step_dpo_loss(delta[w], delta[l_], mask[w] & mask[l_], self.config.beta, self.config.clip_eps)
+        terms.counts = {"pairs": float(len(w))}
+        return terms
 
     def state_dict(self) -> dict[str, Any]:
         return {"stats": self.stats.state_dict()}

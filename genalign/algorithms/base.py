@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -41,6 +41,45 @@ class SamplingPlan:
     reference: int | Literal["initial"] = "initial"
 
 
+@dataclass
+class LossTerms:
+    """One loss call's contribution to an optimiser step: sums, never means.
+
+    The trainer calls ``Algorithm.loss`` once per (minibatch, step chunk) of an accumulation
+    window, back-propagates every ``total``, and scales the accumulated gradient once, so that
+    the update is ∇(Σ total) / (Σ normaliser), the sums running over every call of the window
+    and every process. How the data is cut into calls (``policy.step_chunk``,
+    ``train_batch_size`` × ``gradient_accumulation_steps``, the number of processes, rows
+    dropped or masked) therefore does not change the update.
+
+    - ``total``: scalar tensor, the SUM of the per-entry loss terms of this call (carries
+      gradients); inactive entries (mask False) contribute exactly 0.
+    - ``normaliser``: this call's share of the denominator. A mean over active entries
+      contributes its number of active entries (token-mean for text); a mean over sequences
+      weights each entry by 1 / (its sequence's length) in ``total`` and contributes
+      (entries here) / (sequence length) per sequence, which adds up to 1 per sequence across
+      chunks; a constant normaliser contributes its constant split over the calls.
+    - ``metrics``: per-entry diagnostics summed over the same entries as ``total``; the trainer
+      reports Σ metric / Σ normaliser (a mean per entry, whatever the chunking).
+    - ``counts``: per-row totals (e.g. ``pairs``); the trainer sums them over one pass over the
+      data (the first step chunk of every minibatch of the first inner epoch) and all processes.
+    """
+
+    total: torch.Tensor
+    normaliser: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``total / normaliser`` (0 when nothing is active): this call alone, as a mean."""
+        return self.total / self.normaliser if self.normaliser > 0 else self.total * 0.0
+
+    def metric(self, name: str) -> float:
+        """A metric as a mean per entry of this call alone."""
+        return self.metrics[name] / self.normaliser if self.normaliser > 0 else 0.0
+
+
 @runtime_checkable
 class Algorithm(Protocol):
     name: str
@@ -68,10 +107,14 @@ class Algorithm(Protocol):
         """Which steps each row trains on: ``[B, K]`` long indices into ``traj``'s steps."""
         ...
 
-    def loss(
-        self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``batch`` is a step subset ``[B, k]``; ``log_probs`` ``[B, k]`` carry gradients."""
+    def loss(self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None) -> LossTerms:
+        """The summed loss of one call (see :class:`LossTerms`).
+
+        ``batch`` is a step subset ``[B, k]`` (rows whose ``mask`` is False at a step are not
+        trained there, and must add 0 to ``total`` and to ``normaliser``); ``log_probs``
+        ``[B, k]`` carry gradients; ``ref_log_probs`` ``[B, k]`` or None. The same data cut
+        into different calls must give the same Σ total and Σ normaliser.
+        """
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

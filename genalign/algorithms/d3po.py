@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from genalign.algorithms.advantages import window_steps
-from genalign.algorithms.base import SamplingPlan
+from genalign.algorithms.base import LossTerms, SamplingPlan
 from genalign.algorithms.pairs import group_pairs, per_step_dpo_loss
 from genalign.algorithms.preferences import ParetoPreference, RewardPreference, StoredPreference
 from genalign.configs import opt
@@ -91,9 +91,7 @@ class D3PO:
         where = {int(g): i for i, g in enumerate(uniq)}
         return drawn[torch.tensor([where[int(g)] for g in groups])]  # [B, K]
 
-    def loss(
-        self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None) -> LossTerms:
         if ref_log_probs is None:
             raise ValueError("D3PO needs reference log-probs")
         pairs = group_pairs(batch.group.to(log_probs.device))  # [P, 2]
@@ -102,15 +100,14 @@ class D3PO:
         unlabelled = float((~keep).sum())  # ties, or pairs a preference store has no label for
         pairs, labels = pairs[keep], labels[keep]
         if len(pairs) == 0:
-            return log_probs.sum() * 0.0, {"pairs": 0.0, "unlabelled_pairs": unlabelled}
+            return LossTerms(log_probs.sum() * 0.0, 0.0, counts={"pairs": 0.0, "unlabelled_pairs": unlabelled})
         w = torch.where(labels > 0, pairs[:, 0], pairs[:, 1])  # [P]
         l_ = torch.where(labels > 0, pairs[:, 1], pairs[:, 0])
         delta = log_probs - ref_log_probs.detach()  # [B, K]
         mask = batch.mask.to(log_probs.device)
-        loss, metrics = per_step_dpo_loss(delta[w], delta[l_], mask[w] & mask[l_], self.config.beta, self.config.clip_eps)
-        metrics["pairs"] = float(len(pairs))
-        metrics["unlabelled_pairs"] = unlabelled
-        return loss, metrics
+        terms = per_step_dpo_loss(delta[w], delta[l_], mask[w] & mask[l_], self.config.beta, self.config.clip_eps)
+        terms.counts = {"pairs": float(len(pairs)), "unlabelled_pairs": unlabelled}
+        return terms
 
     def state_dict(self) -> dict[str, Any]:
         return {}

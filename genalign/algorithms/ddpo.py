@@ -46,7 +46,7 @@ from genalign.algorithms.advantages import (
     ppo_clip_loss,
     window_steps,
 )
-from genalign.algorithms.base import SamplingPlan
+from genalign.algorithms.base import LossTerms, SamplingPlan
 from genalign.configs import opt
 from genalign.trajectory import Trajectory
 
@@ -140,9 +140,7 @@ class DDPO:
             return active_steps(traj.mask)  # [B, k]: the window's steps
         return window_steps(traj.batch_size, traj.num_steps, self.config.step_window, self.config.timestep_fraction, generator)
 
-    def loss(
-        self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None) -> LossTerms:
         adv = batch.advantages.to(log_probs.device).float()
         adv = adv.clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
         if adv.ndim == 1:

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from genalign.algorithms.base import LossTerms
+
 
 def group_pairs(group: torch.Tensor) -> torch.Tensor:
     """Rows with equal ``group`` ids ``[B]`` -> pairs ``[P, 2]`` (i < j), grouped in row order."""
@@ -34,24 +36,24 @@ def per_step_dpo_loss(
     beta: float,
     clip_eps: float,
     sign: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean of L_j over active (pair, step) entries.
+) -> LossTerms:
+    """Sum of L_j over active (pair, step) entries; normaliser: their number.
 
     delta_w, delta_l: ``[P, K]`` log-ratios of the winner and the loser at the same steps;
     mask: ``[P, K]``; sign: ``[P]`` (default +1): the logit is β(log r_w − sign · log r_l).
+    Metrics are sums over the same entries (pair_accuracy, logit_mean, ratio_clip_fraction).
     """
     lo, hi = math.log(1 - clip_eps), math.log(1 + clip_eps)
     log_rw = delta_w.clamp(lo, hi)  # [P, K]
     log_rl = delta_l.clamp(lo, hi)
     s = torch.ones(delta_w.shape[0], device=delta_w.device) if sign is None else sign.to(delta_w.device).float()
     logits = beta * (log_rw - s.unsqueeze(1) * log_rl)  # [P, K]
-    m = mask.float()
-    denom = m.sum().clamp(min=1.0)
-    loss = (-F.logsigmoid(logits) * m).sum() / denom
+    m = mask.to(delta_w.device).float()
+    total = torch.where(m > 0, -F.logsigmoid(logits), torch.zeros_like(logits)).sum()
     with torch.no_grad():
         metrics = {
-            "pair_accuracy": float(((logits > 0).float() * m).sum() / denom),
-            "logit_mean": float((logits * m).sum() / denom),
-            "ratio_clip_fraction": float((((log_rw != delta_w) | (log_rl != delta_l)).float() * m).sum() / denom),
+            "pair_accuracy": float(((logits > 0).float() * m).sum()),
+            "logit_mean": float((logits * m).sum()),
+            "ratio_clip_fraction": float((((log_rw != delta_w) | (log_rl != delta_l)).float() * m).sum()),
         }
-    return loss, metrics
+    return LossTerms(total, float(m.sum()), metrics)

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 
-from genalign.algorithms.base import SamplingPlan
+from genalign.algorithms.base import LossTerms, SamplingPlan
 from genalign.algorithms.pairs import per_step_dpo_loss
 from genalign.configs import opt
 from genalign.targets import FolderTargets, ShapesWorldTargets
@@ -104,9 +104,7 @@ class SePPO:
     def train_steps(self, traj: Trajectory, generator: torch.Generator) -> torch.Tensor:
         return torch.arange(traj.num_steps).unsqueeze(0).expand(traj.batch_size, -1).clone()  # the sampled steps
 
-    def loss(
-        self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None) -> LossTerms:
         """``batch.extras['role']``: 1 for the off-policy winner, 0 for the reference sample;
         ``group`` pairs them."""
         if ref_log_probs is None:
@@ -121,16 +119,17 @@ class SePPO:
                 winners.append(w[0])
                 refs.append(r[0])
         if not winners:
-            return log_probs.sum() * 0.0, {"pairs": 0.0}
+            return LossTerms(log_probs.sum() * 0.0, 0.0, counts={"pairs": 0.0})
         w, r = torch.stack(winners), torch.stack(refs)
         delta = log_probs - ref_log_probs.detach()  # [B, K]
         mask = batch.mask.to(log_probs.device)
         pair_mask = mask[w] & mask[r]
         sign = anchor_signs(delta[r], pair_mask, self.config.anchor_margin)  # [P]
-        loss, metrics = per_step_dpo_loss(delta[w], delta[r], pair_mask, self.config.beta, self.config.clip_eps, sign)
-        metrics["pairs"] = float(len(w))
-        metrics["ref_as_winner"] = float((sign < 0).float().mean())
-        return loss, metrics
+        terms = per_step_dpo_loss(delta[w], delta[r], pair_mask, self.config.beta, self.config.clip_eps, sign)
+        # per (pair, step) entry, like the loss: the share of entries whose reference sample acts as a winner
+        terms.metrics["ref_as_winner"] = float(((sign < 0).float().unsqueeze(1) * pair_mask.float()).sum())
+        terms.counts = {"pairs": float(len(w))}
+        return terms
 
     def state_dict(self) -> dict[str, Any]:
         return {}
