@@ -19,10 +19,13 @@ stream             index                            draws
 ``PAIR_STEPS``     pair ``p·n + j``                 which chain steps an off-policy pair scores
 ``SHUFFLE``        pass ``i`` over the data         the minibatch permutation of the pass
 ``TRAIN_STEPS``    pass ``i`` over the data         ``Algorithm.train_steps`` of the pass
-``EVAL``           sample number                    evaluation samples (epoch = 0)
 =================  ===============================  =======================================
 
 (p: the prompt's position among the epoch's prompts, n: samples per prompt, j < n.)
+
+Evaluation and report grids use the plain integer seeds of the config (``eval.seed + j``), so
+that ``genalign eval`` reproduces them by hand; derived seeds always lie in [2^62, 2^63), so
+no training draw can coincide with one of those (``DERIVED_MIN``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from enum import IntEnum
 
 import numpy as np
 import torch
+
+#: every derived seed is at least this; plain user seeds stay below it
+DERIVED_MIN = 2**62
 
 
 class Stream(IntEnum):
@@ -44,7 +50,6 @@ class Stream(IntEnum):
     PAIR_STEPS = 8
     SHUFFLE = 9
     TRAIN_STEPS = 10
-    EVAL = 11
 
 
 def derive_seed(seed: int, stream: Stream, epoch: int, index: int = 0) -> int:
@@ -52,7 +57,9 @@ def derive_seed(seed: int, stream: Stream, epoch: int, index: int = 0) -> int:
     parts = [int(seed), int(stream), int(epoch), int(index)]
     if any(p < 0 for p in parts):
         raise ValueError(f"seed parts must be >= 0, got {parts}")
-    return int(np.random.SeedSequence(parts).generate_state(1, dtype=np.uint64)[0]) & (2**63 - 1)
+    # bit 62 set: derived seeds lie in [2^62, 2^63), apart from the plain seeds users give
+    # (evaluation, report grids, `genalign sample`), which are small integers
+    return (int(np.random.SeedSequence(parts).generate_state(1, dtype=np.uint64)[0]) & (2**62 - 1)) | 2**62
 
 
 def generator(seed: int, stream: Stream, epoch: int, index: int = 0) -> torch.Generator:

@@ -84,6 +84,13 @@ class EvalConfig:
     seed: int = opt(1000, "first sampling seed of the eval samples")
     every: int = opt(0, "also evaluate every this many epochs (0: only before and after)")
 
+    def validate(self) -> None:
+        from genalign.seeds import DERIVED_MIN
+
+        # training draws derived seeds >= DERIVED_MIN, so plain eval seeds below it never coincide
+        if not 0 <= self.seed < DERIVED_MIN // 2:
+            raise ConfigError(f"'eval.seed' must be in [0, 2**61), got {self.seed}")
+
 
 @dataclass
 class TrainConfig:
