@@ -159,3 +159,48 @@ def test_optimiser_steps_partial_window_and_cleared_gradients(setup):
     error = math.sqrt(sum(float(((reference[k] - trained[k]) ** 2).sum()) for k in start))
     assert change > 0 and error <= 1e-3 * change, error / change
     trainer.policy.load_trainable_state_dict(start)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_two_processes_of_b_equal_one_process_of_2b(tiny_sd_dir, tmp_path):
+    """2 CPU processes (gloo DDP) × 4 rows vs 1 process × 8 rows, one optimiser step, the same
+    samples (every row has its own seed stream). Adam with ε = 1 makes the step ≈ −lr·g for these
+    small gradients, so a wrong normaliser would show in the weights (DDP averages gradients over
+    processes; the trainer multiplies by P / N_global)."""
+    import json
+    import os
+    import subprocess
+
+    import yaml
+    from safetensors.torch import load_file
+
+    def cfg(out, batch):
+        return {
+            "algorithm": {"name": "ddpo"},
+            "output_dir": str(out), "seed": 3,
+            "policy": {"type": "stable_diffusion", "pretrained": tiny_sd_dir, "num_steps": 3},
+            "prompts": {"source": "list", "prompts": ["a red circle", "a blue square", "a green triangle", "a red square"]},
+            "reward": {"components": [{"type": "jpeg_compressibility"}]},
+            "train": {"epochs": 1, "prompts_per_epoch": 4, "samples_per_prompt": 2, "rollout_batch_size": 4,
+                      "train_batch_size": batch, "adam_eps": 1.0, "weight_decay": 0.0, "max_grad_norm": 0.0,
+                      "learning_rate": 1e-2},
+            "eval": {"enabled": False}, "report": {"enabled": False},
+        }
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, procs, batch in (("one", 1, 8), ("two", 2, 4)):  # both launched alike
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg(tmp_path / name, batch)))
+        launch = ["--multi_gpu"] if procs > 1 else ["--cpu"]
+        cmd = ["accelerate", "launch", *launch, "--num_processes", str(procs), "-m", "genalign.cli", "train", str(path)]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        row = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["optimizer_steps"] == 1
+    wa = load_file(str(tmp_path / "one" / "final" / "pytorch_lora_weights.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "final" / "pytorch_lora_weights.safetensors"))
+    assert wa.keys() == wb.keys()
+    change = math.sqrt(sum(float((v**2).sum()) for k, v in wa.items() if "lora_B" in k))  # LoRA B starts at 0
+    error = math.sqrt(sum(float(((wa[k] - wb[k]) ** 2).sum()) for k in wa))
+    assert change > 0 and error <= 1e-3 * change, error / change

@@ -37,8 +37,8 @@ from genalign.trajectory import Trajectory
 @dataclass
 class D3POConfig:
     name: Literal["d3po"] = opt("d3po", "algorithm name")
-    beta: float = opt(0.1, "β: sharpness of the per-step DPO logit")
-    clip_eps: float = opt(0.1, "ε: the ratio π_θ/π_ref is clipped to [1−ε, 1+ε] (per step, per-dim-mean log-probs)")
+    beta: float = opt(0.1, "β: sharpness of the per-step DPO logit; log-probs are per-dimension means over the D latent dims, so β weights the joint log-ratio by β/D: to transfer to another latent size D′ use β·D′/D (docs/hyperparameter_units.md)")
+    clip_eps: float = opt(0.1, "ε: the ratio π_θ/π_ref is clipped to [1−ε, 1+ε] per step; log-probs are per-dimension means over the D latent dims, so the joint-ratio bound is about ε·D: to transfer to another latent size D′ use ε·D/D′ (docs/hyperparameter_units.md)")
     preference: Literal["reward", "pareto", "store"] = opt(
         "reward", "label source: compare the reward, Pareto-compare its components, or read stored labels"
     )

@@ -54,7 +54,9 @@ from genalign.trajectory import Trajectory
 @dataclass
 class DDPOConfig:
     name: Literal["ddpo"] = opt("ddpo", "algorithm name")
-    clip_range: float = opt(1e-4, "PPO clip ε on the per-step ratio (per-dimension-mean log-probs: keep it tiny)")
+    clip_range: float = opt(
+        1e-4, "PPO clip ε on the per-step ratio (tiny: 1e-4 at tiny-sd's D = 256); log-probs are per-dimension means over the D latent dims, so the joint-ratio bound is about ε·D: to transfer to another latent size D′ use ε·D/D′ (docs/hyperparameter_units.md)"
+    )
     adv_clip_max: float = opt(5.0, "advantages are clipped to [−adv_clip_max, adv_clip_max]")
     per_prompt_stat_tracking: bool = opt(True, "normalise rewards per prompt (with a history buffer), else per batch")
     stat_buffer_size: int = opt(32, "rewards kept per prompt for its running mean/std")

@@ -57,9 +57,11 @@ class SePPOConfig:
     reference: Literal["random_previous", "latest", "initial"] = opt(
         "random_previous", "which checkpoint generates the reference samples and anchors the ratio"
     )
-    beta: float = opt(0.1, "β of the DPO logit (per-dim-mean log-probs)")
-    clip_eps: float = opt(0.1, "ratio clip ε (as D3PO)")
-    anchor_margin: float = opt(0.0, "a reference sample counts as winning when mean Δ_ref exceeds this")
+    beta: float = opt(0.1, "β of the DPO logit; log-probs are per-dimension means over the D latent dims, so β weights the joint log-ratio by β/D: to transfer to another latent size D′ use β·D′/D (docs/hyperparameter_units.md)")
+    clip_eps: float = opt(0.1, "ratio clip ε (as D3PO); log-probs are per-dimension means over the D latent dims, so the joint-ratio bound is about ε·D: to transfer to another latent size D′ use ε·D/D′ (docs/hyperparameter_units.md)")
+    anchor_margin: float = opt(
+        0.0, "a reference sample counts as winning when mean Δ_ref exceeds this; Δ is a per-dimension mean, so a margin m bounds the joint log-ratio by m·D: transfer to latent size D′ as m·D/D′ (docs/hyperparameter_units.md)"
+    )
     steps_per_sample: int = opt(4, "forward-process steps scored per output (random chain steps, shared by the pair)")
 
     def validate(self) -> None:
