@@ -103,7 +103,7 @@ def test_asset_follows_position_words_with_the_same_noise(pipe):
     """Paired noise: "... on the left" and "... on the right" from the same x_T land apart.
 
     The model card measures a gap of +0.55 in mean object x (held-out tier-2 prompts, 512
-    samples); an SD-schedule model trained the same way gave 0.00 (README, "Tier 2").
+    samples); an SD-schedule model trained the same way gave 0.00 (the model card's history).
     """
     from rewards.shapes_verifier import ShapesVerifierReward
 
