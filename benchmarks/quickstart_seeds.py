@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training wall time per seed: {statistics.mean(walls):.0f} ± {statistics.pstdev(walls):.0f} s")
 
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    # summary.json / summary.png for strict accuracy, summary_<metric>.json / .png for another metric
+    suffix = "" if args.metric == "shapes_verifier/strict" else "_" + args.metric.rsplit("/", 1)[-1]
+    with open(os.path.join(args.out, f"summary{suffix}.json"), "w") as f:
         json.dump({"config": args.config, "overrides": args.overrides, "seeds": args.seeds, "metric": args.metric, "table": table,
                    "wall_seconds": walls, "per_seed": per_seed}, f, indent=2)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.legend()
     ax.set_title(f"held-out accuracy, mean ± std over seeds {args.seeds}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "summary.png"))
+    fig.savefig(os.path.join(args.out, f"summary{suffix}.png"))
     return 0
 
 
