@@ -1,6 +1,6 @@
 """One trainer for every Algorithm × Policy × RewardModel: rollout → score → loss → step.
 
-Runs on accelerate: one process on CPU, or ``accelerate launch`` for DDP/FSDP/DeepSpeed
+Runs on accelerate: one process on CPU, or ``accelerate launch`` for DDP or FSDP
 with no code change. Conditions are split across processes by prompt, so a prompt's
 group of rollouts stays on one process; rewards are gathered so per-prompt statistics
 are global and identical everywhere.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 
 from genalign import checkpoint, run_report
 from genalign import seeds as seeding
@@ -54,6 +54,9 @@ class Trainer:
         # Several processes without CUDA (accelerate launch on CPUs) need cpu=True for gloo DDP.
         multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.acc = accelerator or Accelerator(mixed_precision=config.train.mixed_precision, cpu=multi_cpu)
+        if self.acc.distributed_type == DistributedType.DEEPSPEED:
+            # the update scales accumulated .grad once per optimiser step; DeepSpeed keeps its own buffers
+            raise ConfigError("DeepSpeed is not supported: launch with DDP or FSDP (accelerate config)")
         n_proc = self.acc.num_processes
         if config.train.prompts_per_epoch % n_proc:
             raise ConfigError(f"'train.prompts_per_epoch' ({config.train.prompts_per_epoch}) must be divisible by the {n_proc} processes")
