@@ -46,6 +46,7 @@ class LineProgress:
         self.interval = interval
         self.file = file
         self.postfix = ""
+        self.last_printed = initial
         self.start = time.monotonic()
         self.last_time = self.start
         self.last_fraction = initial / total if total else 0.0
@@ -70,6 +71,7 @@ class LineProgress:
             self._print()
 
     def _print(self) -> None:
+        self.last_printed = self.n
         count = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
         line = f"{self.desc}: {count} {_clock(time.monotonic() - self.start)} elapsed"
         if self.postfix:
@@ -83,7 +85,9 @@ class LineProgress:
         self.desc = desc
 
     def close(self) -> None:
-        pass
+        """A last line when the loop ended between two progress lines (stopped early, no total)."""
+        if not self.disable and self.n != self.last_printed:
+            self._print()
 
     def __enter__(self) -> LineProgress:
         return self
