@@ -13,7 +13,7 @@ text. It is trained from scratch on renders of train-split prompts only, in two 
    2023, https://arxiv.org/abs/2305.08891): x_T is pure noise, so where objects go must come
    from the prompt. ``--no-v-zero-snr`` trains SD v1's own epsilon schedule with min-SNR-5
    loss weighting (Hang et al. 2023) instead; a model trained that way ignores position words
-   (README, "Tier 2").
+   (the tiny-sd model card's history).
 
 Every batch is fresh renders (new seeds) of prompts drawn by ``TIER_WEIGHTS``. Each
 phase stops at its step count or its wall-clock cap, whichever comes first; the

@@ -91,7 +91,7 @@ def multires_noise(shape: tuple, generator: torch.Generator, discount: float) ->
     learn to take an object's place from that residue instead of from the prompt. Extra
     low-frequency noise hides the residue (the "multi-resolution" or pyramid noise of SD
     fine-tuning practice). On tiny-sd, 15 minutes of it did not make the model follow position
-    words (README, "Tier 2: the model does not read position words").
+    words (the tiny-sd model card's history).
     """
     b, c, h, w = shape
     noise = torch.randn(shape, generator=generator)
