@@ -118,10 +118,11 @@ def test_same_seeds_same_samples_in_any_batch(policy):
     a = policy.rollout(PROMPTS, n_per_condition=2, seeds=SEEDS)
     b = policy.rollout(PROMPTS, n_per_condition=2, seeds=SEEDS)
     assert torch.equal(a.actions, b.actions) and a.outputs == b.outputs
-    alone = policy.rollout([PROMPTS[2]], n_per_condition=1, seeds=[SEEDS[5]])
-    n = int(alone.mask.sum())
-    assert a.actions[5, :n].tolist() == alone.actions[0, :n].tolist() and int(a.mask[5].sum()) == n
-    assert a.outputs[5] == alone.outputs[0]
+    for row in range(6):  # rows 2-5 are left-padded in the batch, not alone
+        alone = policy.rollout([PROMPTS[row // 2]], n_per_condition=1, seeds=[SEEDS[row]])
+        n = int(alone.mask.sum())
+        assert a.actions[row, :n].tolist() == alone.actions[0, :n].tolist() and int(a.mask[row].sum()) == n
+        assert a.outputs[row] == alone.outputs[0]
     assert not torch.equal(a.actions[4], a.actions[5])  # different seeds, different samples
 
 
@@ -350,3 +351,14 @@ def test_bad_options_and_config(lm_dir, policy):
             TextLMPolicyConfig(pretrained=lm_dir, **bad).validate()
     with pytest.raises(FileNotFoundError, match="pretrained"):
         TextLMPolicyConfig(pretrained="./no/such/dir").validate()
+
+
+def test_in_memory_model_and_global_rng(lm_dir):
+    model = LlamaForCausalLM.from_pretrained(lm_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(lm_dir)
+    pol = TextLMPolicy(model, tokenizer, TextLMPolicyConfig(max_new_tokens=4))
+    torch.manual_seed(0)
+    a = pol.rollout(PROMPTS, n_per_condition=2)
+    torch.manual_seed(0)
+    b = pol.rollout(PROMPTS, n_per_condition=2)
+    assert torch.equal(a.actions, b.actions) and a.num_steps <= 4

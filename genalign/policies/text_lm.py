@@ -15,6 +15,7 @@ adapter folders: ``PeftModel.from_pretrained(base, directory)`` loads them.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
+import transformers
+from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,6 +79,10 @@ class TextLMPolicyConfig:
         if not self.pretrained:
             raise ValueError("'pretrained' is required: a local model directory or a hub id")
         check_model_location(self.pretrained, "pretrained")
+        self.check_sampling()
+
+    def check_sampling(self) -> None:
+        """The checks that do not need a model location (a policy built around an in-memory model)."""
         if self.max_new_tokens < 1:
             raise ValueError(f"'max_new_tokens' must be >= 1, got {self.max_new_tokens}")
         if not self.temperature > 0:
@@ -103,7 +110,7 @@ class TextLMPolicy:
     step_chunk = None  # a sequence is scored in one forward pass
 
     def __init__(self, model: Any, tokenizer: Any, config: TextLMPolicyConfig):
-        config.validate()
+        config.check_sampling()
         self.config = config
         self.tokenizer = tokenizer
         eos = set()
@@ -136,11 +143,18 @@ class TextLMPolicy:
         self.model = model.eval()  # dropout off: rollouts and recomputed log-probs see one function
         self.module: torch.nn.Module = self.model  # what forward passes call (a DDP/FSDP wrapper after prepare)
         self.cache_key = cache_kwarg(self._base())
+        # score only the logits a call needs when the model can (a large vocabulary times a long
+        # prompt is most of the memory of a forward pass)
+        self.keep_kwarg = "logits_to_keep" if "logits_to_keep" in inspect.signature(self._base().forward).parameters else None
 
     def lora_config(self) -> LoraConfig:
         c = self.config
         return LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha if c.lora_alpha is not None else c.lora_rank,
                           target_modules=list(c.lora_targets), init_lora_weights=True, task_type="CAUSAL_LM")
+
+    def _keep(self, n: int) -> dict[str, int]:
+        """Forward kwargs asking for the logits of the last ``n`` positions only (when supported)."""
+        return {self.keep_kwarg: n} if self.keep_kwarg else {}
 
     def _base(self) -> Any:
         return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
@@ -265,7 +279,7 @@ class TextLMPolicy:
         c = self.config
         return sample_tokens(
             self.module, self.cache_key, ids, mask, prior, budget, _generators(seeds, len(prompts)), self.stop,
-            self.pad_id, c.temperature, c.top_p, greedy,
+            self.pad_id, c.temperature, c.top_p, greedy, self._keep(1),
         )
 
     def _build(self, conditions: list[Any], group: torch.Tensor, prompts: list[list[int]], responses: list[list[int]],
@@ -316,11 +330,11 @@ class TextLMPolicy:
         forward over [prompt ; response]; ``[B, K]`` float32 with grad (0 at padding)."""
         p_ids, p_mask = traj.extras["prompt_ids"].tensor, traj.extras["prompt_mask"].tensor
         actions = traj.actions.to(p_ids.device)
-        p, t = p_ids.shape[1], actions.shape[1]
+        t = actions.shape[1]
         ids = torch.cat([p_ids, actions], 1)  # [B, P + T]
         mask = torch.cat([p_mask.long(), traj.mask.long().to(p_ids.device)], 1)
-        logits = self.module(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-        logits = logits[:, p - 1 : p + t - 1].float()  # position i predicts token i + 1: [B, T, V]
+        logits = self.module(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **self._keep(t + 1)).logits
+        logits = logits[:, -t - 1 : -1].float()  # position i predicts token i + 1: [B, T, V]
         lp = torch.log_softmax(logits / self.config.temperature, -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         lp = lp.masked_fill(~traj.mask.to(lp.device), 0.0)  # [B, T]
         idx = torch.as_tensor(steps, dtype=torch.long, device=lp.device)
@@ -356,7 +370,7 @@ class TextLMPolicy:
         rows = [i for i, a in enumerate(active) if a]
         if rows:
             ids, attn = left_pad([[*prompts[i], *prior[i]] for i in rows], self.pad_id, self.device)
-            logits = self.module(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits[:, -1].float()
+            logits = self.module(input_ids=ids, attention_mask=attn, position_ids=positions(attn), **self._keep(1)).logits[:, -1].float()
             probs = nucleus_probs(logits, self.config.temperature, self.config.top_p)
             tok = draw(probs, torch.ones(len(rows), dtype=torch.bool), [gens[i] for i in rows], self.pad_id).to(self.device)
             lp = torch.log_softmax(logits / self.config.temperature, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
@@ -456,7 +470,8 @@ def _load_model(config: TextLMPolicyConfig) -> Any:
     check_model_location(config.pretrained, "pretrained")
     kwargs: dict[str, Any] = {"trust_remote_code": True} if config.trust_remote_code else {}
     dtype = DTYPES[config.weight_dtype] if config.finetune == "lora" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(config.pretrained, revision=config.revision, dtype=dtype, use_safetensors=True, **kwargs)
+    kwargs["dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(config.pretrained, revision=config.revision, use_safetensors=True, **kwargs)
 
 
 def _load_tokenizer(path_or_id: str, revision: str | None, trust_remote_code: bool) -> Any:

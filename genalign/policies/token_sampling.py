@@ -123,6 +123,7 @@ def sample_tokens(
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
+    keep_last: dict[str, int] | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Continue N left-padded prefixes ``[N, L]`` token by token with a KV cache.
 
@@ -130,6 +131,7 @@ def sample_tokens(
     prior has ended samples nothing); ``budget[i]``: how many tokens row i may still add.
     Returns each row's new tokens and their log-probs under softmax(logits / temperature), the
     scored distribution (top-p only shapes the draw). ``greedy``: argmax, no randomness.
+    ``keep_last``: forward kwargs that ask for the last position's logits only (``logits_to_keep``).
     """
     n = prefix_ids.shape[0]
     device = prefix_ids.device
@@ -140,7 +142,8 @@ def sample_tokens(
         return new_tokens, new_lps
     mask = prefix_mask.long()
     pos = positions(mask)
-    out = model(input_ids=prefix_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    keep = keep_last or {}
+    out = model(input_ids=prefix_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
     last_pos = pos[:, -1:]
     for _ in range(max(budget)):
         logits = out.logits[:, -1].float()  # [N, V]
