@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from genalign.conditions import condition_key
 from genalign.configs import opt
 from genalign.policies import POLICIES
 from genalign.policies.unet_tuning import POLICY_FILE
@@ -109,15 +110,15 @@ def sample_and_score(
     occurrence: dict[str, int] = {}
     first_seeds = []  # [len(prompts)]
     for prompt in prompts:
-        k = occurrence.get(str(prompt), 0)
-        occurrence[str(prompt)] = k + 1
+        k = occurrence.get(condition_key(prompt), 0)
+        occurrence[condition_key(prompt)] = k + 1
         first_seeds.append(seed + k * n)
     per_call = max(1, batch_size // n)
     images, scores, comps, details = [], [], {}, []
     for i in progress(range(0, len(prompts), per_call), desc=desc, leave=False):
         chunk = list(prompts[i : i + per_call])
-        gens = [torch.Generator().manual_seed(s + j) for s in first_seeds[i : i + per_call] for j in range(n)]
-        traj = policy.rollout(chunk, n, gens)
+        seeds = [s + j for s in first_seeds[i : i + per_call] for j in range(n)]
+        traj = policy.rollout(chunk, n, seeds)
         images.append(traj.outputs.cpu())
         if reward is not None:
             out = reward(traj.outputs, traj.conditions)
@@ -227,7 +228,7 @@ def run_sampling(cfg: SampleConfig) -> int:
         seeds = [cfg.seed + j for j in range(cfg.n)]
         if cfg.method == "plain":
             t0 = time.perf_counter()
-            traj = policy.rollout([prompt], cfg.n, [torch.Generator().manual_seed(s) for s in seeds])
+            traj = policy.rollout([prompt], cfg.n, list(seeds))
             counter.model_evals += traj.batch_size * traj.num_steps
             counter.decoder_calls += traj.batch_size
             counter.wall_seconds += time.perf_counter() - t0

@@ -1,15 +1,20 @@
-"""Where conditions come from: a list in the config, a text file, or Shapes World.
+"""Where conditions come from: a list in the config, a text file, Shapes World or Shapes QA.
 
-Every source draws an epoch's prompts deterministically from ``(seed, epoch)``, so a
-resumed run sees exactly the prompts the uninterrupted run would have seen.
+Every source draws an epoch's conditions deterministically from ``(seed, epoch)``, so a
+resumed run sees exactly the conditions the uninterrupted run would have seen. A condition
+is any object (genalign.conditions): a prompt string, or a dict such as
+``{"prompt": ..., "answer": ...}`` that a rule reward verifies against. An embedded world
+also knows the ground truth of its conditions (``targets``), which off-policy algorithms
+(SePPO) use as winning samples.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from genalign.configs import opt
 
@@ -17,22 +22,28 @@ from genalign.configs import opt
 @dataclass
 class ListPrompts:
     source: Literal["list"] = opt("list", "prompts given inline")
-    prompts: list[str] = opt([], "the prompts; each epoch samples from them uniformly with replacement")
-    eval_prompts: list[str] = opt([], "fixed prompts for before/after grids and eval (default: the first prompts)")
+    prompts: list[Any] = opt(
+        [], "the conditions: prompt strings, or dicts with a 'prompt' (and e.g. an 'answer' for rule rewards); each epoch samples from them uniformly with replacement"
+    )
+    eval_prompts: list[Any] = opt([], "fixed conditions for before/after grids and eval (default: the first prompts)")
 
     def validate(self) -> None:
         if not self.prompts:
             raise ValueError("'prompts' is empty: give at least one prompt")
+        for key in ("prompts", "eval_prompts"):
+            for i, c in enumerate(getattr(self, key)):
+                if not isinstance(c, (str, dict)) or (isinstance(c, dict) and "prompt" not in c):
+                    raise ValueError(f"'{key}.{i}' must be a prompt string or a dict with a 'prompt', got {c!r}")
 
-    def sample(self, n: int, seed: int) -> list[str]:
+    def sample(self, n: int, seed: int) -> list[Any]:
         rng = random.Random(seed)
         return [rng.choice(self.prompts) for _ in range(n)]
 
-    def evaluation(self, n: int) -> list[str]:
+    def evaluation(self, n: int) -> list[Any]:
         pool = self.eval_prompts or self.prompts
         return [pool[i % len(pool)] for i in range(n)]
 
-    def eval_sets(self, n: int) -> dict[str, list[str]]:
+    def eval_sets(self, n: int) -> dict[str, list[Any]]:
         return {"eval": self.evaluation(n)}
 
 
@@ -126,6 +137,13 @@ class ShapesWorldPrompts:
                 if part:
                     sets[name] = part
         return sets
+
+    def targets(self, conditions: Sequence[Any], seeds: Sequence[int], like: Any) -> Any:
+        """Ground truth of each prompt: a fresh render per seed, at the size of ``like``
+        (``[B, 3, H, W]`` images: the samples the targets stand opposite)."""
+        from genalign.targets import ShapesWorldTargets
+
+        return ShapesWorldTargets()(conditions, seeds, like.shape[-1])
 
 
 PROMPT_SOURCES = {"list": ListPrompts, "file": FilePrompts, "shapes_world": ShapesWorldPrompts}

@@ -132,9 +132,8 @@ def grid(trainer: Any, tag: str) -> dict[str, Any]:
     images, scores, comps = [], [], {}
     for i in range(0, len(picks), per_call):
         chunk = [p for _, p in picks[i : i + per_call]]
-        gens = [torch.Generator().manual_seed(s) for _ in chunk for s in seeds]
         with trainer.acc.autocast():
-            traj = trainer.policy.rollout(chunk, n, gens)
+            traj = trainer.policy.rollout(chunk, n, [s for _ in chunk for s in seeds])
         images.append(traj.outputs.float().cpu())
         out = trainer.reward(traj.outputs, traj.conditions)
         scores.append(out.scores.float().cpu())

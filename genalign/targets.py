@@ -2,8 +2,9 @@
 
 Two sources, chosen in the algorithm's config:
 
-- ``shapes_world``: the ground-truth render of a Shapes World prompt (a fresh layout per
-  seed), i.e. the data distribution the verifier was trained to accept.
+- ``world``: the prompt source's own ground truth (``ShapesWorldPrompts.targets`` renders a
+  fresh layout of each prompt per seed with :class:`ShapesWorldTargets`, the data distribution
+  the verifier was trained to accept).
 - ``folder``: any folder of prompt–image pairs in the Hugging Face ``imagefolder`` layout:
   image files next to a ``metadata.jsonl`` whose lines are
   ``{"file_name": "cat_01.png", "prompt": "a cat"}``. A prompt may have several images;
@@ -16,10 +17,13 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from genalign.conditions import condition_text
 
 
 def pil_to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
@@ -34,10 +38,11 @@ def pil_to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 
 
 class ShapesWorldTargets:
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], size: int) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[Any], seeds: Sequence[int], size: int) -> torch.Tensor:
         from genalign.toyworld import parse_prompt, render
 
-        return pil_to_tensor([render(parse_prompt(p), seed=int(s) % 2**31, size=size) for p, s in zip(prompts, seeds)], size)
+        texts = [condition_text(p) for p in prompts]
+        return pil_to_tensor([render(parse_prompt(p), seed=int(s) % 2**31, size=size) for p, s in zip(texts, seeds)], size)
 
 
 class FolderTargets:
@@ -65,9 +70,9 @@ class FolderTargets:
     def prompts(self) -> list[str]:
         return list(self.by_prompt)
 
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], size: int) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[Any], seeds: Sequence[int], size: int) -> torch.Tensor:
         images = []
-        for p, s in zip(prompts, seeds):
+        for p, s in zip([condition_text(c) for c in prompts], seeds):
             files = self.by_prompt.get(p)
             if not files:
                 raise KeyError(f"no target image for prompt {p!r} in {self.root}")

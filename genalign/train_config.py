@@ -109,22 +109,35 @@ class TrainConfig:
             raise ConfigError("missing required section 'policy' (with a 'type', e.g. stable_diffusion)")
         if self.prompts is None:
             raise ConfigError("missing required section 'prompts' (with a 'source': list, file or shapes_world)")
-        if getattr(self.algorithm, "noise_window", 0) and self.policy.type != "stable_diffusion":
+        self._check_capabilities()
+        if getattr(self.algorithm, "antithetic", False) and self.train.samples_per_prompt % 2:
             raise ConfigError(
-                f"'algorithm.noise_window' needs a policy whose steps have a deterministic version "
-                f"(stable_diffusion); policy.type is {self.policy.type!r}"
+                f"'algorithm.antithetic' pairs the rollouts of a prompt: 'train.samples_per_prompt' must be even, "
+                f"got {self.train.samples_per_prompt}"
             )
-        if getattr(self.algorithm, "antithetic", False):
-            if self.policy.type != "stable_diffusion":
-                raise ConfigError(
-                    f"'algorithm.antithetic' mirrors DDIM step noise (stable_diffusion); policy.type is {self.policy.type!r}"
-                )
-            if self.train.samples_per_prompt % 2:
-                raise ConfigError(
-                    f"'algorithm.antithetic' pairs the rollouts of a prompt: 'train.samples_per_prompt' must be even, "
-                    f"got {self.train.samples_per_prompt}"
-                )
+        if getattr(self.algorithm, "targets", None) == "world" and not hasattr(self.prompts, "targets"):
+            raise ConfigError(
+                f"'algorithm.targets' is 'world', but prompt source '{self.prompts.source}' has no ground truth: "
+                f"use prompts.source shapes_world or shapes_qa, or 'algorithm.targets: folder' with a 'targets_path'"
+            )
         self._check_prompt_grammar()
+
+    def _check_capabilities(self) -> None:
+        """The policy class must declare every sampling option the algorithm asks for; the
+        algorithm's unit-dependent hyper-parameters take the policy's log-prob unit defaults."""
+        from genalign.policies.base import SAMPLING_OPTIONS
+
+        policy_cls = POLICIES[self.policy.type][1]
+        for cap in sorted(self.algorithm.requires() - policy_cls.capabilities):
+            key = f"'algorithm.{cap}'" if hasattr(self.algorithm, cap) else f"algorithm '{self.algorithm.name}'"
+            raise ConfigError(
+                f"{key} needs a policy that supports {cap} ({SAMPLING_OPTIONS[cap]}); policy.type "
+                f"{self.policy.type!r} supports {sorted(policy_cls.capabilities) or 'no sampling options'}"
+            )
+        try:
+            self.algorithm.resolve_units(policy_cls.log_prob_unit)
+        except ValueError as e:
+            raise ConfigError(f"algorithm: {e}") from None
 
     def _check_prompt_grammar(self) -> None:
         """Listed prompts must parse in Shapes World when a reward reads them as Shapes World scenes."""

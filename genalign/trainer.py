@@ -38,14 +38,9 @@ from genalign.policies.window import NoiseWindow
 from genalign.progress import progress, write
 from genalign.seeds import Stream, derive_seed
 from genalign.train_config import TrainConfig
-from genalign.trajectory import Trajectory
+from genalign.trajectory import Trajectory, concat_outputs
 from rewards.compose import NonFiniteRewardError, WeightedSum, check_finite
 from rewards.registry import build_reward
-
-
-def row_generators(seeds: list[int]) -> list[torch.Generator]:
-    """One CPU generator per explicit seed (report grids use fixed user seeds)."""
-    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 class Trainer:
@@ -68,7 +63,8 @@ class Trainer:
         self.policy = policy_cls.from_pretrained(config.policy.pretrained, config.policy)
         self.reward = build_reward(config.reward.components)
         self.monitor: WeightedSum | None = build_reward(config.reward.monitor) if config.reward.monitor else None
-        self.algorithm = ALGORITHMS[config.algorithm.name][1](config.algorithm)
+        # unit-dependent hyper-parameters left unset take the defaults of the policy's log-prob unit
+        self.algorithm = ALGORITHMS[config.algorithm.name][1](config.algorithm, unit=self.policy.log_prob_unit)
         self.prompts = config.prompts
 
         params = self.policy.trainable_parameters()
@@ -233,6 +229,7 @@ class Trainer:
             "trained_rows": int(acc.gather(trained.sum().view(1).to(acc.device)).sum()),
             **train_metrics,
         }
+        metrics.update(self.algorithm.epoch_metrics())
         if plan.kind == "branches":
             metrics["branch_step"] = int(traj.extras["branch_step"].min()) if traj.batch_size else -1
         if plan.kind == "off_policy":
@@ -243,7 +240,7 @@ class Trainer:
         return metrics
 
     def _collect(
-        self, plan: SamplingPlan, chunk_prompts: list[str], rows: list[int], epoch: int, chunk: list[int]
+        self, plan: SamplingPlan, chunk_prompts: list[Any], rows: list[int], epoch: int, chunk: list[int]
     ) -> tuple[Trajectory, Any, list[Any]]:
         """One rollout call of the epoch, shaped by the plan: prompts ``chunk`` (their numbers in
         the epoch), rows ``rows`` (``p · n + j``). Each row and prompt draws from its own stream.
@@ -253,49 +250,58 @@ class Trainer:
         """
         n, seed = self.config.train.samples_per_prompt, self.config.seed
         device = self.acc.device
-        row_gens = seeding.generators(seed, Stream.ROLLOUT, epoch, rows)
+        row_seeds = [derive_seed(seed, Stream.ROLLOUT, epoch, r) for r in rows]
         with self.acc.autocast():
             if plan.kind == "rollouts":
-                kwargs: dict[str, Any] = {"shared_noise": plan.shared_noise}
-                if plan.noise_window > 0:
-                    starts = [  # one draw per prompt, from the prompt's own generator
-                        NoiseWindow.draw(1, plan.noise_window, plan.noise_window_starts,
-                                         seeding.generator(seed, Stream.NOISE_WINDOW, epoch, p)).starts[0]
-                        for p in chunk
-                    ]
-                    kwargs["noise_window"] = NoiseWindow(starts, plan.noise_window)
-                if plan.antithetic:
-                    kwargs["antithetic"] = True
-                traj = self.policy.rollout(chunk_prompts, n, row_gens, **kwargs)
+                traj = self.policy.rollout(chunk_prompts, n, row_seeds, **self._sampling_options(plan, epoch, chunk))
                 traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
                 return traj, traj.outputs, traj.conditions
             if plan.kind == "branches":
-                prefix = self.policy.rollout(chunk_prompts, 1, seeding.generators(seed, Stream.BRANCH_PREFIX, epoch, chunk))
-                step = min(prefix.num_steps - 1, int(round(plan.branch_at * prefix.num_steps)))
-                traj = self.policy.continue_from(prefix, step, n, row_gens)
+                prefix = self.policy.rollout(chunk_prompts, 1, [derive_seed(seed, Stream.BRANCH_PREFIX, epoch, p) for p in chunk])
+                # each prefix branches at the same fraction of its own length (a chain's T, a response's tokens)
+                length = prefix.mask.sum(1).cpu()  # [P]
+                steps = (plan.branch_at * length.double()).round().long().clamp(min=0)
+                steps = torch.minimum(steps, (length - 1).clamp(min=0))
+                traj = self.policy.continue_from(prefix, steps, n, row_seeds)
                 traj.group = torch.tensor(chunk, device=traj.group.device).repeat_interleave(n)
                 return traj, traj.outputs, traj.conditions
             # off_policy: reference samples (losers or anchors) and off-policy targets (winners)
             with self._weights(plan.reference):
-                ref = self.policy.rollout(chunk_prompts, n, row_gens)
+                ref = self.policy.rollout(chunk_prompts, n, row_seeds)
             conds = list(ref.conditions)
             target_seeds = [derive_seed(seed, Stream.TARGETS, epoch, r) for r in rows]
-            targets = self.algorithm.targets(conds, target_seeds, ref.outputs.shape[-1]).to(ref.outputs.device)
-            k = min(plan.steps_per_sample, ref.num_steps)
-            steps = torch.stack([  # [M, K]: each pair's chain steps, from the pair's own generator
-                torch.randperm(ref.num_steps, generator=g)[:k].sort().values
-                for g in seeding.generators(seed, Stream.PAIR_STEPS, epoch, rows)
-            ])
-            # The pair shares chain steps and forward noise; the noise is its own stream, independent
-            # of the reference sample's rollout noise (which would otherwise be the first draw).
-            traj = self.policy.forward_process(
-                conds + conds, torch.cat([targets, ref.outputs]), torch.cat([steps, steps]),
-                seeding.generators(seed, Stream.FORWARD, epoch, rows) + seeding.generators(seed, Stream.FORWARD, epoch, rows),
-            )
+            targets = self.algorithm.targets(conds, target_seeds, ref.outputs, self.prompts)
+            # The pair shares its forward noise, drawn from its own stream: independent of the
+            # reference sample's rollout noise (which would otherwise be the first draw).
+            forward = [derive_seed(seed, Stream.FORWARD, epoch, r) for r in rows]
+            traj = self.policy.forward_process(conds + conds, concat_outputs([targets, ref.outputs]), forward + forward)
             pair = torch.tensor(rows, device=device)
             traj.group = torch.cat([pair, pair]).to(traj.group.device)
             traj.extras["role"] = torch.cat([torch.ones(len(conds)), torch.zeros(len(conds))]).long().to(traj.group.device)
             return traj, ref.outputs, conds
+
+    def _sampling_options(self, plan: SamplingPlan, epoch: int, chunk: list[int]) -> dict[str, Any]:
+        """The policy options a rollouts plan asks for (each a declared policy capability)."""
+        seed = self.config.seed
+        options: dict[str, Any] = {}
+        if plan.shared_noise:
+            options["shared_noise"] = True
+        if plan.noise_window > 0:
+            starts = [  # one draw per prompt, from the prompt's own generator
+                NoiseWindow.draw(1, plan.noise_window, plan.noise_window_starts,
+                                 seeding.generator(seed, Stream.NOISE_WINDOW, epoch, p)).starts[0]
+                for p in chunk
+            ]
+            options["noise_window"] = NoiseWindow(starts, plan.noise_window)
+        if plan.antithetic:
+            options["antithetic"] = True
+        missing = sorted(set(options) - set(self.policy.capabilities))
+        if missing:
+            raise ConfigError(
+                f"algorithm '{self.algorithm.name}' samples with {missing}, which policy type "
+                f"'{self.config.policy.type}' does not support (it declares {sorted(self.policy.capabilities) or 'none'})"
+            )
+        return options
 
     @contextlib.contextmanager
     def _weights(self, reference: int | str):
@@ -338,13 +344,17 @@ class Trainer:
                 window = batches[start : start + ga]  # the last window of a pass may be partial
                 normaliser = 0.0
                 for i, idx in enumerate(window):
-                    mb, steps = traj[idx], all_steps[idx]  # [b, K]
+                    mb, steps = traj[idx], all_steps[idx]  # [b, K]; −1 entries pad rows with fewer steps
                     k_total = steps.shape[1]
-                    chunk = self.policy.step_chunk or k_total
+                    # rows whose steps only mean something together (tokens) are scored whole
+                    chunk = (self.policy.step_chunk if traj.aligned else None) or k_total
                     col_groups = [list(range(c, min(c + chunk, k_total))) for c in range(0, k_total, chunk)]
                     for ci, cols in enumerate(col_groups):
                         sync = i == len(window) - 1 and ci == len(col_groups) - 1
-                        sub_steps = steps[:, cols]
+                        padded = steps[:, cols]
+                        sub_steps = padded.clamp(min=0)
+                        sub = mb.subset(sub_steps)
+                        sub.mask = sub.mask & (padded >= 0).to(sub.mask.device)
                         with self._no_sync(not sync), acc.autocast():
                             log_probs = self.policy.log_prob(mb, sub_steps)  # [b, k]
                             ref = None
@@ -353,7 +363,7 @@ class Trainer:
                             elif self.algorithm.needs_reference:
                                 with torch.no_grad(), self.policy.reference():
                                     ref = self.policy.log_prob(mb, sub_steps)
-                            terms = self.algorithm.loss(mb.subset(sub_steps), log_probs, ref)
+                            terms = self.algorithm.loss(sub, log_probs, ref)
                             acc.backward(terms.total)
                         normaliser += terms.normaliser
                         sums.add(terms, first_pass=inner == 0 and ci == 0)

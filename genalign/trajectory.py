@@ -155,8 +155,6 @@ def _pad_steps(traj: Trajectory, t: int) -> Trajectory:
         v = getattr(traj, name)
         if v is not None and v.ndim == 2:
             values[name] = pad_dim1(v, t, 0)
-    if traj.lengths is None:
-        values["lengths"] = traj.mask.sum(1)
     return replace(traj, **values)
 
 
@@ -245,7 +243,9 @@ class Trajectory:
             raise ValueError("cannot concatenate aligned and unaligned trajectories")
         t_max = max(t.num_steps for t in trajs)
         if any(t.num_steps != t_max for t in trajs):
-            trajs = [_pad_steps(t, t_max) for t in trajs]
+            trajs = [_pad_steps(t, t_max) for t in trajs]  # padding steps are inactive: lengths do not change
+        if any(t.lengths is not None for t in trajs):
+            trajs = [t if t.lengths is not None else replace(t, lengths=t.mask.sum(1)) for t in trajs]
         skip = ("extras", "aligned", "outputs")
         values = {f.name: _cat_any([getattr(t, f.name) for t in trajs], f.name) for f in fields(Trajectory) if f.name not in skip}
         outs = [t.outputs for t in trajs]

@@ -250,7 +250,7 @@ def test_start_step_continue_predict_and_forward_process(tiny_lcm_dir):
     one_step = policy.predict_final(traj, 1)  # f_θ of x_τ1: a consistency model's one-step sample
     assert one_step.shape == traj.outputs.shape and 0 <= one_step.min() and one_step.max() <= 1
 
-    branches = policy.continue_from(traj, 1, 3, gens(6, 100))
+    branches = policy.continue_from(traj, torch.tensor([1, 1]), 3, gens(6, 100))
     assert (
         branches.batch_size == 6
         and branches.num_steps == 3
@@ -270,17 +270,11 @@ def test_start_step_continue_predict_and_forward_process(tiny_lcm_dir):
     torch.testing.assert_close(shared.states[0, 0], shared.states[1, 0])
     assert (shared.actions[0, 0] - shared.actions[1, 0]).abs().max() > 1e-3
 
-    steps = torch.tensor([[0, 2], [1, 2]])
-    fwd = policy.forward_process(PROMPTS, traj.outputs, steps, gens(2, 9))
-    assert fwd.states.shape == (2, 2, 4, 8, 8) and fwd.timesteps.tolist() == [
-        [999, 499],
-        [759, 499],
-    ]
-    assert torch.isfinite(fwd.log_probs).all()
-    lp = policy.log_prob(fwd, [0, 1])
+    fwd = policy.forward_process(PROMPTS, traj.outputs, gens(2, 9))  # every transition of the chain
+    assert fwd.states.shape == (2, 3, 4, 8, 8) and fwd.timesteps.tolist() == [[999, 759, 499]] * 2
+    assert torch.isfinite(fwd.log_probs).all() and fwd.step_ids.tolist() == [[0, 1, 2]] * 2
+    lp = policy.log_prob(fwd, torch.tensor([[0, 2], [1, 2]]))
     assert lp.shape == (2, 2) and lp.requires_grad and torch.isfinite(lp).all()
-    with pytest.raises(IndexError, match="no successor"):
-        policy.forward_process(PROMPTS, traj.outputs, torch.tensor([[3], [3]]), gens(2))
 
 
 def test_rlcm_training_changes_every_trainable_tensor(tiny_lcm_dir, tmp_path):
@@ -530,5 +524,6 @@ def test_consistency_policy_refuses_noise_windows(tiny_lcm_dir):
     from genalign.policies.window import NoiseWindow
 
     policy = make_policy(tiny_lcm_dir)
-    with pytest.raises(ValueError, match="noise windows"):
+    assert "noise_window" not in policy.capabilities and "antithetic" not in policy.capabilities
+    with pytest.raises(ValueError, match="noise_window"):
         policy.rollout(["a red circle"], 2, noise_window=NoiseWindow([0.0], 1))

@@ -13,7 +13,7 @@ import yaml
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 @pytest.mark.parametrize(
     "algorithm",
-    [{"name": "ddpo"}, {"name": "d3po"}, {"name": "seppo", "steps_per_sample": 2},
+    [{"name": "ddpo"}, {"name": "d3po"}, {"name": "seppo", "steps_per_sample": 2, "targets": "shapes_world"},
      {"name": "b2diffurl", "stages": 2, "epochs_per_stage": 1, "select_threshold": 0.0}],
     ids=lambda a: a["name"],
 )

@@ -42,14 +42,13 @@ def test_forward_process_follows_the_noising_process(tiny_sd_dir):
     images = torch.rand(2, 3, 64, 64)
     vae = policy.pipe.vae
     x0 = vae.encode(images * 2 - 1).latent_dist.mean * vae.config.scaling_factor
-    steps = torch.tensor([[0, 9], [0, 9]])
-    traj = policy.forward_process(["a red circle", "a blue square"], images, steps, gens(2))
-    assert traj.states.shape == (2, 2, *x0.shape[1:])
+    traj = policy.forward_process(["a red circle", "a blue square"], images, gens(2))
+    assert traj.states.shape == (2, 10, *x0.shape[1:])  # every chain step
     a0 = float(policy.scheduler.final_alpha_cumprod)
-    last_err = float((traj.actions[:, 1] - a0**0.5 * x0).pow(2).mean().sqrt())
+    last_err = float((traj.actions[:, 9] - a0**0.5 * x0).pow(2).mean().sqrt())
     assert last_err == pytest.approx((1 - a0) ** 0.5, rel=0.2)
     assert 0.8 < float(traj.states[:, 0].std()) < 1.3
-    lp = policy.log_prob(traj, torch.arange(2))
+    lp = policy.log_prob(traj, torch.tensor([0, 9]))
     assert lp.shape == (2, 2) and torch.isfinite(lp).all() and torch.isfinite(traj.log_probs).all()
 
 
@@ -96,7 +95,7 @@ def base_config(tiny_sd_dir, out, *extra):
         # stat_min_count=1: z against the prompt's own rewards, so each group has a best above and a worst below
         (["algorithm.name=b2diffurl", "algorithm.loss=dpo", "algorithm.stages=3", "algorithm.epochs_per_stage=1",
           "algorithm.select_threshold=0.1", "algorithm.stat_min_count=1"], "branch_step"),
-        (["algorithm.name=seppo", "algorithm.steps_per_sample=2"], "reference_snapshot"),
+        (["algorithm.name=seppo", "algorithm.steps_per_sample=2", "algorithm.targets=shapes_world"], "reference_snapshot"),
     ],
     ids=["d3po", "b2-ppo", "b2-dpo", "seppo"],
 )
@@ -117,7 +116,7 @@ def test_training_runs_change_every_parameter(tiny_sd_dir, tmp_path, overrides, 
 
 
 def test_seppo_uses_previous_checkpoints_as_reference(tiny_sd_dir, tmp_path):
-    trainer = Trainer(base_config(tiny_sd_dir, tmp_path / "run", "algorithm.name=seppo", "train.epochs=4"))
+    trainer = Trainer(base_config(tiny_sd_dir, tmp_path / "run", "algorithm.name=seppo", "algorithm.targets=shapes_world", "train.epochs=4"))
     history = trainer.train()
     assert len(trainer.snapshots) == 4
     assert all(0 <= h["reference_snapshot"] <= h["epoch"] - 1 for h in history)

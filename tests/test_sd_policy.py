@@ -147,13 +147,20 @@ def test_reference_disables_adapters(tiny_sd_dir):
 def test_continue_from_and_predict_final(tiny_sd_dir):
     policy = make_policy(tiny_sd_dir)
     traj = policy.rollout(PROMPTS, 1, gens(2))
-    branches = policy.continue_from(traj, 2, 3, gens(6, 100))
+    branches = policy.continue_from(traj, torch.tensor([2, 2]), 3, gens(6, 100))
     assert branches.batch_size == 6 and branches.num_steps == 4
     assert branches.group.tolist() == [0, 0, 0, 1, 1, 1]
     torch.testing.assert_close(branches.states[:3, :3], traj.states[0:1, :3].expand(3, -1, -1, -1, -1))
     torch.testing.assert_close(branches.log_probs[:3, :2], traj.log_probs[0:1, :2].expand(3, -1))
     assert (branches.actions[0, 2] - branches.actions[1, 2]).abs().max() > 1e-3, "continuations must differ"
     torch.testing.assert_close(policy.log_prob(branches, [2, 3]), branches.log_probs[:, 2:], rtol=0, atol=1e-5)
+    # per-row branch points: row 0 branches before step 1, row 1 before step 3
+    mixed = policy.continue_from(traj, torch.tensor([1, 3]), 2, gens(4, 200))
+    assert mixed.extras["branch_step"].tolist() == [1, 1, 3, 3]
+    torch.testing.assert_close(mixed.actions[:2, :1], traj.actions[0:1, :1].expand(2, -1, -1, -1, -1))
+    torch.testing.assert_close(mixed.actions[2:, :3], traj.actions[1:2, :3].expand(2, -1, -1, -1, -1))
+    assert (mixed.actions[0, 1] - traj.actions[0, 1]).abs().max() > 1e-3, "row 0 is resampled from step 1"
+    torch.testing.assert_close(policy.log_prob(mixed, torch.arange(4)), mixed.log_probs, rtol=0, atol=1e-5)
     torch.testing.assert_close(policy.predict_final(traj, 4), traj.outputs)
     x0_images = policy.predict_final(traj, 3)
     assert x0_images.shape == traj.outputs.shape and 0 <= x0_images.min() and x0_images.max() <= 1

@@ -118,7 +118,7 @@ def seppo_config(tiny_sd_dir, out, *extra):
     return load_config(TrainConfig, None, [
         "policy.type=stable_diffusion", f"policy.pretrained={tiny_sd_dir}", "policy.num_steps=3",
         "prompts.source=list", "prompts.prompts=[a red circle, a blue square, a green triangle]",
-        "algorithm.name=seppo", "algorithm.steps_per_sample=2", "reward.components=[{type: jpeg_compressibility}]",
+        "algorithm.name=seppo", "algorithm.steps_per_sample=2", "algorithm.targets=shapes_world", "reward.components=[{type: jpeg_compressibility}]",
         "train.epochs=3", "train.prompts_per_epoch=2", "train.samples_per_prompt=2", "train.rollout_batch_size=4",
         "train.train_batch_size=4", "train.learning_rate=1e-2", "report.enabled=false", "eval.enabled=false",
         f"output_dir={out}", *extra,
@@ -133,13 +133,13 @@ def test_seppo_forward_noise_is_not_the_rollout_noise(tiny_sd_dir, tmp_path, mon
     seen = {"rollout": [], "forward": []}
     rollout, forward = StableDiffusionPolicy.rollout, StableDiffusionPolicy.forward_process
 
-    def record_rollout(self, prompts, n, generator=None, **kw):
-        seen["rollout"] += [g.initial_seed() for g in generator]
-        return rollout(self, prompts, n, generator, **kw)
+    def record_rollout(self, prompts, n, seeds=None, **kw):
+        seen["rollout"] += list(seeds)
+        return rollout(self, prompts, n, seeds, **kw)
 
-    def record_forward(self, conditions, outputs, steps, generator=None):
-        seen["forward"] += [g.initial_seed() for g in generator]
-        return forward(self, conditions, outputs, steps, generator)
+    def record_forward(self, conditions, outputs, seeds=None):
+        seen["forward"] += list(seeds)
+        return forward(self, conditions, outputs, seeds)
 
     monkeypatch.setattr(StableDiffusionPolicy, "rollout", record_rollout)
     monkeypatch.setattr(StableDiffusionPolicy, "forward_process", record_forward)

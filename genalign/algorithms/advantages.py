@@ -15,11 +15,13 @@ from typing import Any
 import torch
 
 from genalign.algorithms.base import LossTerms
+from genalign.conditions import condition_key
 
 
 class PerPromptStats:
     """A_i = (r_i − μ_prompt) / (σ_prompt + 1e-6), with μ, σ over the last ``buffer_size``
-    rewards of that prompt once it has ``min_count`` of them, else over the whole batch."""
+    rewards of that prompt once it has ``min_count`` of them, else over the whole batch.
+    Prompts are any conditions; their history is keyed on ``condition_key``."""
 
     def __init__(self, buffer_size: int, min_count: int):
         self.buffer_size = buffer_size
@@ -34,7 +36,7 @@ class PerPromptStats:
             return adv
         batch_mean = rewards[valid].mean()
         batch_std = rewards[valid].std(unbiased=False) + 1e-6
-        keys = [str(p) for p in prompts]
+        keys = [condition_key(p) for p in prompts]
         for key in dict.fromkeys(keys):
             rows = torch.tensor([i for i, k in enumerate(keys) if k == key and bool(valid[i])], dtype=torch.long)
             if len(rows) == 0:

@@ -10,27 +10,30 @@ sparse final reward is first credited to the few steps closest to it:
 
     b_k = round(T · (start + (end − start) · k / (stages − 1))),  k = 0 … stages−1
 
-(then b stays at ``end`` for the remaining epochs). Branch sampling: per prompt one prefix
-x_T … x_b, then n continuations from x_b (``Policy.continue_from``). Their rewards are
+(then b stays at ``end`` for the remaining epochs), as a fraction of each prefix's own length
+(a chain's T; a response's number of tokens, so text rows branch at their own token). Branch
+sampling: per prompt one prefix x_T … x_b, then n continuations from x_b (``Policy.continue_from``). Their rewards are
 z-scored against the prompt's history (DDPO's per-prompt statistics), so the comparison
 measures what the steps after b contributed. Only the best and the worst branch of each
 prefix are trained, each only when |z| exceeds the threshold, and only on steps >= b.
 
 Loss ``ppo``: DDPO's PPO-clip with advantage z on the selected rows. Loss ``dpo``: the
-best and worst branch form one pair, trained with D3PO's per-step loss against the reference.
+best and worst branch form one pair, trained with D3PO's loss against the reference (per step on
+a denoising chain, on the summed log-ratio of the continuation for tokens: genalign.algorithms.pairs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
 from genalign.algorithms.advantages import PerPromptStats, ppo_clip_loss
 from genalign.algorithms.base import LossTerms, SamplingPlan
-from genalign.algorithms.pairs import per_step_dpo_loss
+from genalign.algorithms.pairs import pair_dpo_loss
+from genalign.algorithms.units import unit_default
 from genalign.configs import opt
 from genalign.trajectory import Trajectory
 
@@ -44,12 +47,19 @@ class B2DiffuRLConfig:
     branch_start: float = opt(0.8, "branch step of the first stage, as a fraction of the chain (1 = the end)")
     branch_end: float = opt(0.0, "branch step of the last stage (0 = the first step: the whole chain)")
     select_threshold: float = opt(0.5, "a best/worst branch is trained only when its |z| exceeds this (a reward z-score: no latent-size scaling)")
-    clip_range: float = opt(1e-4, "PPO clip ε (loss: ppo); log-probs are per-dimension means over the D latent dims, so the joint-ratio bound is about ε·D: to transfer to another latent size D′ use ε·D/D′ (docs/hyperparameter_units.md)")
+    clip_range: float | None = opt(None, "PPO clip ε (loss: ppo); None: the policy's unit default, 1e-4 for per-dimension-mean log-probs (transfer to latent size D′ as ε·D/D′, docs/hyperparameter_units.md) and 0.2 for tokens")
     adv_clip_max: float = opt(5.0, "z is clipped to ±adv_clip_max (loss: ppo)")
-    beta: float = opt(0.1, "DPO β (loss: dpo); log-probs are per-dimension means over the D latent dims, so β weights the joint log-ratio by β/D: to transfer to another latent size D′ use β·D′/D (docs/hyperparameter_units.md)")
-    clip_eps: float = opt(0.1, "DPO ratio clip ε (loss: dpo); log-probs are per-dimension means over the D latent dims, so the joint-ratio bound is about ε·D: to transfer to another latent size D′ use ε·D/D′ (docs/hyperparameter_units.md)")
+    beta: float = opt(0.1, "DPO β (loss: dpo); on per-dimension-mean log-probs β weights the joint log-ratio by β/D (transfer to latent size D′ as β·D′/D, docs/hyperparameter_units.md); on tokens DPO's β on the sequence log-ratio")
+    clip_eps: float | None = opt(None, "DPO ratio clip ε (loss: dpo; 0: no clip); None: the unit default, 0.1 per step for per-dimension-mean log-probs and 0 for tokens")
     stat_buffer_size: int = opt(32, "rewards kept per prompt for its running mean/std")
     stat_min_count: int = opt(16, "below this many rewards for a prompt, use the batch's mean/std")
+
+    def requires(self) -> frozenset[str]:
+        return frozenset()
+
+    def resolve_units(self, unit: str) -> None:
+        self.clip_range = unit_default(self.clip_range, unit, {"dimension_mean": 1e-4, "token": 0.2}, "clip_range")
+        self.clip_eps = unit_default(self.clip_eps, unit, {"dimension_mean": 0.1, "token": 0.0}, "clip_eps")
 
     def validate(self) -> None:
         if self.stages < 1 or self.epochs_per_stage < 1:
@@ -63,8 +73,9 @@ class B2DiffuRLConfig:
 class B2DiffuRL:
     needs_snapshots = False
 
-    def __init__(self, config: B2DiffuRLConfig | None = None):
-        self.config = config or B2DiffuRLConfig()
+    def __init__(self, config: B2DiffuRLConfig | None = None, unit: str = "dimension_mean"):
+        self.config = replace(config or B2DiffuRLConfig())
+        self.config.resolve_units(unit)
         self.name = "b2diffurl"
         self.needs_reference = self.config.loss == "dpo"
         self.stats = PerPromptStats(self.config.stat_buffer_size, self.config.stat_min_count)
@@ -100,11 +111,16 @@ class B2DiffuRL:
         return out
 
     def train_steps(self, traj: Trajectory, generator: torch.Generator) -> torch.Tensor:
-        """Steps b … T−1 of each row's branch: ``[B, T − b]``."""
+        """Each row's steps from its branch step b on: ``[B, K]``, K = the most any row has; a row
+        with fewer is padded with −1 (not trained)."""
         if "branch_step" not in traj.extras:
             raise KeyError("B²-DiffuRL trains branched rollouts: extras['branch_step'] is missing")
-        b = int(traj.extras["branch_step"].min())
-        return torch.arange(b, traj.num_steps).unsqueeze(0).expand(traj.batch_size, -1).clone()
+        b = traj.extras["branch_step"].cpu().view(-1, 1)  # [B, 1]
+        after = torch.arange(traj.num_steps).unsqueeze(0) >= b  # [B, T]
+        k = max(1, int(after.sum(1).max()))
+        order = torch.argsort((~after).to(torch.int8), dim=1, stable=True)[:, :k]  # the trained steps first, in order
+        taken = torch.gather(after, 1, order)
+        return torch.where(taken, order, torch.full_like(order, -1))
 
     def loss(self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None) -> LossTerms:
         adv = batch.advantages.to(log_probs.device).float()  # [B]; NaN rows are masked by the trainer
@@ -125,9 +141,16 @@ class B2DiffuRL:
         if not winners:
             return LossTerms(log_probs.sum() * 0.0, 0.0, counts={"pairs": 0.0})
         w, l_ = torch.stack(winners), torch.stack(losers)
-        terms = per_step_dpo_loss(delta[w], delta[l_], mask[w] & mask[l_], self.config.beta, self.config.clip_eps)
+        c = self.config
+        terms = pair_dpo_loss(delta[w], delta[l_], mask[w], mask[l_], batch.aligned, c.beta, c.clip_eps)
         terms.counts = {"pairs": float(len(w))}
         return terms
+
+    def targets(self, conditions: Sequence[Any], seeds: Sequence[int], like: Any, prompts: Any) -> Any:
+        raise ValueError("B²-DiffuRL trains on its own branches: it has no off-policy targets")
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"stats": self.stats.state_dict()}

@@ -16,12 +16,18 @@ class SamplingPlan:
     """What an algorithm asks of the trainer for one epoch's data (plain data, no logic).
 
     - ``"rollouts"``: ``samples_per_prompt`` rollouts per prompt; with ``shared_noise`` the
-      rollouts of one prompt start from the same initial noise.
+      rollouts of one prompt start from the same initial state.
     - ``"branches"``: one prefix per prompt, then ``samples_per_prompt`` continuations from
-      the chain step ``round(branch_at · T)`` (``Policy.continue_from``); ``group`` = prefix.
+      each prefix's own step ``round(branch_at · L)``, L = the prefix's number of active steps
+      (a chain's T, a response's length) (``Policy.continue_from``); ``group`` = prefix.
     - ``"off_policy"``: per prompt, one sample of the reference checkpoint (``reference``)
       and one off-policy target from the algorithm's ``targets``; both are turned into
-      forward-process trajectories (``Policy.forward_process``) at ``steps_per_sample`` steps.
+      forward-process trajectories (``Policy.forward_process``), and ``train_steps`` picks
+      the steps to train.
+
+    The sampling options (``shared_noise``, ``noise_window``, ``antithetic``) are policy
+    capabilities: the algorithm's config names those it needs (``requires()``) and the config
+    check refuses a policy that does not declare them.
     """
 
     kind: Literal["rollouts", "branches", "off_policy"] = "rollouts"
@@ -36,7 +42,6 @@ class SamplingPlan:
     branch_at: float = 0.0
     #: minibatches hold whole groups (pairwise losses need both rows of a pair)
     whole_groups: bool = False
-    steps_per_sample: int = 1
     #: which weights serve as reference: "initial" (policy.reference()) or a snapshot index
     reference: int | Literal["initial"] = "initial"
 
@@ -80,6 +85,21 @@ class LossTerms:
         return self.metrics[name] / self.normaliser if self.normaliser > 0 else 0.0
 
 
+class AlgorithmConfig(Protocol):
+    """What the config check asks of every algorithm config, besides its fields and ``validate``."""
+
+    name: str
+
+    def requires(self) -> frozenset[str]:
+        """The policy capabilities (sampling options) this configuration samples with."""
+        ...
+
+    def resolve_units(self, unit: str) -> None:
+        """Fill hyper-parameters left at None whose meaning depends on the policy's log-prob unit
+        (``"dimension_mean"``: per-dimension means over a latent; ``"token"``: one token)."""
+        ...
+
+
 @runtime_checkable
 class Algorithm(Protocol):
     name: str
@@ -97,6 +117,7 @@ class Algorithm(Protocol):
         """Rewards ``[N]`` of one epoch (all processes gathered) -> advantages ``[N]`` or ``[N, T]``.
 
         Called with identical inputs on every process, so stateful statistics stay in sync.
+        Per-condition statistics key on :func:`genalign.conditions.condition_key`.
         Rows with a NaN reward must get advantage 0 and must not touch any statistic.
         A NaN advantage means "do not train this row" (B²-DiffuRL keeps only the best and
         worst branch); the trainer masks such rows out.
@@ -115,6 +136,19 @@ class Algorithm(Protocol):
         ``[B, k]`` carry gradients; ``ref_log_probs`` ``[B, k]`` or None. The same data cut
         into different calls must give the same Σ total and Σ normaliser.
         """
+        ...
+
+    def targets(self, conditions: Sequence[Any], seeds: Sequence[int], like: Any, prompts: Any) -> Any:
+        """Off-policy outputs for ``conditions`` (plan kind ``"off_policy"`` only; others raise).
+
+        ``like``: the reference samples' outputs, whose format the targets must match (an image
+        size, texts); ``prompts``: the prompt source, whose ``targets(conditions, seeds, like)``
+        is the embedded world's ground truth. ``seeds``: one per condition.
+        """
+        ...
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Diagnostics of the last ``advantages`` call (e.g. zero-variance groups), logged per epoch."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

@@ -16,20 +16,26 @@ Ties give no loss. The reference is the pretrained model (LoRA adapters disabled
 of a pair train the same steps. β = 0.1 and ε = 0.1 are the paper's values (ε = 0.2 made
 images fall apart there). Log-probs are per-dimension means, so Δ is small and the loss starts
 at log 2 with gradient −β/2 (∇ log π(w) − ∇ log π(l)).
+
+On token trajectories (``aligned`` False) step j of two responses follows different prefixes,
+so there is nothing to pair step by step: each row's log-ratios are summed over its tokens and
+the pair gets one logit, which is DPO on self-generated pairs (genalign.algorithms.pairs); the
+ratio clip defaults to none there (ε = 0), and every token is trained.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
 from genalign.algorithms.advantages import window_steps
 from genalign.algorithms.base import LossTerms, SamplingPlan
-from genalign.algorithms.pairs import group_pairs, per_step_dpo_loss
+from genalign.algorithms.pairs import group_pairs, pair_dpo_loss
 from genalign.algorithms.preferences import ParetoPreference, RewardPreference, StoredPreference
+from genalign.algorithms.units import unit_default
 from genalign.configs import opt
 from genalign.trajectory import Trajectory
 
@@ -37,8 +43,8 @@ from genalign.trajectory import Trajectory
 @dataclass
 class D3POConfig:
     name: Literal["d3po"] = opt("d3po", "algorithm name")
-    beta: float = opt(0.1, "β: sharpness of the per-step DPO logit; log-probs are per-dimension means over the D latent dims, so β weights the joint log-ratio by β/D: to transfer to another latent size D′ use β·D′/D (docs/hyperparameter_units.md)")
-    clip_eps: float = opt(0.1, "ε: the ratio π_θ/π_ref is clipped to [1−ε, 1+ε] per step; log-probs are per-dimension means over the D latent dims, so the joint-ratio bound is about ε·D: to transfer to another latent size D′ use ε·D/D′ (docs/hyperparameter_units.md)")
+    beta: float = opt(0.1, "β: sharpness of the DPO logit; on per-dimension-mean log-probs (diffusion) β weights the joint log-ratio by β/D: to transfer to another latent size D′ use β·D′/D (docs/hyperparameter_units.md); on tokens it is DPO's β on the sequence log-ratio")
+    clip_eps: float | None = opt(None, "ε: the ratio π_θ/π_ref is clipped to [1−ε, 1+ε] (0: no clip); None: the policy's unit default, 0.1 per step for per-dimension-mean log-probs (the joint-ratio bound is about ε·D: transfer to latent size D′ as ε·D/D′, docs/hyperparameter_units.md) and 0 (plain DPO) for tokens")
     preference: Literal["reward", "pareto", "store"] = opt(
         "reward", "label source: compare the reward, Pareto-compare its components, or read stored labels"
     )
@@ -47,11 +53,17 @@ class D3POConfig:
     timestep_fraction: float = opt(1.0, "fraction of the window's steps trained per pair (same steps for both rows)")
     step_window: list[float] = opt([0.0, 1.0], "[start, end) of the chain, as fractions, that is trained")
 
+    def requires(self) -> frozenset[str]:
+        return frozenset({"shared_noise"})  # the two rows of a pair start from the same state
+
+    def resolve_units(self, unit: str) -> None:
+        self.clip_eps = unit_default(self.clip_eps, unit, {"dimension_mean": 0.1, "token": 0.0}, "clip_eps")
+
     def validate(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"'beta' must be > 0, got {self.beta}")
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"'clip_eps' must be in (0, 1), got {self.clip_eps}")
+        if self.clip_eps is not None and not 0 <= self.clip_eps < 1:
+            raise ValueError(f"'clip_eps' must be in [0, 1), got {self.clip_eps}")
         if self.preference == "store" and not self.store_path:
             raise ValueError("'store_path' is required when preference is 'store'")
         if not 0 < self.timestep_fraction <= 1:
@@ -72,8 +84,9 @@ class D3PO:
     needs_reference = True
     needs_snapshots = False
 
-    def __init__(self, config: D3POConfig | None = None):
-        self.config = config or D3POConfig()
+    def __init__(self, config: D3POConfig | None = None, unit: str = "dimension_mean"):
+        self.config = replace(config or D3POConfig())
+        self.config.resolve_units(unit)
         self.name = "d3po"
         self.preference = build_preference(self.config)
 
@@ -84,7 +97,9 @@ class D3PO:
         return torch.zeros_like(rewards, dtype=torch.float32)  # labels come from pairs, not advantages
 
     def train_steps(self, traj: Trajectory, generator: torch.Generator) -> torch.Tensor:
-        """One draw of steps per group, shared by its rows: ``[B, K]``."""
+        """One draw of steps per group, shared by its rows: ``[B, K]`` (unaligned rows: all steps)."""
+        if not traj.aligned:
+            return torch.arange(traj.num_steps).unsqueeze(0).expand(traj.batch_size, -1).clone()
         groups = traj.group.cpu()
         uniq = groups.unique()
         drawn = window_steps(len(uniq), traj.num_steps, self.config.step_window, self.config.timestep_fraction, generator)
@@ -105,9 +120,15 @@ class D3PO:
         l_ = torch.where(labels > 0, pairs[:, 1], pairs[:, 0])
         delta = log_probs - ref_log_probs.detach()  # [B, K]
         mask = batch.mask.to(log_probs.device)
-        terms = per_step_dpo_loss(delta[w], delta[l_], mask[w] & mask[l_], self.config.beta, self.config.clip_eps)
+        terms = pair_dpo_loss(delta[w], delta[l_], mask[w], mask[l_], batch.aligned, self.config.beta, self.config.clip_eps)
         terms.counts = {"pairs": float(len(pairs)), "unlabelled_pairs": unlabelled}
         return terms
+
+    def targets(self, conditions: Sequence[Any], seeds: Sequence[int], like: Any, prompts: Any) -> Any:
+        raise ValueError("D3PO compares its own rollouts: it has no off-policy targets")
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -25,15 +25,17 @@ so a group's reward differences come from its window's noise alone. The loss is 
 noise; on the Shapes World quickstart it did not help); each rollout is still an exact sample
 of the policy, so the gradient stays unbiased.
 
-Log-probs are per-dimension means (see genalign.distributions), so ρ stays near 1 and the
-reference clip range is tiny (1e-4). Applied to a ConsistencyPolicy this same object is
-RLCM; applied to an LM policy it is plain PPO-clip with sequence-level advantages.
+On a diffusion policy log-probs are per-dimension means (see genalign.distributions), so ρ
+stays near 1 and the reference clip range is tiny (1e-4); on a token policy ρ is a token's
+ratio and ε defaults to PPO's 0.2 (genalign.algorithms.units). Applied to a ConsistencyPolicy
+this same object is RLCM; applied to an LM policy it is PPO-clip with sequence-level
+advantages (every token of a response shares the response's advantage).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -47,6 +49,7 @@ from genalign.algorithms.advantages import (
     window_steps,
 )
 from genalign.algorithms.base import LossTerms, SamplingPlan
+from genalign.algorithms.units import unit_default
 from genalign.configs import opt
 from genalign.trajectory import Trajectory
 
@@ -54,8 +57,8 @@ from genalign.trajectory import Trajectory
 @dataclass
 class DDPOConfig:
     name: Literal["ddpo"] = opt("ddpo", "algorithm name")
-    clip_range: float = opt(
-        1e-4, "PPO clip ε on the per-step ratio (tiny: 1e-4 at tiny-sd's D = 256); log-probs are per-dimension means over the D latent dims, so the joint-ratio bound is about ε·D: to transfer to another latent size D′ use ε·D/D′ (docs/hyperparameter_units.md)"
+    clip_range: float | None = opt(
+        None, "PPO clip ε on the per-step ratio; None: the policy's unit default, 1e-4 for per-dimension-mean log-probs (diffusion: the joint-ratio bound is about ε·D at latent size D, so transfer to D′ as ε·D/D′, docs/hyperparameter_units.md) and 0.2 for per-token log-probs"
     )
     adv_clip_max: float = opt(5.0, "advantages are clipped to [−adv_clip_max, adv_clip_max]")
     per_prompt_stat_tracking: bool = opt(True, "normalise rewards per prompt (with a history buffer), else per batch")
@@ -90,13 +93,22 @@ class DDPOConfig:
         "the per-prompt history; the right baseline when the group shares x_T and a noise window",
     )
 
+    def requires(self) -> frozenset[str]:
+        needed = {"shared_noise"} if self.shared_noise else set()
+        needed |= {"noise_window"} if self.noise_window else set()
+        needed |= {"antithetic"} if self.antithetic else set()
+        return frozenset(needed)
+
+    def resolve_units(self, unit: str) -> None:
+        self.clip_range = unit_default(self.clip_range, unit, {"dimension_mean": 1e-4, "token": 0.2}, "clip_range")
+
     def validate(self) -> None:
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"'timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
         lo, hi = (self.step_window + [None, None])[:2]
         if len(self.step_window) != 2 or not 0 <= lo < hi <= 1:
             raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
-        if self.clip_range <= 0:
+        if self.clip_range is not None and self.clip_range <= 0:
             raise ValueError(f"'clip_range' must be > 0, got {self.clip_range}")
         if self.noise_window < 0:
             raise ValueError(f"'noise_window' must be >= 0, got {self.noise_window}")
@@ -116,8 +128,9 @@ class DDPO:
     needs_reference = False
     needs_snapshots = False
 
-    def __init__(self, config: DDPOConfig | None = None):
-        self.config = config or DDPOConfig()
+    def __init__(self, config: DDPOConfig | None = None, unit: str = "dimension_mean"):
+        self.config = replace(config or DDPOConfig())
+        self.config.resolve_units(unit)  # a copy: unset unit-dependent fields take the policy's defaults
         self.name = "ddpo"
         self.stats = PerPromptStats(self.config.stat_buffer_size, self.config.stat_min_count)
 
@@ -148,6 +161,12 @@ class DDPO:
         if adv.ndim == 1:
             adv = adv.unsqueeze(1)  # [B, 1]: one advantage for every step of a rollout
         return ppo_clip_loss(adv, log_probs, batch.log_probs.to(log_probs.device), self.config.clip_range, batch.mask)
+
+    def targets(self, conditions: Sequence[Any], seeds: Sequence[int], like: Any, prompts: Any) -> Any:
+        raise ValueError("DDPO trains on its own rollouts: it has no off-policy targets")
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"stats": self.stats.state_dict()}

@@ -9,7 +9,12 @@
       L_j = −log σ(β (log r_w − log r_l))
 
   The clip is a trust region: once the ratio of a row leaves [1−ε, 1+ε] its term carries
-  no gradient. ``sign`` (+1 or −1 per pair) lets SePPO flip the loser's role.
+  no gradient (ε = 0: no clip). ``sign`` (+1 or −1 per pair) lets SePPO flip the loser's role.
+- :func:`pair_dpo_loss`: the same loss for any trajectory. When steps are aligned (step j of
+  both rows is a denoising step at one timestep) it is :func:`per_step_dpo_loss`; when they are
+  not (two texts: token j of one follows a different prefix than token j of the other) each
+  row's log-ratios are first summed over its active steps, Δ_row = log π_θ(y) − log π_ref(y),
+  and the pair gets one logit: DPO itself (Rafailov et al. 2023).
 """
 
 from __future__ import annotations
@@ -43,9 +48,7 @@ def per_step_dpo_loss(
     mask: ``[P, K]``; sign: ``[P]`` (default +1): the logit is β(log r_w − sign · log r_l).
     Metrics are sums over the same entries (pair_accuracy, logit_mean, ratio_clip_fraction).
     """
-    lo, hi = math.log(1 - clip_eps), math.log(1 + clip_eps)
-    log_rw = delta_w.clamp(lo, hi)  # [P, K]
-    log_rl = delta_l.clamp(lo, hi)
+    log_rw, log_rl = _clip_log_ratio(delta_w, clip_eps), _clip_log_ratio(delta_l, clip_eps)  # [P, K]
     s = torch.ones(delta_w.shape[0], device=delta_w.device) if sign is None else sign.to(delta_w.device).float()
     logits = beta * (log_rw - s.unsqueeze(1) * log_rl)  # [P, K]
     m = mask.to(delta_w.device).float()
@@ -57,3 +60,36 @@ def per_step_dpo_loss(
             "ratio_clip_fraction": float((((log_rw != delta_w) | (log_rl != delta_l)).float() * m).sum()),
         }
     return LossTerms(total, float(m.sum()), metrics)
+
+
+def _clip_log_ratio(delta: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """log clip(exp Δ, 1−ε, 1+ε); ε = 0 leaves Δ unclipped."""
+    if clip_eps == 0:
+        return delta
+    return delta.clamp(math.log(1 - clip_eps), math.log(1 + clip_eps))
+
+
+def pair_dpo_loss(
+    delta_w: torch.Tensor,
+    delta_l: torch.Tensor,
+    mask_w: torch.Tensor,
+    mask_l: torch.Tensor,
+    aligned: bool,
+    beta: float,
+    clip_eps: float,
+    sign: torch.Tensor | None = None,
+) -> LossTerms:
+    """DPO over pairs of rows, per step when the steps are aligned, per row otherwise.
+
+    delta_w, delta_l: ``[P, K]`` log π_θ − log π_ref of the winner and the loser; mask_w,
+    mask_l: ``[P, K]`` their active steps. Aligned: :func:`per_step_dpo_loss` on the steps both
+    rows act at (one entry per pair and step). Unaligned: one entry per pair, with
+    Δ = Σ_j mask · delta over each row's own active steps (whole rows must be in the call: an
+    unaligned trajectory is never cut into step chunks), then the same clipped logit.
+    """
+    if aligned:
+        return per_step_dpo_loss(delta_w, delta_l, mask_w & mask_l, beta, clip_eps, sign)
+    sum_w = (delta_w * mask_w.float()).sum(1, keepdim=True)  # [P, 1]: the winner's sequence log-ratio
+    sum_l = (delta_l * mask_l.float()).sum(1, keepdim=True)
+    active = (mask_w.any(1) & mask_l.any(1)).unsqueeze(1)  # [P, 1]
+    return per_step_dpo_loss(sum_w, sum_l, active, beta, clip_eps, sign)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from genalign.conditions import condition_key
 from genalign.preference_store import PreferenceStore
 from genalign.trajectory import Trajectory
 
@@ -60,7 +61,7 @@ class StoredPreference:
         ids, prompts = batch.extras["sample_id"], batch.conditions
         labels = []
         for i, j in pairs.tolist():
-            label = self.store.label(str(prompts[i]), ids[i], ids[j])
+            label = self.store.label(condition_key(prompts[i]), ids[i], ids[j])
             self.missing += label is None
             labels.append(label or 0)
         return torch.tensor(labels, dtype=torch.float32)

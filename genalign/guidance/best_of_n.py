@@ -26,7 +26,7 @@ def best_of_n(
     if len(seeds) != len(conditions) * n:
         raise ValueError(f"need {len(conditions) * n} seeds (n per condition), got {len(seeds)}")
     t0 = time.perf_counter()
-    traj = policy.rollout(conditions, n, [torch.Generator().manual_seed(int(s)) for s in seeds])
+    traj = policy.rollout(conditions, n, [int(s) for s in seeds])
     scores = reward(traj.outputs, traj.conditions).scores.float().view(len(conditions), n)  # [C, N]
     scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -torch.inf))
     best = scores.argmax(1)  # [C]

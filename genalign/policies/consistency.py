@@ -46,7 +46,9 @@ from diffusers import LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 
+from genalign.conditions import condition_text
 from genalign.distributions import gaussian_log_prob
+from genalign.policies.base import check_options
 from genalign.policies.consistency_config import (
     PIPELINE_GUIDANCE_SCALE,
     ConsistencyPolicyConfig,
@@ -62,15 +64,16 @@ from genalign.policies.lcm import (
 from genalign.policies.unet_tuning import (
     POLICY_FILE,
     UNetFinetune,
+    as_generators,
     decode_latents,
     encode_images,
     make_lora_config,
     merge_runtime,
+    per_row,
     portable_location,
     resolve_location,
     scale_model_input,
 )
-from genalign.policies.window import NoiseWindow
 from genalign.trajectory import Trajectory
 
 __all__ = ["PIPELINE_GUIDANCE_SCALE", "ConsistencyPolicy", "ConsistencyPolicyConfig"]
@@ -80,6 +83,10 @@ class ConsistencyPolicy:
     """A latent consistency model (diffusers pipeline + LCMScheduler) behind the Policy protocol."""
 
     step_chunk = 1  # one UNet call per scored step keeps memory flat
+    #: noise windows and antithetic pairs need a deterministic version of every step, and a
+    #: consistency step's re-noising has none
+    capabilities = frozenset({"shared_noise"})
+    log_prob_unit = "dimension_mean"  # the re-noising Gaussian's log-density, averaged over latent dims
 
     def __init__(self, pipeline: Any, config: ConsistencyPolicyConfig):
         if not isinstance(pipeline.scheduler, LCMScheduler):
@@ -297,18 +304,16 @@ class ConsistencyPolicy:
         self,
         conditions: Sequence[Any],
         n_per_condition: int = 1,
-        generator: Any = None,
+        seeds: Any = None,
         shared_noise: bool = False,
-        noise_window: NoiseWindow | None = None,
+        **options: Any,
     ) -> Trajectory:
-        if noise_window is not None:
-            raise ValueError(
-                "consistency policy: noise windows need a deterministic version of every step, and a "
-                "consistency step's re-noising has none; use noise_window: 0 with policy.type: consistency"
-            )
-        prompts = [str(c) for c in conditions for _ in range(n_per_condition)]
-        n = len(prompts)
-        embeds = self.encode(prompts)
+        """``seeds``: one int per row (or diffusers-style generators); option ``shared_noise``."""
+        check_options(type(self).__name__, self.capabilities, options)
+        rows = [c for c in conditions for _ in range(n_per_condition)]
+        n = len(rows)
+        generator = as_generators(seeds, n)
+        embeds = self.encode([condition_text(c) for c in rows])
         dtype = embeds["prompt_embeds"].dtype
         shape = (
             n,
@@ -330,7 +335,7 @@ class ConsistencyPolicy:
         states, actions, log_probs, sample = self._sample(latents, embeds, 0, generator)
         timesteps, step_ids = self._chain_index(n)
         return Trajectory(
-            conditions=prompts,
+            conditions=rows,
             group=torch.arange(len(conditions), device=self.device).repeat_interleave(
                 n_per_condition
             ),
@@ -367,42 +372,50 @@ class ConsistencyPolicy:
         return ("prompt_embeds", "negative_prompt_embeds") if self.cfg else ("prompt_embeds",)
 
     @torch.no_grad()
-    def continue_from(
-        self, traj: Trajectory, step: int, n: int, generator: Any = None
-    ) -> Trajectory:
-        if not 0 <= step < traj.num_steps:
-            raise IndexError(f"branch step {step} outside 0..{traj.num_steps - 1}")
+    def continue_from(self, traj: Trajectory, steps: torch.Tensor, n: int, seeds: Any = None) -> Trajectory:
+        """``n`` continuations per row from the state before its step ``steps[b]`` (``[B]``);
+        rows that branch at the same step are sampled together."""
+        steps = torch.as_tensor(steps, dtype=torch.long).view(-1).cpu()
+        if steps.shape != (traj.batch_size,):
+            raise ValueError(f"continue_from needs one branch step per row ([{traj.batch_size}]), got {tuple(steps.shape)}")
+        if steps.numel() and (steps.min() < 0 or steps.max() >= traj.num_steps):
+            raise IndexError(f"branch steps {steps.tolist()} outside 0..{traj.num_steps - 1}")
         parent = traj[torch.arange(traj.batch_size).repeat_interleave(n)]
-        embeds = {key: parent.extras[key] for key in self._embed_keys()}
-        states, actions, log_probs, sample = self._sample(
-            parent.states[:, step].float(), embeds, step, generator
-        )
+        child_steps = steps.repeat_interleave(n)  # [B*n]
+        gens = per_row(as_generators(seeds, parent.batch_size), parent.batch_size)
+        states, actions, log_probs = parent.states.clone(), parent.actions.clone(), parent.log_probs.clone()
+        samples = torch.zeros_like(parent.actions[:, -1])  # [B*n, C, h, w]
+        for b in child_steps.unique().tolist():
+            idx = (child_steps == b).nonzero().view(-1).to(self.device)
+            row_gens = [gens[i] for i in idx.tolist()]
+            embeds = {key: parent.extras[key][idx] for key in self._embed_keys()}
+            st, ac, lp, sample = self._sample(
+                parent.states[idx, b].float(), embeds, b, row_gens if row_gens[0] is not None else None
+            )
+            states[idx, b:], actions[idx, b:], log_probs[idx, b:], samples[idx] = st, ac, lp, sample
         extras = dict(parent.extras)
-        extras["branch_step"] = torch.full(
-            (parent.batch_size,), step, dtype=torch.long, device=self.device
-        )
+        extras["branch_step"] = child_steps.to(self.device)
         return Trajectory(
             conditions=parent.conditions,
             group=torch.arange(traj.batch_size, device=self.device).repeat_interleave(n),
-            states=torch.cat([parent.states[:, :step], states], 1),
-            actions=torch.cat([parent.actions[:, :step], actions], 1),
+            states=states,
+            actions=actions,
             timesteps=parent.timesteps,
-            log_probs=torch.cat([parent.log_probs[:, :step], log_probs], 1),
+            log_probs=log_probs,
             mask=parent.mask,
             step_ids=parent.step_ids,
-            outputs=self.decode(sample),
+            outputs=self.decode(samples),
             extras=extras,
         )
 
     @torch.no_grad()
-    def start(
-        self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Any = None
-    ) -> Trajectory:
+    def start(self, conditions: Sequence[Any], n_per_condition: int = 1, seeds: Any = None) -> Trajectory:
         """A partial trajectory before its first step: x_τ0 drawn exactly as ``rollout`` draws it,
         every step masked out (``mask`` False) until :meth:`step` takes it."""
-        prompts = [str(c) for c in conditions for _ in range(n_per_condition)]
-        n = len(prompts)
-        embeds = self.encode(prompts)
+        rows = [c for c in conditions for _ in range(n_per_condition)]
+        n = len(rows)
+        generator = as_generators(seeds, n)
+        embeds = self.encode([condition_text(c) for c in rows])
         c, h, w = (
             self.unet.config.in_channels,
             self.height // self.vae_scale,
@@ -419,7 +432,7 @@ class ConsistencyPolicy:
         states[:, 0] = latents.float() * self.scheduler.init_noise_sigma
         timesteps, step_ids = self._chain_index(n)
         return Trajectory(
-            conditions=prompts,
+            conditions=rows,
             group=torch.arange(len(conditions), device=self.device).repeat_interleave(
                 n_per_condition
             ),
@@ -433,13 +446,14 @@ class ConsistencyPolicy:
         )
 
     @torch.no_grad()
-    def step(self, traj: Trajectory, step: int, n: int = 1, generator: Any = None) -> Trajectory:
+    def step(self, traj: Trajectory, step: int, n: int = 1, seeds: Any = None) -> Trajectory:
         """Take transition ``step`` from each row's state, ``n`` candidates per row (``B * n`` rows,
         row-major; ``group`` = parent row). After the last transition the final f_θ gives
         ``outputs``. ``start`` then T calls with n = 1 and the same generators equal ``rollout``."""
         if not 0 <= step < traj.num_steps:
             raise IndexError(f"step {step} outside 0..{traj.num_steps - 1}")
         child = traj[torch.arange(traj.batch_size, device=traj.states.device).repeat_interleave(n)]
+        generator = as_generators(seeds, child.batch_size)
         embeds = {key: child.extras[key] for key in self._embed_keys()}
         x_t = child.states[:, step].float()
         t = child.timesteps[:, step]
@@ -473,17 +487,11 @@ class ConsistencyPolicy:
         )
 
     @torch.no_grad()
-    def forward_process(
-        self,
-        conditions: Sequence[Any],
-        outputs: torch.Tensor,
-        steps: torch.Tensor,
-        generator: Any = None,
-    ) -> Trajectory:
+    def forward_process(self, conditions: Sequence[Any], outputs: torch.Tensor, seeds: Any = None) -> Trajectory:
         """Trajectories that reach given images: the sampler's own kernel with f_θ replaced by the truth.
 
         ``outputs`` ``[B, 3, H, W]`` in [0, 1] are encoded to x_0 (VAE mean). For every chain step
-        n in ``steps`` ``[B, K]`` (n < T) the state is x_τn = √ᾱ_τn x_0 + √(1−ᾱ_τn) ε and the
+        n < T (fresh noise per step) the state is x_τn = √ᾱ_τn x_0 + √(1−ᾱ_τn) ε and the
         action x_τ(n+1) = √ᾱ_τ(n+1) x_0 + √(1−ᾱ_τ(n+1)) z: the consistency transition of a
         perfect f_θ (= x_0). Unlike DDIM's posterior q(x_t' | x_t, x_0), the action does not
         depend on the state given x_0 — in consistency sampling it does not either. ``log_probs``
@@ -491,17 +499,15 @@ class ConsistencyPolicy:
         −ᾱ_τ(n+1) ‖f_θ(x_τn) − x_0‖² / (2(1−ᾱ_τ(n+1))): a consistency regression onto x_0, which
         is what preference losses over off-policy outputs (SePPO) need.
         """
-        prompts = [str(c) for c in conditions]
-        b, k = steps.shape
-        if len(prompts) != b or outputs.shape[0] != b:
-            raise ValueError(
-                f"{len(prompts)} conditions, {outputs.shape[0]} outputs and {b} step rows must match"
-            )
-        steps = steps.to(self.device)
+        rows = list(conditions)
+        b, k = len(rows), self.consts.num_transitions
+        if outputs.shape[0] != b:
+            raise ValueError(f"{b} conditions and {outputs.shape[0]} outputs must match")
+        steps = torch.arange(k, device=self.device).unsqueeze(0).expand(b, -1)  # [B, T]
         x0 = encode_images(self.pipe.vae, outputs)  # [B, C, h, w]
         timesteps = self.timesteps[steps]  # [B, K]
         t_next = self.consts.next_timesteps(steps)  # [B, K]; refuses n = T (no successor)
-        gens = generator if isinstance(generator, list) else [generator] * b
+        gens = per_row(as_generators(seeds, b), b)
         shape = x0.shape[1:]
         eps = torch.stack(
             [randn_tensor((k, *shape), generator=g, device=self.device) for g in gens]
@@ -518,7 +524,7 @@ class ConsistencyPolicy:
             actions.flatten(0, 1), mean.flatten(0, 1), std.flatten(0, 1)
         ).view(b, k)
         return Trajectory(
-            conditions=prompts,
+            conditions=rows,
             group=torch.arange(b, device=self.device),
             states=states,
             actions=actions,
@@ -527,7 +533,7 @@ class ConsistencyPolicy:
             mask=torch.ones(b, k, dtype=torch.bool, device=self.device),
             step_ids=steps.clone(),
             outputs=outputs,
-            extras=self.encode(prompts),
+            extras=self.encode([condition_text(c) for c in rows]),
         )
 
     @torch.no_grad()

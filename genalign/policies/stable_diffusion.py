@@ -25,17 +25,21 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 
+from genalign.conditions import condition_text
 from genalign.configs import opt
 from genalign.distributions import gaussian_log_prob
+from genalign.policies.base import check_options
 from genalign.policies.ddim import DDIMConstants, ddim_std_and_eps_coef, ddim_step, predict_x0_eps
 from genalign.policies.unet_tuning import (
     POLICY_FILE,
     UNetFinetune,
+    as_generators,
     check_model_location,
     decode_latents,
     encode_images,
     make_lora_config,
     merge_runtime,
+    per_row,
     portable_location,
     resolve_location,
     scale_model_input,
@@ -84,6 +88,8 @@ class StableDiffusionPolicy:
     """A diffusers StableDiffusionPipeline behind the Policy protocol."""
 
     step_chunk = 1  # one UNet call (with CFG: 2B rows) per scored step keeps memory flat
+    capabilities = frozenset({"shared_noise", "noise_window", "antithetic"})
+    log_prob_unit = "dimension_mean"  # a DDIM step's Gaussian log-density, averaged over latent dims
 
     def __init__(self, pipeline: StableDiffusionPipeline, config: StableDiffusionPolicyConfig):
         self.config = config
@@ -216,19 +222,24 @@ class StableDiffusionPolicy:
         self,
         conditions: Sequence[Any],
         n_per_condition: int = 1,
-        generator: Any = None,
+        seeds: Any = None,
         shared_noise: bool = False,
         noise_window: NoiseWindow | None = None,
         antithetic: bool = False,
+        **options: Any,
     ) -> Trajectory:
+        """``seeds``: one int per row (or diffusers-style generators); options: ``shared_noise``,
+        ``noise_window`` and ``antithetic`` (see ``capabilities``)."""
+        check_options(type(self).__name__, self.capabilities, options)
         if antithetic and (not shared_noise or n_per_condition % 2):
             raise ValueError(
                 f"antithetic pairs need shared_noise and an even number of samples per condition, got "
                 f"shared_noise={shared_noise}, n_per_condition={n_per_condition}"
             )
-        prompts = [str(c) for c in conditions for _ in range(n_per_condition)]
-        n = len(prompts)
-        cond, uncond = self.encode(prompts)
+        rows = [c for c in conditions for _ in range(n_per_condition)]
+        n = len(rows)
+        generator = as_generators(seeds, n)
+        cond, uncond = self.encode([condition_text(c) for c in rows])
         shape = (n, self.unet.config.in_channels, self.height // self.vae_scale, self.width // self.vae_scale)
         if shared_noise:
             # x_T from each condition's first generator, repeated over its group; later step noise
@@ -247,7 +258,7 @@ class StableDiffusionPolicy:
             stochastic = noise_window.mask(n_per_condition, len(steps), self.device)  # [N, T]
         states, actions, log_probs = self._denoise(latents.float(), cond, uncond, 0, generator, stochastic, antithetic)
         return Trajectory(
-            conditions=prompts,
+            conditions=rows,
             group=torch.arange(len(conditions), device=self.device).repeat_interleave(n_per_condition),
             states=states,
             actions=actions,
@@ -271,37 +282,50 @@ class StableDiffusionPolicy:
         return out.log_prob.view(b, k)
 
     @torch.no_grad()
-    def continue_from(self, traj: Trajectory, step: int, n: int, generator: Any = None) -> Trajectory:
-        if not 0 <= step < traj.num_steps:
-            raise IndexError(f"branch step {step} outside 0..{traj.num_steps - 1}")
+    def continue_from(self, traj: Trajectory, steps: torch.Tensor, n: int, seeds: Any = None) -> Trajectory:
+        """``n`` continuations per row from the state before its step ``steps[b]`` (``[B]``);
+        rows that branch at the same step are denoised together."""
+        steps = torch.as_tensor(steps, dtype=torch.long).view(-1).cpu()
+        if steps.shape != (traj.batch_size,):
+            raise ValueError(f"continue_from needs one branch step per row ([{traj.batch_size}]), got {tuple(steps.shape)}")
+        if steps.numel() and (steps.min() < 0 or steps.max() >= traj.num_steps):
+            raise IndexError(f"branch steps {steps.tolist()} outside 0..{traj.num_steps - 1}")
         parent = traj[torch.arange(traj.batch_size).repeat_interleave(n)]
-        cond, uncond = parent.extras["prompt_embeds"], parent.extras["negative_prompt_embeds"]
-        states, actions, log_probs = self._denoise(parent.states[:, step].float(), cond, uncond, step, generator)
-        new_states = torch.cat([parent.states[:, :step], states], 1)
-        new_actions = torch.cat([parent.actions[:, :step], actions], 1)
-        new_lp = torch.cat([parent.log_probs[:, :step], log_probs], 1)
+        child_steps = steps.repeat_interleave(n)  # [B*n]
+        gens = per_row(as_generators(seeds, parent.batch_size), parent.batch_size)
+        states, actions, log_probs = parent.states.clone(), parent.actions.clone(), parent.log_probs.clone()
+        for b in child_steps.unique().tolist():
+            rows = (child_steps == b).nonzero().view(-1)
+            idx = rows.to(self.device)
+            row_gens = [gens[i] for i in rows.tolist()]
+            st, ac, lp = self._denoise(
+                parent.states[idx, b].float(), parent.extras["prompt_embeds"][idx],
+                parent.extras["negative_prompt_embeds"][idx], b, row_gens if row_gens[0] is not None else None,
+            )
+            states[idx, b:], actions[idx, b:], log_probs[idx, b:] = st, ac, lp
         extras = dict(parent.extras)
-        extras["branch_step"] = torch.full((parent.batch_size,), step, dtype=torch.long, device=self.device)
+        extras["branch_step"] = child_steps.to(self.device)
         return Trajectory(
             conditions=parent.conditions,
             group=torch.arange(traj.batch_size, device=self.device).repeat_interleave(n),
-            states=new_states,
-            actions=new_actions,
+            states=states,
+            actions=actions,
             timesteps=parent.timesteps,
-            log_probs=new_lp,
+            log_probs=log_probs,
             mask=parent.mask,
             step_ids=parent.step_ids,
-            outputs=self.decode(new_actions[:, -1]),
+            outputs=self.decode(actions[:, -1]),
             extras=extras,
         )
 
     @torch.no_grad()
-    def start(self, conditions: Sequence[Any], n_per_condition: int = 1, generator: Any = None) -> Trajectory:
+    def start(self, conditions: Sequence[Any], n_per_condition: int = 1, seeds: Any = None) -> Trajectory:
         """A partial trajectory before its first step: x_T drawn exactly as ``rollout`` draws it,
         every step masked out (``mask`` False) until :meth:`step` takes it."""
-        prompts = [str(c) for c in conditions for _ in range(n_per_condition)]
-        n = len(prompts)
-        cond, uncond = self.encode(prompts)
+        rows = [c for c in conditions for _ in range(n_per_condition)]
+        n = len(rows)
+        generator = as_generators(seeds, n)
+        cond, uncond = self.encode([condition_text(c) for c in rows])
         c, h, w = self.unet.config.in_channels, self.height // self.vae_scale, self.width // self.vae_scale
         latents = randn_tensor((n, c, h, w), generator=generator, device=self.device, dtype=cond.dtype)
         latents = latents.float() * self.scheduler.init_noise_sigma  # x_T [N, C, h, w]
@@ -310,7 +334,7 @@ class StableDiffusionPolicy:
         states = torch.zeros(n, t, c, h, w, device=self.device)
         states[:, 0] = latents
         return Trajectory(
-            conditions=prompts,
+            conditions=rows,
             group=torch.arange(len(conditions), device=self.device).repeat_interleave(n_per_condition),
             states=states,
             actions=torch.zeros_like(states),
@@ -322,13 +346,14 @@ class StableDiffusionPolicy:
         )
 
     @torch.no_grad()
-    def step(self, traj: Trajectory, step: int, n: int = 1, generator: Any = None) -> Trajectory:
+    def step(self, traj: Trajectory, step: int, n: int = 1, seeds: Any = None) -> Trajectory:
         """Take step ``step`` from each row's state, ``n`` candidates per row (``B * n`` rows,
         row-major; ``group`` = parent row). The one-step kernel is the rollout's, so ``start``
         followed by T calls with n = 1 and the same generators reproduces ``rollout``."""
         if not 0 <= step < traj.num_steps:
             raise IndexError(f"step {step} outside 0..{traj.num_steps - 1}")
         child = traj[torch.arange(traj.batch_size, device=traj.states.device).repeat_interleave(n)]
+        generator = as_generators(seeds, child.batch_size)
         x_t = child.states[:, step].float()
         t_batch = child.timesteps[:, step]
         eps = self._eps(x_t, t_batch, child.extras["prompt_embeds"], child.extras["negative_prompt_embeds"])
@@ -354,30 +379,31 @@ class StableDiffusionPolicy:
         )
 
     @torch.no_grad()
-    def forward_process(
-        self, conditions: Sequence[Any], outputs: torch.Tensor, steps: torch.Tensor, generator: Any = None
-    ) -> Trajectory:
-        """Trajectories that reach given images, drawn from the forward (noising) process.
+    def forward_process(self, conditions: Sequence[Any], outputs: torch.Tensor, seeds: Any = None) -> Trajectory:
+        """Trajectories that reach given images, drawn from the forward (noising) process at every
+        chain step.
 
-        ``outputs`` ``[B, 3, H, W]`` in [0, 1] are encoded to x_0 (VAE mean); for every chain
-        step index in ``steps`` ``[B, K]`` (timestep t, previous timestep t') the state is
-        x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε and the action x_t' = √ᾱ_t' x_0 + √(1−ᾱ_t'−σ_t²) ε + σ_t z,
-        the DDIM(η) step taken with the true x_0 and ε — a draw from q(x_t' | x_t, x_0).
-        ``log_prob`` of these actions is the Gaussian that Diffusion-DPO's noise-prediction loss
-        comes from, so preference losses over them need nothing beyond the trajectory seam.
+        ``outputs`` ``[B, 3, H, W]`` in [0, 1] are encoded to x_0 (VAE mean); for every chain step
+        j (timestep t, previous timestep t') the state is x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε and the action
+        x_t' = √ᾱ_t' x_0 + √(1−ᾱ_t'−σ_t²) ε + σ_t z, the DDIM(η) step taken with the true x_0 and ε —
+        a draw from q(x_t' | x_t, x_0), with fresh ε, z per step (as Diffusion-DPO draws t). The
+        algorithm picks which steps to train. ``log_prob`` of these actions is the Gaussian that
+        Diffusion-DPO's noise-prediction loss comes from, so preference losses over them need
+        nothing beyond the trajectory seam.
         """
-        prompts = [str(c) for c in conditions]
-        b, k = steps.shape
-        if len(prompts) != b or outputs.shape[0] != b:
-            raise ValueError(f"{len(prompts)} conditions, {outputs.shape[0]} outputs and {b} step rows must match")
+        rows = list(conditions)
+        b, k = len(rows), self.config.num_steps
+        if outputs.shape[0] != b:
+            raise ValueError(f"{b} conditions and {outputs.shape[0]} outputs must match")
         x0 = encode_images(self.pipe.vae, outputs)  # [B, C, h, w]
-        timesteps = self.scheduler.timesteps.to(self.device)[steps.to(self.device)]  # [B, K]
-        gens = generator if isinstance(generator, list) else [generator] * b
+        steps = torch.arange(k, device=self.device).unsqueeze(0).expand(b, -1)  # [B, T]
+        timesteps = self.scheduler.timesteps.to(self.device)[steps]  # [B, T]
+        gens = per_row(as_generators(seeds, b), b)
         shape = x0.shape[1:]
-        eps = torch.stack([randn_tensor((k, *shape), generator=g, device=self.device) for g in gens])  # [B, K, C, h, w]
+        eps = torch.stack([randn_tensor((k, *shape), generator=g, device=self.device) for g in gens])  # [B, T, C, h, w]
         z = torch.stack([randn_tensor((k, *shape), generator=g, device=self.device) for g in gens])
-        x0k = x0.unsqueeze(1).expand(-1, k, *shape)  # [B, K, C, h, w]
-        a_t, a_prev = self.consts.alphas(timesteps.flatten())  # [B*K] each
+        x0k = x0.unsqueeze(1).expand(-1, k, *shape)  # [B, T, C, h, w]
+        a_t, a_prev = self.consts.alphas(timesteps.flatten())  # [B*T] each
         a_t, a_prev = a_t.view(b, k, 1, 1, 1), a_prev.view(b, k, 1, 1, 1)
         sigma, eps_coef = ddim_std_and_eps_coef(a_t, a_prev, self.config.eta)  # σ_t, √(1 − ᾱ_t' − σ_t²)
         states = a_t.sqrt() * x0k + (1 - a_t).sqrt() * eps  # x_t
@@ -385,16 +411,16 @@ class StableDiffusionPolicy:
         actions = mean + sigma * z  # x_t' ~ q(x_t' | x_t, x_0)
         # The behaviour log-prob is that of the forward posterior q, which drew the actions.
         log_probs = gaussian_log_prob(actions.flatten(0, 1), mean.flatten(0, 1), sigma.flatten(0, 1)).view(b, k)
-        cond, uncond = self.encode(prompts)
+        cond, uncond = self.encode([condition_text(c) for c in rows])
         return Trajectory(
-            conditions=prompts,
+            conditions=rows,
             group=torch.arange(b, device=self.device),
             states=states,
             actions=actions,
             timesteps=timesteps,
             log_probs=log_probs,
             mask=torch.ones(b, k, dtype=torch.bool, device=self.device),
-            step_ids=steps.to(self.device).clone(),
+            step_ids=steps.clone(),
             outputs=outputs,
             extras={"prompt_embeds": cond, "negative_prompt_embeds": uncond},
         )

@@ -216,3 +216,22 @@ def merge_runtime(saved: Any, given: Any, pretrained: str, base_keys: Sequence[s
         setattr(merged, key, getattr(saved, key))
     merged.pretrained = pretrained
     return merged
+
+
+def as_generators(seeds: Any, rows: int) -> list[torch.Generator] | torch.Generator | None:
+    """Per-row CPU generators from the protocol's seeds (one int per row).
+
+    diffusers-style callers may pass generators instead (one, or one per row); they are used
+    as given. None: the global RNG. A list must hold one entry per row.
+    """
+    if seeds is None or isinstance(seeds, torch.Generator):
+        return seeds
+    seeds = list(seeds)
+    if len(seeds) != rows:
+        raise ValueError(f"need one seed per output row ({rows}), got {len(seeds)}")
+    return [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def per_row(generators: list[torch.Generator] | torch.Generator | None, rows: int) -> list[Any]:
+    """One generator (or None) per row: a single generator is shared by every row."""
+    return list(generators) if isinstance(generators, list) else [generators] * rows
