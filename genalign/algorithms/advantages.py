@@ -4,6 +4,10 @@
   (Black et al. 2023, App. B; the ``min_count`` fallback to batch statistics follows the
   public ddpo-pytorch reference).
 - :func:`ppo_clip_loss`: the clipped surrogate of PPO (Schulman et al. 2017, eq. 7).
+- :func:`group_advantages`: GRPO's group-relative advantages (Shao et al. 2024, §4.1.2) with
+  the std taken over the group, the batch, or not at all (Liu et al. 2025, Dr. GRPO).
+- :func:`clipped_surrogate`, :func:`k3_kl`: per-entry PPO terms with separate low/high clip
+  ranges (Yu et al. 2025, DAPO's clip-higher) and the k3 KL estimator (Schulman 2020).
 """
 
 from __future__ import annotations
@@ -133,3 +137,64 @@ def window_steps(
     if k == len(inside):
         return steps.unsqueeze(0).expand(batch_size, -1).clone()  # [B, W]
     return torch.stack([steps[torch.randperm(len(inside), generator=generator)[:k].sort().values] for _ in range(batch_size)])
+
+
+def group_advantages(
+    rewards: torch.Tensor, group: torch.Tensor, scale: str = "group", eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_i = (r_i − mean_g) / (std + eps) over the finite rewards: ``(advantages [N], flat [N])``.
+
+    The mean is always the group's (rows with equal ``group`` ids ``[N]``); ``scale`` picks the
+    std: ``"group"`` (the group's), ``"batch"`` (all finite rewards'), ``"none"`` (no division).
+    Stds are population stds (divide by n). A NaN/inf reward gets a NaN advantage and takes no
+    part in any mean or std. ``flat`` marks the finite rows of groups whose finite rewards are
+    all equal (a group of one included): their advantage is exactly 0.
+    """
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    rewards = rewards.detach().float().cpu()  # [N]
+    group = group.cpu()
+    valid = torch.isfinite(rewards)
+    adv = torch.full_like(rewards, float("nan"))
+    flat = torch.zeros_like(valid)
+    if not bool(valid.any()):
+        return adv, flat
+    batch_std = rewards[valid].std(unbiased=False)
+    for g in group[valid].unique():
+        rows = ((group == g) & valid).nonzero().view(-1)
+        r = rewards[rows]
+        centred = r - r.mean()
+        if bool((r == r[0]).all()):
+            flat[rows] = True
+            centred = torch.zeros_like(r)  # exactly 0, whatever the rounding of the mean
+        if scale == "group":
+            centred = centred / (r.std(unbiased=False) + eps)
+        elif scale == "batch":
+            centred = centred / (batch_std + eps)
+        adv[rows] = centred
+    return adv, flat
+
+
+def clipped_surrogate(
+    advantages: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-entry PPO-clip loss with an asymmetric trust region: ``(terms [B, K], ratio [B, K])``.
+
+    advantages ``[B, 1]`` or ``[B, K]``; log_probs, old_log_probs ``[B, K]``.
+    term = max(−A ρ, −A clip(ρ, 1 − clip_low, 1 + clip_high)), ρ = exp(log π_θ − log π_old).
+    No masking here: the caller weights and masks the terms.
+    """
+    ratio = torch.exp(log_probs - old_log_probs)  # ρ [B, K]
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(π_θ ‖ π_ref) per entry: exp(Δ) − Δ − 1, Δ = log π_ref − log π_θ.
+
+    Non-negative, 0 at Δ = 0; its gradient in log π_θ is 1 − exp(Δ): positive where π_θ > π_ref,
+    so descending it pulls log π_θ toward log π_ref. ``ref_log_probs`` are taken as constants.
+    """
+    delta = ref_log_probs.detach() - log_probs  # Δ [B, K]
+    return torch.exp(delta) - delta - 1.0
