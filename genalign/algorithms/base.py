@@ -118,14 +118,16 @@ class Algorithm(Protocol):
 
         Called with identical inputs on every process, so stateful statistics stay in sync.
         Per-condition statistics key on :func:`genalign.conditions.condition_key`.
-        Rows with a NaN reward must get advantage 0 and must not touch any statistic.
+        Rows with a NaN reward must get advantage 0 or NaN (the trainer drops them either way)
+        and must not touch any statistic.
         A NaN advantage means "do not train this row" (B²-DiffuRL keeps only the best and
         worst branch); the trainer masks such rows out.
         """
         ...
 
     def train_steps(self, traj: Trajectory, generator: torch.Generator) -> torch.Tensor:
-        """Which steps each row trains on: ``[B, K]`` long indices into ``traj``'s steps."""
+        """Which steps each row trains on: ``[B, K]`` long indices into ``traj``'s steps; −1 pads
+        a row that trains fewer than K steps (the trainer masks those entries out)."""
         ...
 
     def loss(self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None) -> LossTerms:

@@ -39,7 +39,7 @@ the value for the policy's unit (:meth:`GRPOConfig.resolve_units`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -137,8 +137,9 @@ class GRPOConfig:
 class GRPO:
     needs_snapshots = False
 
-    def __init__(self, config: GRPOConfig | None = None):
-        self.config = config or GRPOConfig()
+    def __init__(self, config: GRPOConfig | None = None, unit: str = "dimension_mean"):
+        self.config = replace(config or GRPOConfig())
+        self.config.resolve_units(unit)  # a copy: unset unit-dependent fields take the policy's defaults
         self.name = "grpo"
         self.needs_reference = self.config.beta > 0
         self.last_groups = 0  # groups with a finite reward in the last advantages() call
@@ -226,6 +227,9 @@ class GRPO:
             if kl is not None:
                 metrics["kl"] = float((kl * share).sum())
         return LossTerms(total, float(share.sum()), metrics)
+
+    def targets(self, conditions: Sequence[Any], seeds: Sequence[int], like: Any, prompts: Any) -> Any:
+        raise ValueError("GRPO trains on its own rollouts: it has no off-policy targets")
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -87,8 +87,9 @@ class RAFT:
     needs_reference = False
     needs_snapshots = False
 
-    def __init__(self, config: RAFTConfig | None = None):
-        self.config = config or RAFTConfig()
+    def __init__(self, config: RAFTConfig | None = None, unit: str = "dimension_mean"):
+        self.config = replace(config or RAFTConfig())
+        self.config.resolve_units(unit)  # a copy: unset unit-dependent fields take the policy's defaults
         self.name = "raft"
 
     def plan(self, epoch: int, num_snapshots: int, generator: torch.Generator) -> SamplingPlan:
@@ -115,6 +116,12 @@ class RAFT:
             metrics = {"nll": float(total)}
             counts = {"kept": float(kept.sum())}  # rows, whichever of their steps this call holds
         return LossTerms(total, float(active.sum()), metrics, counts)
+
+    def targets(self, conditions: Sequence[Any], seeds: Sequence[int], like: Any, prompts: Any) -> Any:
+        raise ValueError("RAFT fine-tunes on its own best rollouts: it has no off-policy targets")
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}  # the kept rows are counted per epoch by the loss ("kept")
 
     def state_dict(self) -> dict[str, Any]:
         return {}

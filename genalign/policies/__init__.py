@@ -3,11 +3,13 @@
 from genalign.policies.base import Policy
 from genalign.policies.consistency import ConsistencyPolicy, ConsistencyPolicyConfig
 from genalign.policies.stable_diffusion import StableDiffusionPolicy, StableDiffusionPolicyConfig
+from genalign.policies.text_lm import TextLMPolicy, TextLMPolicyConfig
 
 #: type -> (config class, policy class)
 POLICIES = {
     "stable_diffusion": (StableDiffusionPolicyConfig, StableDiffusionPolicy),
     "consistency": (ConsistencyPolicyConfig, ConsistencyPolicy),
+    "text_lm": (TextLMPolicyConfig, TextLMPolicy),
 }
 
 __all__ = [
@@ -17,4 +19,6 @@ __all__ = [
     "Policy",
     "StableDiffusionPolicy",
     "StableDiffusionPolicyConfig",
+    "TextLMPolicy",
+    "TextLMPolicyConfig",
 ]
