@@ -13,8 +13,11 @@ the same ids with or without ``add_special_tokens`` and through the chat templat
 renders a single user message as its content).
 
 The model is *deliberately under-trained*: the step budget is chosen so that, sampled at
-temperature 1, it answers the easy tiers mostly right and the relational ones often
-wrong, with the response format mostly right, leaving reward training something to learn.
+temperature 1, it keeps the response format but answers held-out conditions right only
+about a third of the time (colour lookup above chance, position lookup just emerging,
+counting and relations near their base rates), leaving reward training something to
+learn. Measured at the defaults with one torch thread on 2 CPU cores shared with other
+jobs: 4000 steps in 7.4 minutes, 7.5 minutes in all.
 :func:`evaluate_lm` (a plain batched sampling loop, greedy or at a temperature) measures
 it per tier on both splits; the numbers go into ``training_log.json`` and the model card.
 
@@ -266,8 +269,9 @@ scratch on **Shapes QA** (`genalign.toyworld.text_qa`): Shapes World scenes desc
 in five tiers (1 colour lookup, 2 position lookup, 3 counting, 4 relation yes/no, 5 counting with a relation or two
 attributes). Size on disk: {log['size_bytes'] / 1e6:.2f} MB.
 
-It is **deliberately under-trained**, so that reward training has headroom: it answers in the right format
-and gets the lookups mostly right, but relations and counting often wrong.
+It is **deliberately under-trained**, so that reward training has headroom: it nearly always answers in the
+right format, but often wrongly. For scale, guessing gives about 1/6 on tier 1 (six colours), 1/9 on tier 2 (nine
+cells) and 1/2 on tier 4 (yes / no); on tiers 3 and 5 always answering "1" is right on half to two thirds of the conditions.
 
 ## Use
 
