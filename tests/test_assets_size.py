@@ -1,12 +1,13 @@
-"""assets/ stays small: the shipped models must fit well under 50 MB together."""
+"""assets/ stays small: the shipped models (diffusion, verifier, CLIP, language models) must fit
+under 100 MB together."""
 
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-LIMIT_MB = 40.0
+LIMIT_MB = 100.0
 
 
-def test_assets_folder_is_well_under_50_mb():
+def test_assets_folder_is_under_100_mb():
     files = [p for p in ASSETS.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(ASSETS).parts)]
     sizes = {str(p.relative_to(ASSETS)): p.stat().st_size for p in files}
     assert len(sizes) >= 10, sorted(sizes)  # the models are there: nothing was skipped
