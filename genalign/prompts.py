@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from genalign.configs import opt
+from genalign.toyworld.text_qa import ShapesQAPrompts
 
 
 @dataclass
@@ -146,4 +147,4 @@ class ShapesWorldPrompts:
         return ShapesWorldTargets()(conditions, seeds, like.shape[-1])
 
 
-PROMPT_SOURCES = {"list": ListPrompts, "file": FilePrompts, "shapes_world": ShapesWorldPrompts}
+PROMPT_SOURCES = {"list": ListPrompts, "file": FilePrompts, "shapes_world": ShapesWorldPrompts, "shapes_qa": ShapesQAPrompts}
