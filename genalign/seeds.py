@@ -16,7 +16,6 @@ stream             index                            draws
 ``NOISE_WINDOW``   prompt ``p``                     where the prompt's noise window starts
 ``FORWARD``        pair ``p·n + j``                 forward-process noise (off-policy pairs)
 ``TARGETS``        pair ``p·n + j``                 the off-policy target's draw (render, file)
-``PAIR_STEPS``     pair ``p·n + j``                 which chain steps an off-policy pair scores
 ``SHUFFLE``        pass ``i`` over the data         the minibatch permutation of the pass
 ``TRAIN_STEPS``    pass ``i`` over the data         ``Algorithm.train_steps`` of the pass
 =================  ===============================  =======================================
@@ -47,7 +46,6 @@ class Stream(IntEnum):
     NOISE_WINDOW = 5
     FORWARD = 6
     TARGETS = 7
-    PAIR_STEPS = 8
     SHUFFLE = 9
     TRAIN_STEPS = 10
 

@@ -12,7 +12,7 @@ def test_all_streams_of_a_realistic_run_are_distinct():
     count = {
         Stream.PROMPTS: 1, Stream.PLAN: 1, Stream.ROLLOUT: prompts * n, Stream.BRANCH_PREFIX: prompts,
         Stream.NOISE_WINDOW: prompts, Stream.FORWARD: prompts * n, Stream.TARGETS: prompts * n,
-        Stream.PAIR_STEPS: prompts * n, Stream.SHUFFLE: passes, Stream.TRAIN_STEPS: passes,
+        Stream.SHUFFLE: passes, Stream.TRAIN_STEPS: passes,
     }
     assert set(count) == set(Stream), "the enumeration covers every stream"
     seeds = {(s, e, i): derive_seed(0, s, e, i) for e in range(epochs) for s, k in count.items() for i in range(k)}
