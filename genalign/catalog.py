@@ -7,7 +7,7 @@ import inspect
 import sys
 from typing import Any
 
-#: ``genalign sample --method``: how samples are drawn (no training).
+#: ``genalign sample --method``: how samples are drawn (no training; image policies only).
 SAMPLING_METHODS = {
     "plain": "the policy's own sampler (DDIM for stable_diffusion, LCM for consistency), one sample per seed",
     "best_of_n": "best-of-N: draw N candidates per output, keep the one the reward scores highest",
@@ -42,7 +42,7 @@ def catalog() -> dict[str, list[tuple[str, str]]]:
         "policies (policy.type)": [(k, describe_entry(c, p)) for k, (c, p) in POLICIES.items()],
         "algorithms (algorithm.name)": [(k, describe_entry(c, a)) for k, (c, a) in ALGORITHMS.items()],
         "rewards (reward.components[].type)": [(k, describe_entry(c, r)) for k, (c, r) in REWARDS.items()],
-        "sampling methods (genalign sample --method)": list(SAMPLING_METHODS.items()),
+        "sampling methods (genalign sample --method; image policies)": list(SAMPLING_METHODS.items()),
     }
 
 

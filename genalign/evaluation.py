@@ -1,4 +1,4 @@
-"""``genalign sample`` and ``genalign eval``: sample a policy, score it, write tables.
+"""``genalign sample`` and ``genalign eval``: sample an image policy, score it, write tables.
 
 Both accept any policy location: a diffusers pipeline directory, a hub id, a training
 run's ``final/`` directory, or the run directory itself (its ``final/`` is used). Samples are seeded per row (prompt i, sample j
@@ -22,8 +22,8 @@ from genalign.configs import opt
 from genalign.policies import POLICIES
 from genalign.policies.unet_tuning import POLICY_FILE
 from genalign.progress import progress
-from genalign.report import image_grid
-from genalign.trajectory import Trajectory
+from genalign.report import detach_outputs, image_grid
+from genalign.trajectory import Trajectory, concat_outputs
 
 
 def resolve_policy_path(path_or_id: str) -> str:
@@ -62,9 +62,8 @@ def describe_sampler(policy_path: str, policy: Any, seed: int, n: int) -> str:
     return f"{policy_path}: {', '.join(parts)}; {seeds} per prompt (sample j of a prompt uses seed + j)"
 
 
-def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float | None = None) -> Any:
-    """A policy from a pipeline dir / hub id / genalign policy dir / run dir, with sampling overrides."""
-    path_or_id = resolve_policy_path(path_or_id)
+def _policy_meta(path_or_id: str) -> tuple[str, dict[str, Any] | None]:
+    """The policy type at a resolved location, and its genalign metadata (None for a bare pipeline)."""
     meta = None
     meta_path = os.path.join(path_or_id, POLICY_FILE)
     if os.path.isfile(meta_path):
@@ -73,6 +72,26 @@ def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float
     kind = meta["type"] if meta else _pipeline_kind(path_or_id)
     if kind not in POLICIES:
         raise ValueError(f"{path_or_id}: unknown policy type {kind!r}; known: {sorted(POLICIES)}")
+    return kind, meta
+
+
+def require_image_policy(path_or_id: str, command: str) -> None:
+    """Refuse, before loading it, a policy whose samples are texts (it samples tokens): ``genalign
+    sample`` and ``genalign eval`` write PNGs and score them with image rewards."""
+    path_or_id = resolve_policy_path(path_or_id)
+    kind, _ = _policy_meta(path_or_id)
+    if POLICIES[kind][1].log_prob_unit == "token":
+        raise ValueError(
+            f"policy {path_or_id} is a text policy (type {kind!r}): `genalign {command}` draws and scores images. "
+            f"Evaluate a text policy with `genalign train` (its `eval` section writes eval.jsonl and report.html "
+            f"before and after training, with policy.pretrained set to this policy)"
+        )
+
+
+def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float | None = None) -> Any:
+    """A policy from a pipeline dir / hub id / genalign policy dir / run dir, with sampling overrides."""
+    path_or_id = resolve_policy_path(path_or_id)
+    kind, meta = _policy_meta(path_or_id)
     config_cls, policy_cls = POLICIES[kind]
     config = config_cls(**meta["config"]) if meta else config_cls(pretrained=path_or_id)
     if steps is not None:
@@ -95,41 +114,44 @@ def _pipeline_kind(path_or_id: str) -> str:
 
 @torch.no_grad()
 def sample_and_score(
-    policy: Any, prompts: Sequence[str], n: int, seed: int, reward: Any | None, batch_size: int = 64, desc: str = "sampling"
-) -> tuple[torch.Tensor, Any]:
-    """Rollout ``n`` samples per prompt and score them.
+    policy: Any, prompts: Sequence[Any], n: int, seed: int, reward: Any | None, batch_size: int = 64, desc: str = "sampling"
+) -> tuple[Any, Any]:
+    """Rollout ``n`` samples per condition and score them.
 
-    Row j of a prompt's first occurrence uses sampling seed ``seed + j``; a prompt listed again
-    (eval sets cycle through small prompt pools) continues with ``seed + n``, ``seed + 2n``, …, so
-    every row is a distinct sample and the rows can be averaged as independent draws.
+    Row j of a condition's first occurrence uses sampling seed ``seed + j``; a condition listed
+    again (same ``condition_key``: eval sets cycle through small pools) continues with
+    ``seed + n``, ``seed + 2n``, …, so every row is a distinct sample and the rows can be
+    averaged as independent draws.
 
-    Returns images ``[len(prompts) * n, 3, H, W]`` and the concatenated RewardOutput (or None).
+    Returns the outputs (images ``[len(prompts) * n, 3, H, W]`` on the CPU, or a list of
+    ``len(prompts) * n`` texts) and the concatenated RewardOutput (or None).
     """
     from rewards.base import RewardOutput
 
     occurrence: dict[str, int] = {}
     first_seeds = []  # [len(prompts)]
     for prompt in prompts:
-        k = occurrence.get(condition_key(prompt), 0)
-        occurrence[condition_key(prompt)] = k + 1
+        key = condition_key(prompt)
+        k = occurrence.get(key, 0)
+        occurrence[key] = k + 1
         first_seeds.append(seed + k * n)
     per_call = max(1, batch_size // n)
-    images, scores, comps, details = [], [], {}, []
+    parts, scores, comps, details = [], [], {}, []
     for i in progress(range(0, len(prompts), per_call), desc=desc, leave=False):
         chunk = list(prompts[i : i + per_call])
         seeds = [s + j for s in first_seeds[i : i + per_call] for j in range(n)]
         traj = policy.rollout(chunk, n, seeds)
-        images.append(traj.outputs.cpu())
+        parts.append(detach_outputs(traj.outputs))
         if reward is not None:
             out = reward(traj.outputs, traj.conditions)
             scores.append(out.scores.float().cpu())
             for k, v in out.components.items():
                 comps.setdefault(k, []).append(v.float().cpu())
             details.extend(out.details or [{} for _ in traj.conditions])
-    imgs = torch.cat(images)
+    outputs = concat_outputs(parts)
     if reward is None:
-        return imgs, None
-    return imgs, RewardOutput(torch.cat(scores), {k: torch.cat(v) for k, v in comps.items()}, details)
+        return outputs, None
+    return outputs, RewardOutput(torch.cat(scores), {k: torch.cat(v) for k, v in comps.items()}, details)
 
 
 def _build_named_reward(name: str, verifier_path: str = "assets/models/shapes-verifier") -> Any | None:
@@ -213,6 +235,7 @@ def run_sampling(cfg: SampleConfig) -> int:
     from genalign.guidance import ComputeCounter, PMValue, best_of_n, svdd_sample
     from genalign.guidance.value_model import MCValue, ValueNet
 
+    require_image_policy(cfg.policy, "sample")
     prompts = read_prompts(cfg.prompts, cfg.prompts_file)
     reward = _build_named_reward(cfg.reward)
     if reward is None and cfg.method != "plain":
@@ -313,6 +336,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from rewards.shapes_verifier import ShapesVerifierReward
 
     path = resolve_policy_path(args.policy)  # a folder that holds no policy fails here, in one line
+    require_image_policy(path, "eval")
     verifier = ShapesVerifierReward.from_pretrained(args.verifier)
     policy = load_policy(path, args.steps, args.guidance_scale)
     print(describe_sampler(path, policy, args.seed, args.n))

@@ -1,4 +1,8 @@
-"""Run reports: sample grids, reward curves, and a self-contained report.html."""
+"""Run reports: sample grids, reward curves, and a self-contained report.html.
+
+Samples are images (a ``[B, 3, H, W]`` tensor in [0, 1]) or texts (a list of B strings);
+:func:`is_images` is the one place that tells them apart.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+
+def is_images(outputs: Any) -> bool:
+    """Whether a batch of outputs is images (a ``[B, 3, H, W]`` tensor) rather than a list of texts."""
+    return isinstance(outputs, torch.Tensor)
+
+
+def detach_outputs(outputs: Any) -> Any:
+    """Outputs off the accelerator: images as a float32 CPU tensor, texts as a list of strings."""
+    return outputs.detach().float().cpu() if is_images(outputs) else [str(t) for t in outputs]
 
 
 def image_grid(images: torch.Tensor, rows: int, scale: int = 1, pad: int = 2) -> Image.Image:
@@ -65,11 +79,13 @@ def plot_curves(
 
 
 def metric_names(row: dict[str, Any]) -> dict[str, str]:
-    """Eval-row key -> short display name: the reward, then sub-components (``strict``, ``partial``).
+    """Eval-row key -> short display name: the reward, then sub-components (``strict``, ``partial``,
+    ``correct``, ``format``).
 
     A top-level component equal to the whole reward (a single reward model) is left out.
     """
-    comps = [k for k in row if k not in ("epoch", "set", "prompts", "samples", "reward") and not k.endswith("_se")]
+    comps = [k for k, v in row.items() if k not in ("epoch", "set", "prompts", "samples", "reward", "tier")
+             and not k.endswith("_se") and isinstance(v, (int, float))]
     tops = [k for k in comps if "/" not in k]
     keys = ["reward"] + [k for k in comps if "/" in k or len(tops) > 1]
     shorts = [k.rsplit("/", 1)[-1] for k in keys]
@@ -77,10 +93,14 @@ def metric_names(row: dict[str, Any]) -> dict[str, str]:
 
 
 def headline_keys(row: dict[str, Any]) -> dict[str, str]:
-    """The metrics a report leads with: strict and partial when the reward has them, else the reward."""
+    """The metrics a report leads with: a verifier's strict and partial, else a rule's correct and
+    format, when the reward has them; else the reward."""
     names = metric_names(row)
-    picked = {k: s for k, s in names.items() if s in ("strict", "partial")}
-    return picked or {"reward": "reward"}
+    for group in (("strict", "partial"), ("correct", "format")):
+        picked = {k: s for k, s in names.items() if s in group}
+        if picked:
+            return picked
+    return {"reward": "reward"}
 
 
 def _value(row: dict[str, Any], key: str) -> str:
@@ -119,7 +139,18 @@ def _caption(cell: dict[str, Any]) -> str:
     if "strict" in cell:
         mark = "<span class='pass'>✓ pass</span>" if cell["strict"] >= 0.5 else "<span class='fail'>✗ fail</span>"
         return mark + (f" · partial {cell['partial']:.2f}" if "partial" in cell else "")
+    if "correct" in cell:
+        mark = "<span class='pass'>✓ correct</span>" if cell["correct"] >= 0.5 else "<span class='fail'>✗ wrong</span>"
+        fmt = " · format ✗" if cell.get("format", 1.0) < 0.5 else ""
+        return mark + fmt + f" · reward {cell['reward']:.3g}"
     return f"reward {cell['reward']:.3g}"
+
+
+def _sample(cell: dict[str, Any]) -> str:
+    """A grid cell's sample: its image, or its response text (escaped, whitespace kept)."""
+    if "image" in cell:
+        return f"<img src='{cell['image']}'>"
+    return f"<pre class='response'>{html.escape(cell['text'])}</pre>"
 
 
 def _grids(grids: dict[str, dict[str, Any]]) -> str:
@@ -137,9 +168,12 @@ def _grids(grids: dict[str, dict[str, Any]]) -> str:
         cells = [c for row in grids[t]["cells"] for c in row]
         if cells and "strict" in cells[0]:
             summary.append(f"{t}: {sum(c['strict'] >= 0.5 for c in cells)}/{len(cells)} pass strict")
+        elif cells and "correct" in cells[0]:
+            summary.append(f"{t}: {sum(c['correct'] >= 0.5 for c in cells)}/{len(cells)} correct")
         elif cells:
             summary.append(f"{t}: mean reward {sum(c['reward'] for c in cells) / len(cells):.3f}")
     seeds = g0.get("seeds", [])
+    texts = any("text" in c for t in tags for row in grids[t]["cells"] for c in row)
     head = "<th>eval set</th><th>prompt</th>" + "".join(
         f"<th colspan='{len(seeds)}'>{html.escape(t)} (seeds {', '.join(map(str, seeds))})</th>" for t in tags
     )
@@ -148,11 +182,11 @@ def _grids(grids: dict[str, dict[str, Any]]) -> str:
         body += f"<tr><td>{html.escape(g0.get('sets', [''] * len(g0['prompts']))[i])}</td><td>{html.escape(prompt)}</td>"
         for t in tags:
             for cell in grids[t]["cells"][i]:
-                body += f"<td class='cell'><img src='{cell['image']}'><br>{_caption(cell)}</td>"
+                body += f"<td class='cell'>{_sample(cell)}<br>{_caption(cell)}</td>"
         body += "</tr>"
     return (
         "<h2>Samples before and after training</h2>"
-        "<p>Eval prompts with the seeds evaluation gives them (the images the table above scores), "
+        f"<p>Eval prompts with the seeds evaluation gives them (the {'responses' if texts else 'images'} the table above scores), "
         f"each labelled with the reward's verdict. {html.escape('; '.join(summary))}.</p>"
         f"<table class='samples'><tr>{head}</tr>{body}</table>"
     )
@@ -189,8 +223,8 @@ def write_report(
     samples, the reward curve, the eval table, timings; the per-epoch metrics and the config
     sit in collapsed sections at the end.
 
-    grids: tag -> {"png", "prompts", "sets", "seeds", "rewards", "cells": [[{"image", "reward",
-    "strict"?, "partial"?}]]}.
+    grids: tag -> {"png" (images only), "prompts" (condition texts), "sets", "seeds", "rewards",
+    "cells": [[{"image" or "text", "reward", "strict"?, "partial"?, "correct"?, "format"?}]]}.
     """
     evals = evals or []
     metric_rows = ""
@@ -204,6 +238,7 @@ def write_report(
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}} pre{{background:#f6f6f6;padding:1em}}
 .headline{{font-size:16px}} .cell{{text-align:center;font-size:11px}} .cell img{{image-rendering:pixelated;width:128px}}
+.response{{white-space:pre-wrap;text-align:left;max-width:260px;margin:0;font-size:12px;background:none;padding:0}}
 .pass{{color:#080;font-weight:bold}} .fail{{color:#b00;font-weight:bold}} .metrics{{overflow-x:auto;display:block}}
 summary{{cursor:pointer;font-size:1.2em;margin:1em 0}}</style></head><body>
 <h1>genalign run report</h1>

@@ -1,8 +1,10 @@
 """What a training run shows of itself: fixed-seed evaluation, before/after grids, report.html.
 
-The grids are drawn from the evaluated samples: grid prompt ``p`` of eval set ``s`` and
-column ``j`` use the seed evaluation gives that prompt's sample ``j`` (``eval.seed + j``),
-so the grid and the eval table describe the same images.
+The grids are drawn from the evaluated samples: grid condition ``c`` of eval set ``s`` and
+column ``j`` use the seed evaluation gives that condition's sample ``j`` (``eval.seed + j``),
+so the grid and the eval table describe the same samples. Outputs may be images (saved as
+PNGs) or texts (stored in grids.json); conditions may be any object (labelled by
+``condition_text``, told apart by ``condition_key``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any
 
 import torch
 
+from genalign.conditions import condition_key, condition_text
 from genalign.progress import write
-from genalign.report import metric_names
+from genalign.report import detach_outputs, is_images, metric_names
+from genalign.trajectory import concat_outputs
 
 #: The value range a reward type declares (so a mean ± std band never leaves it).
 DECLARED_RANGES: dict[str, tuple[float, float]] = {"shapes_verifier": (0.0, 1.0), "rule": (0.0, 1.0)}
@@ -43,8 +47,24 @@ def _mean_se(values: torch.Tensor) -> tuple[float, float]:
     return float(v.mean()), se
 
 
-def _row(epoch: int, name: str, prompts: Sequence[str], scores: torch.Tensor, comps: dict[str, torch.Tensor]) -> dict[str, Any]:
-    row: dict[str, Any] = {"epoch": epoch, "set": name, "prompts": len(set(prompts)), "samples": len(scores)}
+def condition_tier(condition: Any) -> Any:
+    """A condition's difficulty tier when it carries one (``condition["tier"]`` or ``.tier``), else None."""
+    if isinstance(condition, dict):
+        return condition.get("tier")
+    return getattr(condition, "tier", None)
+
+
+def _row(epoch: int, name: str, conditions: Sequence[Any], scores: torch.Tensor, comps: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One eval.jsonl row: the set's size and mean ± s.e. of the reward and its components.
+
+    ``tier`` is recorded when the set's conditions carry tiers: the tier, or the list of the
+    tiers it mixes (in order of appearance), when they are JSON values.
+    """
+    row: dict[str, Any] = {"epoch": epoch, "set": name, "prompts": len({condition_key(c) for c in conditions}),
+                           "samples": len(scores)}
+    tiers = list(dict.fromkeys(t for t in map(condition_tier, conditions) if isinstance(t, (int, float, str))))
+    if tiers:
+        row["tier"] = tiers[0] if len(tiers) == 1 else tiers
     row["reward"], row["reward_se"] = _mean_se(scores)
     for k, v in comps.items():
         row[k], row[f"{k}_se"] = _mean_se(v)
@@ -97,10 +117,16 @@ def evaluate(trainer: Any, epoch: int, timings: dict[str, float]) -> list[dict[s
     return rows
 
 
-def grid_prompts(sets: dict[str, list[str]], n: int) -> list[tuple[str, str]]:
-    """Up to ``n`` distinct (set, prompt) pairs, taken in turn from each eval set in its order."""
-    queues = {name: list(dict.fromkeys(prompts)) for name, prompts in sets.items()}
-    picks: list[tuple[str, str]] = []
+def grid_prompts(sets: dict[str, list[Any]], n: int) -> list[tuple[str, Any]]:
+    """Up to ``n`` (set, condition) pairs, taken in turn from each eval set in its order; a
+    condition listed again in a set (same ``condition_key``) is taken once."""
+    queues: dict[str, list[Any]] = {}
+    for name, conds in sets.items():
+        firsts: dict[str, Any] = {}
+        for c in conds:
+            firsts.setdefault(condition_key(c), c)
+        queues[name] = list(firsts.values())
+    picks: list[tuple[str, Any]] = []
     while len(picks) < n and any(queues.values()):
         for name, queue in queues.items():
             if queue and len(picks) < n:
@@ -108,19 +134,28 @@ def grid_prompts(sets: dict[str, list[str]], n: int) -> list[tuple[str, str]]:
     return picks
 
 
+#: Reward components that label a grid cell.
+VERDICTS = ("strict", "partial", "correct", "format")
+
+
 def verdict(components: dict[str, float], reward: float) -> dict[str, Any]:
-    """What a grid cell is labelled with: strict pass/fail and partial score when the reward has them."""
+    """What a grid cell is labelled with: the reward, and the verdict components the reward has
+    (a verifier's ``strict`` pass/fail and ``partial`` score, a rule's ``correct`` and ``format``)."""
     out: dict[str, Any] = {"reward": reward}
     for k, v in components.items():
         short = k.rsplit("/", 1)[-1]
-        if short in ("strict", "partial") and short not in out:
+        if short in VERDICTS and short not in out:
             out[short] = v
     return out
 
 
 @torch.no_grad()
 def grid(trainer: Any, tag: str) -> dict[str, Any]:
-    """Sample the grid (eval prompts, eval seeds), save its images and cell labels in grids.json."""
+    """Sample the grid (eval conditions, eval seeds) and store it in grids.json under ``tag``.
+
+    Each cell holds its sample (``"image"``: a PNG under report_images/, or ``"text"``: the
+    response itself) and its verdict (:func:`verdict`).
+    """
     from genalign.report import image_grid
 
     cfg = trainer.config
@@ -129,37 +164,42 @@ def grid(trainer: Any, tag: str) -> dict[str, Any]:
     seeds = [ev.seed + j for j in rep.seeds]
     n = len(seeds)
     per_call = max(1, cfg.train.rollout_batch_size // n)
-    images, scores, comps = [], [], {}
+    parts, scores, comps = [], [], {}
     for i in range(0, len(picks), per_call):
         chunk = [p for _, p in picks[i : i + per_call]]
         with trainer.acc.autocast():
             traj = trainer.policy.rollout(chunk, n, [s for _ in chunk for s in seeds])
-        images.append(traj.outputs.float().cpu())
+        parts.append(detach_outputs(traj.outputs))
         out = trainer.reward(traj.outputs, traj.conditions)
         scores.append(out.scores.float().cpu())
         for k, v in out.components.items():
             comps.setdefault(k, []).append(v.float().cpu())
-    imgs = torch.cat(images)
+    outputs = concat_outputs(parts)  # [len(picks) * n, 3, H, W] images, or len(picks) * n texts
+    images = is_images(outputs)
     r = torch.cat(scores)
     c = {k: torch.cat(v) for k, v in comps.items()}
-    png = f"samples_{tag}.png"
     cells = []
     for i in range(len(picks)):
         row = []
         for j in range(n):
             k = i * n + j
-            row.append({"image": f"report_images/{tag}_{i}_{j}.png",
-                        **verdict({key: float(v[k]) for key, v in c.items()}, float(r[k]))})
+            sample = {"image": f"report_images/{tag}_{i}_{j}.png"} if images else {"text": outputs[k]}
+            row.append({**sample, **verdict({key: float(v[k]) for key, v in c.items()}, float(r[k]))})
         cells.append(row)
-    result = {"png": png, "prompts": [p for _, p in picks], "sets": [s for s, _ in picks], "seeds": seeds,
-              "rewards": r.view(len(picks), n).tolist(), "cells": cells}
+    result: dict[str, Any] = {
+        "prompts": [condition_text(p) for _, p in picks], "keys": [condition_key(p) for _, p in picks],
+        "sets": [s for s, _ in picks], "seeds": seeds, "rewards": r.view(len(picks), n).tolist(), "cells": cells,
+    }
+    if images:
+        result["png"] = f"samples_{tag}.png"
     if trainer.main:
-        scale = 4 if imgs.shape[-1] <= 64 else 1
-        image_grid(imgs, rows=len(picks), scale=scale).save(os.path.join(trainer.out, png))
-        os.makedirs(os.path.join(trainer.out, "report_images"), exist_ok=True)
-        for i, row in enumerate(cells):
-            for j, cell in enumerate(row):
-                image_grid(imgs[i * n + j][None], rows=1, scale=scale, pad=0).save(os.path.join(trainer.out, cell["image"]))
+        if images:
+            scale = 4 if outputs.shape[-1] <= 64 else 1
+            image_grid(outputs, rows=len(picks), scale=scale).save(os.path.join(trainer.out, result["png"]))
+            os.makedirs(os.path.join(trainer.out, "report_images"), exist_ok=True)
+            for i, row in enumerate(cells):
+                for j, cell in enumerate(row):
+                    image_grid(outputs[i * n + j][None], rows=1, scale=scale, pad=0).save(os.path.join(trainer.out, cell["image"]))
         grids = load_grids(trainer.out)
         grids[tag] = result
         with open(os.path.join(trainer.out, "grids.json"), "w") as f:
