@@ -13,6 +13,7 @@ from genalign.toyworld.text_qa import (
     ShapesQAPrompts,
     describe_scene,
     questions,
+    reserved_for_eval,
     sample_conditions,
     target_response,
 )
@@ -182,7 +183,12 @@ def test_prompt_source():
     assert all(not {tuple(o[:2]) for o in c["objects"]} & HELDOUT_PAIRS for c in batch)
     sets = src.eval_sets(8)
     assert list(sets) == ["tier 1", "tier 4"] and all(len(v) == 8 for v in sets.values())
-    assert sets["tier 1"] == sample_conditions(1, 8, "heldout", seed=12345)
+    assert sets["tier 1"] == sample_conditions(1, 8, "heldout", seed=12345, part="eval")
+    # evaluation's conditions are reserved: fresh training draws never hit them
+    reserved = {c["key"] for v in src.eval_sets(64).values() for c in v}
+    assert all(reserved_for_eval(k) for k in reserved)
+    drawn = {c["key"] for e in range(100) for c in ShapesQAPrompts(tiers=[1, 4], split="heldout").sample(16, e)}
+    assert len(drawn) > 800 and not drawn & reserved
     assert [c["tier"] for c in src.evaluation(6)] == [1, 1, 1, 4, 4, 4]
     assert src.targets(batch[:2], seeds=[0, 1], like=None) == [target_response(c) for c in batch[:2]]
     pooled = ShapesQAPrompts(tiers=[2], pool_size=5, split="heldout")

@@ -256,13 +256,29 @@ def draw_condition(rng: random.Random, tier: int, split: str) -> dict[str, Any]:
         return make_condition(objects, rng.choice(candidates), tier)
 
 
-def sample_conditions(tier: int, n: int, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` distinct conditions (distinct prompts) of ``tier`` from ``split``, deterministic per seed."""
+#: one condition in EVAL_SHARE is reserved for evaluation (by a hash of its key): the prompt
+#: source's eval sets hold only reserved conditions and its fresh training draws never do, so
+#: "never trained" holds by construction even when training and evaluation use one split
+EVAL_SHARE = 4
+
+
+def reserved_for_eval(key: str) -> bool:
+    """Whether the condition with this ``key`` belongs to the evaluation part (1 in EVAL_SHARE)."""
+    return int(hashlib.sha1(f"eval/{key}".encode()).hexdigest()[:8], 16) % EVAL_SHARE == 0
+
+
+def sample_conditions(
+    tier: int, n: int, split: str = "train", seed: int = 0, part: Literal["all", "eval", "train"] = "all"
+) -> list[dict[str, Any]]:
+    """``n`` distinct conditions (distinct prompts) of ``tier`` from ``split``, deterministic per seed;
+    ``part``: every condition, only those reserved for evaluation, or only the others."""
     rng = random.Random(f"shapes-qa/{tier}/{split}/{seed}")
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     while len(out) < n:
         cond = draw_condition(rng, tier, split)
+        if part != "all" and reserved_for_eval(cond["key"]) != (part == "eval"):
+            continue
         if cond["key"] not in seen:
             seen.add(cond["key"])
             out.append(cond)
@@ -296,15 +312,23 @@ class ShapesQAPrompts:
             pool = [c for t in self.tiers for c in self.pool(t)]
             return [rng.choice(pool) for _ in range(n)]
         draw = random.Random(f"shapes-qa/sample/{self.split}/{seed}")
-        return [draw_condition(draw, rng.choice(self.tiers), self.split) for _ in range(n)]
+        out = []
+        for _ in range(n):
+            tier = rng.choice(self.tiers)
+            cond = draw_condition(draw, tier, self.split)
+            while reserved_for_eval(cond["key"]):  # evaluation's conditions are never trained on
+                cond = draw_condition(draw, tier, self.split)
+            out.append(cond)
+        return out
 
     def evaluation(self, n: int) -> list[dict[str, Any]]:
         per_tier = -(-n // len(self.tiers))
-        conds = [c for t in self.tiers for c in sample_conditions(t, per_tier, self.eval_split, seed=12345)]
+        conds = [c for t in self.tiers for c in sample_conditions(t, per_tier, self.eval_split, seed=12345, part="eval")]
         return conds[:n]
 
     def eval_sets(self, n: int) -> dict[str, list[dict[str, Any]]]:
-        """``n`` fixed conditions of the eval split per trained tier, as ``"tier t"``.
+        """``n`` fixed conditions of the eval split per trained tier, as ``"tier t"``: conditions
+        reserved for evaluation (:func:`reserved_for_eval`), which fresh training draws skip.
 
         When the training pool is drawn from the eval split (``pool_size`` > 0 and
         ``split == eval_split``), a tier's ``n`` conditions are divided, in order, into
@@ -312,8 +336,11 @@ class ShapesQAPrompts:
         """
         sets: dict[str, list[dict[str, Any]]] = {}
         for t in self.tiers:
+            if self.pool_size <= 0:
+                sets[f"tier {t}"] = sample_conditions(t, n, self.eval_split, seed=12345, part="eval")
+                continue
             conds = sample_conditions(t, n, self.eval_split, seed=12345)
-            if self.pool_size <= 0 or self.split != self.eval_split:
+            if self.split != self.eval_split:
                 sets[f"tier {t}"] = conds
                 continue
             pool = {c["key"] for c in self.pool(t)}
