@@ -1,4 +1,4 @@
-"""D3PO: direct preference optimisation on the denoising MDP, without a reward model's scalar.
+"""D3PO: DPO on pairs of rollouts of one condition, per denoising step (or per sequence on tokens).
 
 Paper: Yang, Tao, Lyu, Ge, Huo, Li, "Using Human Feedback to Fine-tune Diffusion Models
 without Any Reward Model" (CVPR 2024), §4 and eq. 11. Symbols: ``beta -> β``,

@@ -1,4 +1,4 @@
-"""DDPO: policy gradient on the denoising MDP (DDPO_IS, the PPO-clipped variant).
+"""DDPO: PPO-clip policy gradient on the denoising MDP (DDPO_IS), or on tokens with sequence advantages.
 
 Paper: Black, Janner, Du, Kostrikov, Levine, "Training Diffusion Models with Reinforcement
 Learning" (2023), §4.3 and App. B. Symbols: ``adv -> A`` (per-prompt normalised reward,
