@@ -174,8 +174,8 @@ def test_chat_template_without_one_raises(lm_dir):
 
 def test_start_and_steps_reproduce_rollout(policy):
     traj = policy.rollout(PROMPTS, n_per_condition=2, seeds=SEEDS)
-    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     part = policy.start(PROMPTS, n_per_condition=2, seeds=SEEDS)
+    gens = policy.row_generators(part, SEEDS)  # the rollout's per-row streams (seed mixed with the prompt)
     assert part.num_steps == 10 and not part.mask.any() and part.outputs is None
     for j in range(part.num_steps):
         part = policy.step(part, j, n=1, seeds=gens)
@@ -362,3 +362,15 @@ def test_in_memory_model_and_global_rng(lm_dir):
     torch.manual_seed(0)
     b = pol.rollout(PROMPTS, n_per_condition=2)
     assert torch.equal(a.actions, b.actions) and a.num_steps <= 4
+
+
+def test_a_seed_is_mixed_with_the_prompt():
+    """Evaluation gives sample j of every condition the seed eval.seed + j. A token is drawn with one
+    uniform number, so unmixed seeds made every condition's sample j share its uniforms (all 128
+    samples of a yes/no evaluation set answered alike). Mixed: same seed and prompt -> the same
+    stream; same seed, other prompt -> another stream."""
+    from genalign.policies.text_lm import _generators
+
+    a, b, c = _generators([1000, 1000, 1000], [[5, 6, 7], [5, 6, 8], [5, 6, 7]])
+    u = [torch.rand(4, generator=g) for g in (a, b, c)]
+    assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])

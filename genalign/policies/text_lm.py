@@ -15,6 +15,7 @@ adapter folders: ``PeftModel.from_pretrained(base, directory)`` loads them.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import os
@@ -278,7 +279,7 @@ class TextLMPolicy:
         budget = [self.config.max_new_tokens - len(q) for q in prior]
         c = self.config
         return sample_tokens(
-            self.module, self.cache_key, ids, mask, prior, budget, _generators(seeds, len(prompts)), self.stop,
+            self.module, self.cache_key, ids, mask, prior, budget, _generators(seeds, prompts), self.stop,
             self.pad_id, c.temperature, c.top_p, greedy, self._keep(1),
         )
 
@@ -351,6 +352,11 @@ class TextLMPolicy:
         return self._build(rows, group, self.prompt_tokens(rows), empty, empty, None, steps=self.config.max_new_tokens)
 
     @torch.no_grad()
+    def row_generators(self, traj: Trajectory, seeds: Sequence[int]) -> list[torch.Generator | None]:
+        """The generators ``rollout`` builds from ``seeds`` for ``traj``'s rows (their prompts mixed
+        in): pass them to :meth:`step` to continue each row's stream."""
+        return _generators(seeds, self._row_prompts(traj))
+
     def step(self, traj: Trajectory, step: int, n: int = 1, seeds: Any = None) -> Trajectory:
         """Sample token ``step`` for ``n`` candidates per row (``B * n`` rows, group = parent
         row), with a full forward over each prefix. Rows whose response has ended stay as they
@@ -365,7 +371,7 @@ class TextLMPolicy:
             raise ValueError(f"step {step}: some rows have not taken steps 0..{step - 1} (take steps in order)")
         active = [len(r) == step and not self.stop.finished(r) and step < self.config.max_new_tokens for r in prior]
         prompts = self._row_prompts(child)
-        gens = _generators(seeds, child.batch_size)
+        gens = _generators(seeds, prompts)
         actions, log_probs, mask = child.actions.clone(), child.log_probs.clone(), child.mask.clone()
         rows = [i for i, a in enumerate(active) if a]
         if rows:
@@ -457,12 +463,27 @@ def _check_seeds(seeds: Any, n: int) -> None:
         raise ValueError(f"{len(seeds)} seeds for {n} rows (give one per output row)")
 
 
-def _generators(seeds: Any, n: int) -> list[torch.Generator | None]:
-    """One CPU generator per row from ints (or generators passed through); None: the global RNG."""
+def _generators(seeds: Any, prompts: Sequence[Sequence[int]]) -> list[torch.Generator | None]:
+    """One CPU generator per row from ints (generators are passed through); None: the global RNG.
+
+    An int seed is mixed with the row's prompt tokens. A token is drawn with one uniform number
+    from a small categorical, so rows of different prompts that shared a seed would share their
+    uniforms and answer alike (with the same seed for sample j of every question, all 128
+    samples of an evaluation set of yes/no questions came out "yes"). Diffusion policies keep
+    the diffusers convention instead (a seed fixes x_T whatever the prompt).
+    """
+    n = len(prompts)
     if seeds is None:
         return [None] * n
     _check_seeds(seeds, n)
-    return [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(int(s)) for s in seeds]
+    out: list[torch.Generator | None] = []
+    for s, prompt in zip(seeds, prompts):
+        if isinstance(s, torch.Generator):
+            out.append(s)
+            continue
+        digest = hashlib.sha256(f"{int(s)}/{','.join(map(str, prompt))}".encode()).digest()
+        out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1)))
+    return out
 
 
 def _load_model(config: TextLMPolicyConfig) -> Any:
