@@ -90,3 +90,35 @@ def tiny_lcm_dir(tmp_path_factory):
 def tiny_tokenizer_builder():
     """The character-level tokenizer builder, for tests that assemble their own tiny models."""
     return build_tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A saved tiny causal LM: a 2-layer Llama (hidden 32) with a word-level tokenizer over the
+    words w00..w31 (``<s>`` prepended, ``</s>`` = EOS, ``<pad>`` = 0), random peaky weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    d = tmp_path_factory.mktemp("tiny_lm")
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(special + [f"w{i:02d}" for i in range(32)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False, initializer_range=0.3,  # peaky next-token distributions: EOS now and then
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model.save_pretrained(d)
+    fast.save_pretrained(d)
+    return str(d)
