@@ -242,8 +242,9 @@ def test_config_units_requires_and_validation():
                 {"timestep_fraction": 0.0}, {"step_window": [0.5, 0.5]}, {"adv_clip_max": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GRPOConfig(**bad).validate()
-    with pytest.raises(ValueError, match="resolve_units"):
-        GRPO().loss(traj(torch.zeros(1, 1), adv=torch.ones(1)), torch.zeros(1, 1), None)
+    # the constructor resolves unset clip ranges for the policy's unit (default: diffusion latents)
+    assert (GRPO().config.clip_range_low, GRPO(unit="token").config.clip_range_high) == (1e-4, 0.2)
+    assert GRPOConfig().clip_range_low is None, "the caller's config is not modified"
     assert GRPO().state_dict() == {}
     with pytest.raises(ValueError, match="no state"):
         GRPO().load_state_dict({"x": 1})

@@ -39,15 +39,14 @@ TINY = [
 #: two-object scenes (tier 3) its partial credit varies within a prompt's group, so rewards carry
 #: a signal for every algorithm (equal rewards give zero advantages and no preference pairs).
 POLICY_TINY = {"configs/quickstart.yaml": ["policy.num_steps=4", "prompts.tiers=[3]"], "configs/text_grpo.yaml": []}
-#: B²-DiffuRL branches late first (stage 1 resamples the last 20% of each rollout) and moves the
-#: branch point back one stage every 4 epochs (its defaults). Resampling only tiny-sd's last
-#: denoising step, or the tokens after tiny-lm's answer ("<answer> red </answer> <eos>": 4-5
-#: tokens), leaves a prefix's branches with one reward: nothing stands out and the trainer makes
-#: no update, by design, and more samples do not change that. So its runs go on into the first
-#: stage whose branches differ: stage 2 on images (epochs 5-8: the last 2 of 4 steps; a prefix's
-#: branches may still tie), stage 4 on text (epochs 13-14: the answer token). Epochs cost well
-#: under a second here.
-EPOCHS = {("b2diffurl", "configs/quickstart.yaml"): 8, ("b2diffurl", "configs/text_grpo.yaml"): 14}
+#: B²-DiffuRL on a denoising chain branches late first (stage 1 resamples the last 20% of each
+#: rollout) and moves the branch point back one stage every 4 epochs (its defaults). Resampling
+#: only tiny-sd's last denoising step leaves a prefix's branches with one reward: nothing stands
+#: out and the trainer makes no update, by design. So its image run goes on into stage 2 (epochs
+#: 5-8: the last 2 of 4 steps; a prefix's branches may still tie). On tokens its default branch
+#: point is the start of the response (a short answer is decided by its first tokens), so the
+#: text run trains from the first epoch. Epochs cost well under a second here.
+EPOCHS = {("b2diffurl", "configs/quickstart.yaml"): 8}
 
 
 def job_with_algorithm(job: str, name: str, directory) -> str:
@@ -81,8 +80,8 @@ def test_every_algorithm_trains_image_and_text_unchanged(name, job, tmp_path, mo
     assert len(history) == epochs
     for epoch in history:
         assert torch.isfinite(torch.tensor(epoch["loss"])), epoch
-        if name == "b2diffurl" and epoch["trained_rows"] == 0:
-            continue  # an early stage: no branch stood out, no update (see EPOCHS)
+        if name == "b2diffurl" and job == "configs/quickstart.yaml" and epoch["trained_rows"] == 0:
+            continue  # an early stage of the chain: no branch stood out, no update (see EPOCHS)
         assert epoch["optimizer_steps"] > 0, f"epoch {epoch['epoch']} made no update: {epoch}"
     assert sum(epoch["optimizer_steps"] for epoch in history) >= 2  # LoRA A moves from the second step on
     assert after.keys() == before.keys() and before

@@ -44,7 +44,12 @@ class B2DiffuRLConfig:
     loss: Literal["ppo", "dpo"] = opt("ppo", "base loss: DDPO's PPO-clip, or D3PO's per-step DPO on (best, worst)")
     stages: int = opt(5, "stages of backward progressive training")
     epochs_per_stage: int = opt(4, "epochs spent at each branch step")
-    branch_start: float = opt(0.8, "branch step of the first stage, as a fraction of the chain (1 = the end)")
+    branch_start: float | None = opt(
+        None,
+        "branch step of the first stage, as a fraction of each prefix's length (1 = the end); None: the unit default, "
+        "0.8 of a denoising chain, 0 of a response (short answers are decided by their first tokens, so a late branch "
+        "point would compare continuations that differ only after the answer)",
+    )
     branch_end: float = opt(0.0, "branch step of the last stage (0 = the first step: the whole chain)")
     select_threshold: float = opt(0.5, "a best/worst branch is trained only when its |z| exceeds this (a reward z-score: no latent-size scaling)")
     clip_range: float | None = opt(None, "PPO clip ε (loss: ppo); None: the policy's unit default, 1e-4 for per-dimension-mean log-probs (transfer to latent size D′ as ε·D/D′, docs/hyperparameter_units.md) and 0.2 for tokens")
@@ -60,11 +65,12 @@ class B2DiffuRLConfig:
     def resolve_units(self, unit: str) -> None:
         self.clip_range = unit_default(self.clip_range, unit, {"dimension_mean": 1e-4, "token": 0.2}, "clip_range")
         self.clip_eps = unit_default(self.clip_eps, unit, {"dimension_mean": 0.1, "token": 0.0}, "clip_eps")
+        self.branch_start = unit_default(self.branch_start, unit, {"dimension_mean": 0.8, "token": 0.0}, "branch_start")
 
     def validate(self) -> None:
         if self.stages < 1 or self.epochs_per_stage < 1:
             raise ValueError(f"'stages' and 'epochs_per_stage' must be >= 1, got {self.stages}, {self.epochs_per_stage}")
-        if not 0 <= self.branch_end <= self.branch_start < 1:
+        if self.branch_start is not None and not 0 <= self.branch_end <= self.branch_start < 1:
             raise ValueError(
                 f"need 0 <= branch_end <= branch_start < 1, got branch_start={self.branch_start}, branch_end={self.branch_end}"
             )
