@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import matplotlib
 import yaml
@@ -76,7 +75,7 @@ def overall(evals: dict[str, dict], metric: str, sets: list[str] | None) -> floa
     return statistics.mean(evals[s][metric] for s in names)
 
 
-def run_one(base: dict, algorithm: dict | None, seed: int, run_dir: str, overrides: dict) -> float:
+def run_one(base: dict, algorithm: dict | None, seed: int, run_dir: str, overrides: dict) -> None:
     cfg = copy.deepcopy(base)
     if algorithm is not None:
         cfg["algorithm"] = dict(algorithm)
@@ -87,9 +86,7 @@ def run_one(base: dict, algorithm: dict | None, seed: int, run_dir: str, overrid
         for p in path:
             node = node.setdefault(p, {})
         node[last] = value
-    t0 = time.perf_counter()
     train(from_dict(TrainConfig, cfg), resume=os.path.isdir(os.path.join(run_dir, "checkpoints")))
-    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             slug = name.split(" ")[0].lower() + ("" if algorithm is None else "_" + algorithm.get("loss_aggregation", algorithm.get("select", "")))
             run_dir = os.path.join(out, f"{slug}_seed{seed}")
-            wall = None
             if not os.path.isfile(os.path.join(run_dir, "final", "genalign_policy.json")):
-                wall = run_one(base, algorithm, seed, run_dir, overrides)
+                run_one(base, algorithm, seed, run_dir, overrides)
             ev = read_eval(run_dir)
             last = max(ev)
             curve = [m["reward_mean"] for m in read_metrics(run_dir)]
@@ -127,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 "before": overall(ev[0], metric, sets), "after": overall(ev[last], metric, sets),
                 "per_set_after": {s: ev[last][s][metric] for s in sorted(ev[last])},
                 "per_set_before": {s: ev[0][s][metric] for s in sorted(ev[0])},
-                "reward_curve": curve, "wall_seconds": wall, "run_dir": run_dir,
+                "reward_curve": curve, "run_dir": run_dir,
+                "train_seconds": read_metrics(run_dir)[-1]["train_seconds"],
             }
             print(f"{name} seed {seed}: {per_seed[seed]['before']:.3f} -> {per_seed[seed]['after']:.3f}", file=sys.stderr)
         before = mean_std([r["before"] for r in per_seed.values()])
@@ -145,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"config": config, "metric": metric, "sets": sets, "seeds": args.seeds, "results": results}, f, indent=1)
     fig, ax = plt.subplots(figsize=(7, 4))
+    window = 5  # each epoch draws other conditions (the same for every method): smooth over epochs
     for name, r in results.items():
         curves = [s["reward_curve"] for s in r["seeds"].values()]
         n = min(len(c) for c in curves)
         mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
-        ax.plot(range(1, n + 1), mean, label=name)
+        smooth = [statistics.mean(mean[max(0, i - window + 1): i + 1]) for i in range(n)]
+        ax.plot(range(1, n + 1), smooth, label=name)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("training reward (mean over seeds)")
+    ax.set_ylabel(f"training reward ({window}-epoch moving avg.)")
     ax.set_title(f"{'tiny SD, quickstart prompts' if args.image else 'Shapes QA, tiny LM'}: equal samples per epoch")
     ax.legend(fontsize=8)
     fig.tight_layout()
