@@ -72,6 +72,11 @@ BASE = {"policy": {"type": "stable_diffusion", "pretrained": "org/model"}, "prom
         ({"algorithm": {"name": "ddpo", "noise_window": 2, "timestep_fraction": 0.5}}, r"'noise_window' trains exactly"),
         ({"policy": {"type": "consistency", "pretrained": "org/model"}, "algorithm": {"name": "ddpo", "noise_window": 2}},
          r"'algorithm\.noise_window' needs a policy"),
+        ({"policy": {"type": "text_lm", "pretrained": "org/model"}, "algorithm": {"name": "ddpo", "noise_window": 2}},
+         r"'algorithm\.noise_window' needs a policy that supports noise_window .* policy\.type 'text_lm' supports \['shared_noise'\]"),
+        ({"policy": {"type": "text_lm", "pretrained": "org/model"}, "algorithm": {"name": "seppo"}},
+         r"'algorithm\.targets' is 'world', but prompt source 'list' has no ground truth"),
+        ({"policy": {"type": "text_lm", "pretrained": "org/model", "temperature": 0.0}}, r"temperature"),
         ({"algorithm": {"name": "ddpo", "antithetic": True}}, r"'antithetic' mirrors .* set 'shared_noise: true'"),
         ({"algorithm": {"name": "ddpo", "antithetic": True, "shared_noise": True}, "train": {"samples_per_prompt": 3, "rollout_batch_size": 9}},
          r"'train\.samples_per_prompt' must be even"),
@@ -81,6 +86,19 @@ def test_bad_config_names_the_key(tmp_path, patch, message):
     data = {**BASE, **patch}
     with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, _write(tmp_path, data))
+
+
+def test_unit_dependent_defaults_follow_the_policy(tmp_path):
+    """Clip ranges left unset take the policy's log-prob unit default; set ones are kept."""
+    text = {**BASE, "policy": {"type": "text_lm", "pretrained": "org/model"}}
+    assert load_config(TrainConfig, _write(tmp_path, BASE)).algorithm.clip_range == 1e-4
+    assert load_config(TrainConfig, _write(tmp_path, text)).algorithm.clip_range == 0.2
+    assert load_config(TrainConfig, _write(tmp_path, text), ["algorithm.clip_range=0.1"]).algorithm.clip_range == 0.1
+    grpo = load_config(TrainConfig, _write(tmp_path, {**text, "algorithm": {"name": "grpo", "clip_range_high": 0.28}}))
+    assert (grpo.algorithm.clip_range_low, grpo.algorithm.clip_range_high) == (0.2, 0.28)
+    d3po = load_config(TrainConfig, _write(tmp_path, {**BASE, "algorithm": {"name": "d3po"}}))
+    assert d3po.algorithm.clip_eps == 0.1
+    assert load_config(TrainConfig, _write(tmp_path, {**text, "algorithm": {"name": "d3po"}})).algorithm.clip_eps == 0.0
 
 
 def test_overrides_and_defaults(tmp_path):

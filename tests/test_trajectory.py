@@ -1,5 +1,7 @@
 """Trajectory indexing, concatenation, step subsets and device moves keep fields aligned."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -39,8 +41,41 @@ def test_cat_and_errors():
     c = Trajectory.cat([a, b])
     assert c.batch_size == 5 and c.conditions[2] == "p2"
     torch.testing.assert_close(c.states[2:], b.states)
-    with pytest.raises(ValueError, match="steps"):
-        Trajectory.cat([make(2, t=5), make(2, t=4)])
+    other = make(2)
+    other.extras["emb"] = torch.zeros(2, 3)  # 7 features elsewhere: not a per-row tensor of one shape
+    with pytest.raises(ValueError, match="trailing shapes"):
+        Trajectory.cat([make(2), other])
+
+
+def test_cat_pads_shorter_trajectories_with_inactive_steps():
+    """Token trajectories of different lengths concatenate: the shorter one's steps are padded
+    with mask False, log-prob 0, continuing step ids; its active-step count is unchanged."""
+    a, b = make(2, t=5), make(2, t=3, offset=2)
+    c = Trajectory.cat([a, b])
+    assert c.num_steps == 5 and c.batch_size == 4
+    assert c.mask[2:, 3:].sum() == 0 and bool(c.mask[2:, :3].all())
+    assert c.log_probs[2:, 3:].abs().sum() == 0 and c.step_ids[2].tolist() == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(c.states[2:, :3], b.states)
+    assert c.subset([0, 1]).lengths.tolist() == [5, 5, 3, 3]  # whole-row active steps survive a step subset
+
+
+def test_ragged_and_padded_extras():
+    """Ragged: one tensor per row, any shape. Padded: lengths that differ between batches,
+    padded on the declared side with the declared value when concatenated."""
+    from genalign.trajectory import Padded, Ragged
+
+    a, b = make(2), make(1, offset=2)
+    a.extras.update(pix=Ragged([torch.zeros(3, 4), torch.ones(5, 4)]),
+                    ids=Padded(torch.tensor([[7, 8], [9, 10]]), pad_value=0, side="left"))
+    b.extras.update(pix=Ragged([torch.full((1, 4), 2.0)]), ids=Padded(torch.tensor([[1, 2, 3]]), pad_value=0, side="left"))
+    c = Trajectory.cat([a, b])
+    assert [v.shape[0] for v in c.extras["pix"].values] == [3, 5, 1]
+    assert c.extras["ids"].tensor.tolist() == [[0, 7, 8], [0, 9, 10], [1, 2, 3]]
+    picked = c[[2, 0]]
+    assert picked.extras["ids"].tensor.tolist() == [[1, 2, 3], [0, 7, 8]]
+    assert picked.extras["pix"].values[0].shape == (1, 4) and picked.extras["pix"].values[1].shape == (3, 4)
+    with pytest.raises(ValueError, match="rows"):
+        replace(make(2), extras={"pix": Ragged([torch.zeros(1)])})
 
 
 def test_subset_shared_and_per_row_steps():
