@@ -181,7 +181,7 @@ def test_continue_from_per_row_branch_steps(policy, traj):
 
 
 def test_start_and_steps_reproduce_rollout(policy, conds, traj):
-    gens = [torch.Generator().manual_seed(s) for s in SEEDS]  # each row's stream, continued step by step
+    gens = policy.row_generators(conds, N, SEEDS)  # each row's stream, continued step by step
     part = policy.start(conds, N, gens)
     assert part.batch_size == len(SEEDS) and not part.mask.any() and part.outputs is None
     assert all(c is conds[i // N] for i, c in enumerate(part.conditions))

@@ -174,8 +174,8 @@ def test_chat_template_without_one_raises(lm_dir):
 
 def test_start_and_steps_reproduce_rollout(policy):
     traj = policy.rollout(PROMPTS, n_per_condition=2, seeds=SEEDS)
-    part = policy.start(PROMPTS, n_per_condition=2, seeds=SEEDS)
-    gens = policy.row_generators(part, SEEDS)  # the rollout's per-row streams (seed mixed with the prompt)
+    gens = policy.row_generators(PROMPTS, 2, SEEDS)  # the rollout's per-row streams (seed mixed with the prompt)
+    part = policy.start(PROMPTS, n_per_condition=2, seeds=gens)
     assert part.num_steps == 10 and not part.mask.any() and part.outputs is None
     for j in range(part.num_steps):
         part = policy.step(part, j, n=1, seeds=gens)

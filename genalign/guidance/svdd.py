@@ -105,7 +105,7 @@ def svdd_sample(
         raise ValueError(f"need one seed per output row ({n_rows}), got {len(seeds)}")
     t0 = time.perf_counter()
     m = num_candidates
-    own = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    own = policy.row_generators(conditions, n_per_condition, [int(s) for s in seeds])  # the rollout's streams
     extra = [[torch.Generator().manual_seed(_derived_seed(int(s), j)) for j in range(1, m)] for s in seeds]
     select_gen = torch.Generator().manual_seed(_derived_seed(int(seeds[0]), 2**31))
     traj = policy.start(conditions, n_per_condition, own)

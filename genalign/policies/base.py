@@ -71,6 +71,11 @@ class Policy(Protocol):
         drawn exactly as ``rollout`` draws it. Step-wise samplers (SVDD) build on it."""
         ...
 
+    def row_generators(self, conditions: Sequence[Any], n_per_condition: int, seeds: Sequence[int]) -> list[torch.Generator]:
+        """The per-row generators ``rollout`` builds from ``seeds``. Passed to ``start`` and then to
+        ``step`` (n = 1), they continue each row's stream, so the steps reproduce ``rollout``."""
+        ...
+
     def step(self, traj: Trajectory, step: int, n: int = 1, seeds: Any = None) -> Trajectory:
         """Take chain step ``step`` from each row's state with ``n`` candidates per row
         (``B * n`` rows, ``group`` = parent row); ``outputs`` are set after the last step.

@@ -445,6 +445,11 @@ class ConsistencyPolicy:
             extras=embeds,
         )
 
+    def row_generators(self, conditions: Sequence[Any], n_per_condition: int, seeds: Sequence[int]) -> list[torch.Generator]:
+        """The generators ``rollout`` builds from ``seeds`` (one per row): passed to :meth:`start`
+        and then :meth:`step`, they continue each row's stream, so the steps reproduce ``rollout``."""
+        return as_generators(list(seeds), len(conditions) * n_per_condition)
+
     @torch.no_grad()
     def step(self, traj: Trajectory, step: int, n: int = 1, seeds: Any = None) -> Trajectory:
         """Take transition ``step`` from each row's state, ``n`` candidates per row (``B * n`` rows,

@@ -352,10 +352,10 @@ class TextLMPolicy:
         return self._build(rows, group, self.prompt_tokens(rows), empty, empty, None, steps=self.config.max_new_tokens)
 
     @torch.no_grad()
-    def row_generators(self, traj: Trajectory, seeds: Sequence[int]) -> list[torch.Generator | None]:
-        """The generators ``rollout`` builds from ``seeds`` for ``traj``'s rows (their prompts mixed
-        in): pass them to :meth:`step` to continue each row's stream."""
-        return _generators(seeds, self._row_prompts(traj))
+    def row_generators(self, conditions: Sequence[Any], n_per_condition: int, seeds: Sequence[int]) -> list[torch.Generator | None]:
+        """The generators ``rollout`` builds from ``seeds`` for these rows (each seed mixed with its
+        row's prompt): pass them to :meth:`start` and :meth:`step` to continue each row's stream."""
+        return _generators(seeds, self.prompt_tokens([c for c in conditions for _ in range(n_per_condition)]))
 
     def step(self, traj: Trajectory, step: int, n: int = 1, seeds: Any = None) -> Trajectory:
         """Sample token ``step`` for ``n`` candidates per row (``B * n`` rows, group = parent
