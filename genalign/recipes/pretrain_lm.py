@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import time
@@ -375,6 +376,7 @@ def main(argv=None) -> Path:
     with staged_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        portable_tokenizer_class(tmp)
         log["size_bytes"] = folder_bytes(tmp)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -388,3 +390,15 @@ def main(argv=None) -> Path:
         write(f"{name}: " + ", ".join(f"{k} {v['accuracy']:.3f}/{v['format']:.2f}" for k, v in table.items()))
     write(f"wrote {out} in {log['wall_seconds'] / 60:.1f} min")
     return out
+
+
+def portable_tokenizer_class(directory: str) -> None:
+    """Record the tokenizer class as ``PreTrainedTokenizerFast``, a name every transformers
+    release since 4 resolves (transformers 5 writes its own backend class name, unknown to 4.x)."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
