@@ -92,10 +92,9 @@ def tiny_tokenizer_builder():
     return build_tiny_tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory):
-    """A saved tiny causal LM: a 2-layer Llama (hidden 32) with a word-level tokenizer over the
-    words w00..w31 (``<s>`` prepended, ``</s>`` = EOS, ``<pad>`` = 0), random peaky weights."""
+def build_tiny_lm(directory, words, chat_template: str | None = None) -> None:
+    """A 2-layer Llama (hidden 32) and a word-level tokenizer over ``words`` saved to ``directory``:
+    ``<s>`` prepended, ``</s>`` = EOS, ``<pad>`` = 0, random peaky weights (seeded)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import (
         GenerationConfig,
@@ -104,13 +103,13 @@ def tiny_lm_dir(tmp_path_factory):
         PreTrainedTokenizerFast,
     )
 
-    d = tmp_path_factory.mktemp("tiny_lm")
-    special = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(special + [f"w{i:02d}" for i in range(32)])}
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    if chat_template:
+        fast.chat_template = chat_template
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -119,6 +118,19 @@ def tiny_lm_dir(tmp_path_factory):
     )
     model = LlamaForCausalLM(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model.save_pretrained(d)
-    fast.save_pretrained(d)
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_builder():
+    """The tiny causal LM builder, for tests that need their own vocabulary or chat template."""
+    return build_tiny_lm
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A saved tiny causal LM over the words w00..w31 (see :func:`build_tiny_lm`)."""
+    d = tmp_path_factory.mktemp("tiny_lm")
+    build_tiny_lm(d, [f"w{i:02d}" for i in range(32)])
     return str(d)

@@ -7,11 +7,8 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
-    GenerationConfig,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -21,39 +18,17 @@ from genalign.policies.text_lm import TextLMPolicy, TextLMPolicyConfig
 from genalign.policies.unet_tuning import POLICY_FILE
 from genalign.trajectory import Padded, Trajectory
 
-PAD, BOS, EOS = 0, 1, 2
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+PAD, BOS, EOS = 0, 1, 2  # the ids conftest.build_tiny_lm gives its special tokens
 WORDS = [f"w{i:02d}" for i in range(32)] + ["user", "bot", ":"]  # fixed-width words: no word is inside another
 CHAT = "{% for m in messages %}user : {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}bot :{% endif %}"
 PROMPTS = ["w01 w02", "w03", {"prompt": "w04 w05 w06", "answer": 3}]
 SEEDS = list(range(100, 106))  # 3 conditions x 2 samples
 
 
-def build_tiny_lm(directory, chat: bool = False) -> None:
-    """A 2-layer Llama (hidden 32) and a word-level tokenizer (<s> prepended) saved to ``directory``."""
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    if chat:
-        fast.chat_template = CHAT
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-        tie_word_embeddings=False, initializer_range=0.3,  # peaky next-token distributions, EOS now and then
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    model.save_pretrained(directory)
-    fast.save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
+def lm_dir(tmp_path_factory, tiny_lm_builder):
     d = tmp_path_factory.mktemp("tiny_lm")
-    build_tiny_lm(d)
+    tiny_lm_builder(d, WORDS)
     return str(d)
 
 
@@ -156,8 +131,8 @@ def test_stop_strings_end_rows_and_cut_text(lm_dir, policy):
     assert stopped.outputs[0] == f"{words[0]} "
 
 
-def test_chat_template_renders_a_user_message(tmp_path):
-    build_tiny_lm(tmp_path, chat=True)
+def test_chat_template_renders_a_user_message(tmp_path, tiny_lm_builder):
+    tiny_lm_builder(tmp_path, WORDS, chat_template=CHAT)
     chat = make(str(tmp_path), chat_template=True)
     traj = chat.rollout(["w03"], seeds=[0])
     vocab = chat.tokenizer.get_vocab()

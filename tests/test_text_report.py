@@ -6,10 +6,7 @@ import html
 import json
 
 import pytest
-import torch
 import yaml
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from genalign.configs import load_config
 from genalign.evaluation import (
@@ -25,36 +22,15 @@ from genalign.train_config import TrainConfig
 from genalign.trainer import train
 from rewards.registry import build_reward
 
-PAD, BOS, EOS = 0, 1, 2
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 WORDS = [f"w{i:02d}" for i in range(32)] + ["<&>"]  # "<&>" checks that responses are HTML-escaped
 CONDITIONS = [{"prompt": "w01 w02", "answer": "w03", "tier": 1, "key": "q1"},
               {"prompt": "w04 <&>", "answer": "w05", "tier": 2, "key": "q2"}]
 
 
-def build_tiny_lm(directory) -> None:
-    """A 2-layer Llama (hidden 32) and a word-level tokenizer (<s> prepended) saved to ``directory``."""
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-        tie_word_embeddings=False, initializer_range=0.3,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-    model.save_pretrained(directory)
-    fast.save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
+def lm_dir(tmp_path_factory, tiny_lm_builder):
     d = tmp_path_factory.mktemp("tiny_lm")
-    build_tiny_lm(d)
+    tiny_lm_builder(d, WORDS)
     return str(d)
 
 

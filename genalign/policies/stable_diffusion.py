@@ -34,6 +34,7 @@ from genalign.policies.unet_tuning import (
     POLICY_FILE,
     UNetFinetune,
     as_generators,
+    check_branch_steps,
     check_model_location,
     decode_latents,
     encode_images,
@@ -285,11 +286,7 @@ class StableDiffusionPolicy:
     def continue_from(self, traj: Trajectory, steps: torch.Tensor, n: int, seeds: Any = None) -> Trajectory:
         """``n`` continuations per row from the state before its step ``steps[b]`` (``[B]``);
         rows that branch at the same step are denoised together."""
-        steps = torch.as_tensor(steps, dtype=torch.long).view(-1).cpu()
-        if steps.shape != (traj.batch_size,):
-            raise ValueError(f"continue_from needs one branch step per row ([{traj.batch_size}]), got {tuple(steps.shape)}")
-        if steps.numel() and (steps.min() < 0 or steps.max() >= traj.num_steps):
-            raise IndexError(f"branch steps {steps.tolist()} outside 0..{traj.num_steps - 1}")
+        steps = check_branch_steps(steps, traj.batch_size, traj.num_steps)
         parent = traj[torch.arange(traj.batch_size).repeat_interleave(n)]
         child_steps = steps.repeat_interleave(n)  # [B*n]
         gens = per_row(as_generators(seeds, parent.batch_size), parent.batch_size)

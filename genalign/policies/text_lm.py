@@ -47,9 +47,11 @@ from genalign.policies.unet_tuning import (
     DTYPES,
     POLICY_FILE,
     check_model_location,
+    load_trainable_state,
     merge_runtime,
     portable_location,
     resolve_location,
+    trainable_state,
 )
 from genalign.trajectory import Padded, Trajectory
 
@@ -205,17 +207,11 @@ class TextLMPolicy:
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA: the adapter tensors; full: every weight (names as in ``model.named_parameters``)."""
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return trainable_state(self.model)
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._snapshot_reference()
-        params = dict(self.model.named_parameters())
-        unknown = sorted(set(state) - {n for n, p in params.items() if p.requires_grad})
-        if unknown:
-            raise KeyError(f"checkpoint has parameters this policy does not train: {unknown[:3]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        load_trainable_state(self.model, state)
 
     def prepare(self, accelerator: Any) -> list[torch.nn.Module]:
         self._snapshot_reference()

@@ -3,7 +3,9 @@
 What is the same whichever sampler a policy runs: where a model may come from, how the
 UNet is fine-tuned (LoRA adapters through peft, or all weights), what the frozen
 reference is, how trainable weights are saved and loaded, and how images and latents
-cross the VAE. The samplers themselves (DDIM, LCM) live with their policies.
+cross the VAE. The samplers themselves (DDIM, LCM) live with their policies. The plain
+functions on model locations and trainable state (``check_model_location``,
+``portable_location``, ``trainable_state`` …) serve the text LM policy as well.
 """
 
 from __future__ import annotations
@@ -115,18 +117,10 @@ class UNetFinetune:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            n: p.detach().cpu().clone() for n, p in self.unet.named_parameters() if p.requires_grad
-        }
+        return trainable_state(self.unet)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.unet.named_parameters())
-        unknown = sorted(set(state) - {n for n, p in params.items() if p.requires_grad})
-        if unknown:
-            raise KeyError(f"checkpoint has parameters this policy does not train: {unknown[:3]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        load_trainable_state(self.unet, state)
 
     def prepare(self, accelerator: Any) -> list[torch.nn.Module]:
         self.pipe.to(accelerator.device)
@@ -235,3 +229,29 @@ def as_generators(seeds: Any, rows: int) -> list[torch.Generator] | torch.Genera
 def per_row(generators: list[torch.Generator] | torch.Generator | None, rows: int) -> list[Any]:
     """One generator (or None) per row: a single generator is shared by every row."""
     return list(generators) if isinstance(generators, list) else [generators] * rows
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of ``module``'s trainable tensors, by parameter name (any policy's module)."""
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``module``'s trainable tensors; a name it does not train is a KeyError."""
+    params = dict(module.named_parameters())
+    unknown = sorted(set(state) - {n for n, p in params.items() if p.requires_grad})
+    if unknown:
+        raise KeyError(f"checkpoint has parameters this policy does not train: {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def check_branch_steps(steps: Any, batch_size: int, num_steps: int) -> torch.Tensor:
+    """``continue_from``'s per-row branch steps as a ``[B]`` long CPU tensor, each in 0..T−1."""
+    steps = torch.as_tensor(steps, dtype=torch.long).view(-1).cpu()
+    if steps.shape != (batch_size,):
+        raise ValueError(f"continue_from needs one branch step per row ([{batch_size}]), got {tuple(steps.shape)}")
+    if steps.numel() and (steps.min() < 0 or steps.max() >= num_steps):
+        raise IndexError(f"branch steps {steps.tolist()} outside 0..{num_steps - 1}")
+    return steps
