@@ -72,7 +72,7 @@ CHAT_TEMPLATE = (
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> {% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %} <|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
 )
-PATCH, MERGE, TEMPORAL_PATCH = 8, 2, 2
+PATCH, MERGE, TEMPORAL_PATCH = 16, 1, 2
 FORMAT_PATTERN = r"<answer>(?: (?!</?answer>)\S+)+ </answer>"
 EVAL_SEED = 12345
 MAX_NEW_TOKENS = 8  # the longest gold response is 4 words + <|im_end|>
@@ -119,7 +119,7 @@ def build_model(processor, hidden: int = 64, layers: int = 3, heads: int = 4, vi
         text_config=dict(
             vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256, rms_norm_eps=1e-5,
-            rope_scaling={"type": "mrope", "mrope_section": section}, tie_word_embeddings=True,
+            rope_scaling={"type": "mrope", "mrope_section": section, "rope_theta": 10000.0}, tie_word_embeddings=True,
             pad_token_id=ids["<pad>"], eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|im_start|>"],
         ),
         vision_config=dict(depth=vision_depth, embed_dim=vision_width, hidden_size=hidden, num_heads=2, mlp_ratio=2,
