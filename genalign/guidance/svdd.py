@@ -138,7 +138,7 @@ def svdd_sample(
             cand = policy.step(cand, step, m if step == first else 1, gens)  # [B*M rows]; the last step decodes
             if counter is not None:
                 counter.model_evals += int(cand.mask[:, step].sum())  # rows that took the step
-                counter.decoder_calls += cand.batch_size if step + 1 == horizon else 0
+                counter.decoder_calls += cand.batch_size if cand.outputs is not None else 0  # decoded once finished
             if cand.outputs is not None:
                 break
         if m == 1:
