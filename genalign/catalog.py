@@ -7,12 +7,14 @@ import inspect
 import sys
 from typing import Any
 
-#: ``genalign sample --method``: how samples are drawn (no training; image policies only).
+#: ``genalign sample --method``: how samples are drawn (no training).
 SAMPLING_METHODS = {
-    "plain": "the policy's own sampler (DDIM for stable_diffusion, LCM for consistency), one sample per seed",
+    "plain": "the policy's own sampler (DDIM for stable_diffusion, LCM for consistency, token sampling for text), one sample per seed",
     "best_of_n": "best-of-N: draw N candidates per output, keep the one the reward scores highest",
-    "svdd_pm": "SVDD-PM: at every step keep the best of M candidates, valued by the reward of the predicted x_0",
-    "svdd_mc": "SVDD-MC: as svdd_pm, valued by a value function trained with `genalign value`",
+    "svdd_pm": "SVDD-PM: every `chunk` steps keep the best of M candidates, valued by the reward of the predicted x_0 (tokens: greedy completion)",
+    "svdd_mc": "SVDD-MC: as svdd_pm, valued by a value function trained with `genalign value` (image policies)",
+    "self_certainty": "self-certainty best-of-N: keep the sample whose token distributions are furthest from uniform (token policies; no reward)",
+    "borda": "Borda voting: N samples vote for their answers with (N - rank + 1)^p votes by self-certainty rank (token policies; no reward)",
 }
 
 
@@ -42,7 +44,7 @@ def catalog() -> dict[str, list[tuple[str, str]]]:
         "policies (policy.type)": [(k, describe_entry(c, p)) for k, (c, p) in POLICIES.items()],
         "algorithms (algorithm.name)": [(k, describe_entry(c, a)) for k, (c, a) in ALGORITHMS.items()],
         "rewards (reward.components[].type)": [(k, describe_entry(c, r)) for k, (c, r) in REWARDS.items()],
-        "sampling methods (genalign sample --method; image policies)": list(SAMPLING_METHODS.items()),
+        "sampling methods (genalign sample --method)": list(SAMPLING_METHODS.items()),
     }
 
 

@@ -2,6 +2,7 @@
 
     genalign train CONFIG.yaml [key.sub=value ...] [--resume] [--dry-run]
     genalign sample POLICY --prompt "a red circle" [--prompts FILE] [--method svdd_pm] [--out DIR] [--overwrite]
+    genalign sample assets/models/tiny-lm --policy-type text_lm --prompt "..." --method self_certainty
     genalign sample CONFIG.yaml [key=value ...]
     genalign eval POLICY_OR_RUN_DIR [--split heldout] [--tiers 1 2 3] [--json FILE]
     genalign list
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="print every config key with its help and exit")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sample", help="sample from a policy (optionally reward-guided) and score the samples", description="Sample from a policy (a pipeline or a trained run's final/ directory) with plain sampling, best-of-N or SVDD-PM guidance; score the samples and write images, a JSONL of rewards and per-clause details, a grid and a compute summary.")
+    p = sub.add_parser("sample", help="sample from a policy (optionally reward-guided) and score the samples", description="Sample from a policy (a pipeline or a trained run's final/ directory) with plain sampling, best-of-N or SVDD guidance (token policies also self-certainty best-of-N and Borda voting); score the samples and write images (a JSONL of rewards and per-clause details, a grid) or texts (samples.jsonl), and a compute summary.")
     p.add_argument("policy", help="policy directory or hub id, or a YAML sample config (keys as these flags; see configs/sample/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of a YAML sample config")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -129,10 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample j of a prompt uses seed + j")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the policy's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG weight (default: the policy's)")
-    p.add_argument("--reward", default="auto", help="reward to score with: shapes_verifier, jpeg_compressibility, none, or auto (verifier when its asset exists)")
-    p.add_argument("--method", choices=["plain", "best_of_n", "svdd_pm", "svdd_mc"], default="plain", help="sampling method")
+    p.add_argument("--reward", default="auto", help="reward to score with: shapes_verifier, jpeg_compressibility (images), rule_exact, rule_numeric, rule_choice (texts), none, or auto (images: the verifier when its asset exists; texts: rule_exact when the conditions have answers)")
+    p.add_argument("--method", choices=["plain", "best_of_n", "svdd_pm", "svdd_mc", "self_certainty", "borda"], default="plain",
+                   help="sampling method (self_certainty, borda: token policies)")
+    p.add_argument("--policy-type", default="", help="policy type of a bare model folder or hub id, e.g. text_lm (default: read from the folder)")
+    p.add_argument("--chunk", type=int, default=1, help="svdd_pm: steps (tokens) each candidate takes before the candidates are valued")
+    p.add_argument("--borda-power", type=float, default=0.5, help="borda: rank r of N casts (N - r + 1)^p votes (0: majority vote)")
     p.add_argument("--value-model", default="", help="svdd_mc: directory written by `genalign value`")
-    p.add_argument("--candidates", type=int, default=4, help="best_of_n: N samples per output; svdd_pm: M candidates per step")
+    p.add_argument("--candidates", type=int, default=4, help="best_of_n, self_certainty, borda: N samples per output; svdd_pm: M candidates per decision")
     p.add_argument("--alpha", type=float, default=0.0, help="svdd_pm temperature (0: keep the best candidate)")
     p.add_argument("--out", default="samples", help="output directory (must be empty or new unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")

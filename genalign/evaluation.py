@@ -1,4 +1,7 @@
-"""``genalign sample`` and ``genalign eval``: sample an image policy, score it, write tables.
+"""``genalign sample`` and ``genalign eval``: sample a policy, score it, write tables.
+
+``genalign sample`` draws images or, from a token policy (``log_prob_unit == "token"``), texts
+(:mod:`genalign.text_sampling`); ``genalign eval`` is for image policies.
 
 Both accept any policy location: a diffusers pipeline directory, a hub id, a training
 run's ``final/`` directory, or the run directory itself (its ``final/`` is used). Samples are seeded per row (prompt i, sample j
@@ -18,10 +21,11 @@ from typing import Any, Literal
 import torch
 
 from genalign.conditions import condition_key
-from genalign.configs import opt
+from genalign.configs import opt, tagged
 from genalign.policies import POLICIES
 from genalign.policies.unet_tuning import POLICY_FILE
 from genalign.progress import progress
+from genalign.prompts import PROMPT_SOURCES
 from genalign.report import detach_outputs, image_grid
 from genalign.trajectory import Trajectory, concat_outputs
 
@@ -30,7 +34,7 @@ def resolve_policy_path(path_or_id: str) -> str:
     """A policy location: a run directory becomes its ``final/``; a folder that holds no policy is an error."""
     if not os.path.isdir(path_or_id):
         return path_or_id  # a hub id, or a missing folder the loader reports
-    for name in (POLICY_FILE, "model_index.json"):
+    for name in (POLICY_FILE, "model_index.json", "config.json"):  # config.json: a bare transformers model
         if os.path.isfile(os.path.join(path_or_id, name)):
             return path_or_id
     final = os.path.join(path_or_id, "final")
@@ -39,7 +43,7 @@ def resolve_policy_path(path_or_id: str) -> str:
     if os.path.isfile(os.path.join(path_or_id, "config.yaml")) and os.path.isdir(os.path.join(path_or_id, "checkpoints")):
         raise FileNotFoundError(f"{path_or_id} is a training run without final/ (unfinished? continue it with --resume)")
     raise FileNotFoundError(
-        f"{path_or_id} is neither a policy (no {POLICY_FILE} or model_index.json) nor a training run (no final/)"
+        f"{path_or_id} is neither a policy (no {POLICY_FILE}, model_index.json or config.json) nor a training run (no final/)"
     )
 
 
@@ -62,14 +66,17 @@ def describe_sampler(policy_path: str, policy: Any, seed: int, n: int) -> str:
     return f"{policy_path}: {', '.join(parts)}; {seeds} per prompt (sample j of a prompt uses seed + j)"
 
 
-def _policy_meta(path_or_id: str) -> tuple[str, dict[str, Any] | None]:
-    """The policy type at a resolved location, and its genalign metadata (None for a bare pipeline)."""
+def _policy_meta(path_or_id: str, policy_type: str = "") -> tuple[str, dict[str, Any] | None]:
+    """The policy type at a resolved location, and its genalign metadata (None for a bare model).
+    ``policy_type`` names the type of a bare model folder or hub id (else: a diffusers pipeline)."""
     meta = None
     meta_path = os.path.join(path_or_id, POLICY_FILE)
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
-    kind = meta["type"] if meta else _pipeline_kind(path_or_id)
+    if meta and policy_type and meta["type"] != policy_type:
+        raise ValueError(f"'policy_type' is {policy_type!r} but {meta_path} holds a {meta['type']!r} policy")
+    kind = meta["type"] if meta else policy_type or _pipeline_kind(path_or_id)
     if kind not in POLICIES:
         raise ValueError(f"{path_or_id}: unknown policy type {kind!r}; known: {sorted(POLICIES)}")
     return kind, meta
@@ -88,12 +95,18 @@ def require_image_policy(path_or_id: str, command: str) -> None:
         )
 
 
-def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float | None = None) -> Any:
-    """A policy from a pipeline dir / hub id / genalign policy dir / run dir, with sampling overrides."""
+def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float | None = None,
+                policy_type: str = "", options: dict[str, Any] | None = None) -> Any:
+    """A policy from a pipeline dir / hub id / genalign policy dir / run dir, with sampling overrides
+    (``options``: settings of the policy's config, e.g. ``max_new_tokens``)."""
     path_or_id = resolve_policy_path(path_or_id)
-    kind, meta = _policy_meta(path_or_id)
+    kind, meta = _policy_meta(path_or_id, policy_type)
     config_cls, policy_cls = POLICIES[kind]
     config = config_cls(**meta["config"]) if meta else config_cls(pretrained=path_or_id)
+    for key, value in (options or {}).items():
+        if key in ("type", "pretrained") or not hasattr(config, key):
+            raise ValueError(f"'policy_options.{key}': not a sampling setting of a {kind} policy")
+        setattr(config, key, value)
     if steps is not None:
         config.num_steps = steps
     if guidance_scale is not None:
@@ -104,6 +117,9 @@ def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float
 def _pipeline_kind(path_or_id: str) -> str:
     """The policy type of a bare diffusers pipeline: ``consistency`` when its scheduler is an
     LCMScheduler (a LatentConsistencyModelPipeline folder), else ``stable_diffusion``."""
+    if os.path.isfile(os.path.join(path_or_id, "config.json")) and not os.path.isfile(os.path.join(path_or_id, "model_index.json")):
+        raise ValueError(f"{path_or_id} is a single model folder, not a diffusers pipeline: name its policy type "
+                         f"(--policy-type / policy_type, one of {sorted(POLICIES)})")
     scheduler_config = os.path.join(path_or_id, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler_config):
         with open(scheduler_config) as f:
@@ -174,20 +190,29 @@ def _build_named_reward(name: str, verifier_path: str = "assets/models/shapes-ve
 class SampleConfig:
     """``genalign sample CONFIG.yaml``: the same options as the command's flags."""
 
-    policy: str = opt("", "policy directory or hub id (a diffusers pipeline or a genalign final/ directory)")
+    policy: str = opt("", "policy directory or hub id (a diffusers pipeline, a model folder, or a genalign final/ directory)")
+    policy_type: str = opt("", "policy type of a bare model folder or hub id (e.g. text_lm); default: read from the folder")
+    policy_options: dict[str, Any] = opt({}, "settings of the policy's config for sampling, e.g. {max_new_tokens: 8, temperature: 1.0}")
     prompts: list[str] = opt([], "prompts to sample")
     prompts_file: str = opt("", "text file with one prompt per line (added to `prompts`)")
+    prompt_source: Any = tagged(PROMPT_SOURCES, "source", help="a prompt source (as a training config's `prompts`); its evaluation conditions are added")
+    num_prompts: int = opt(8, "how many conditions to take from `prompt_source`")
     n: int = opt(4, "samples per prompt")
     seed: int = opt(0, "seed of the first sample; sample j of a prompt uses seed + j")
     steps: int | None = opt(None, "denoising steps (default: the policy's)")
     guidance_scale: float | None = opt(None, "CFG weight (default: the policy's)")
-    reward: str = opt("auto", "reward that scores (and guides): shapes_verifier, jpeg_compressibility, none, or auto")
-    method: Literal["plain", "best_of_n", "svdd_pm", "svdd_mc"] = opt(
-        "plain", "plain sampling, best-of-N, SVDD-PM, or SVDD-MC guidance (needs value_model)"
+    reward: str = opt("auto", "reward that scores (and guides): images: shapes_verifier, jpeg_compressibility; "
+                              "texts: rule_exact, rule_numeric, rule_choice; or none, or auto")
+    method: Literal["plain", "best_of_n", "svdd_pm", "svdd_mc", "self_certainty", "borda"] = opt(
+        "plain", "plain sampling, best-of-N, SVDD-PM, SVDD-MC guidance (needs value_model); token policies also "
+                 "self_certainty (best-of-N by self-certainty, no reward) and borda (Borda vote over answers)"
     )
     value_model: str = opt("", "svdd_mc: directory written by `genalign value`")
-    candidates: int = opt(4, "best_of_n: N samples per output; svdd_pm: M candidates per step")
+    candidates: int = opt(4, "best_of_n, self_certainty, borda: N samples per output; svdd_pm: M candidates per decision")
     alpha: float = opt(0.0, "svdd_pm temperature: 0 keeps the best candidate, > 0 samples softmax(v/α)")
+    chunk: int = opt(1, "svdd_pm: steps (tokens) each candidate takes before the candidates are valued")
+    borda_power: float = opt(0.5, "borda: rank r of N casts (N - r + 1)^p votes; 0 is a majority vote")
+    answer_pattern: str = opt(r"<answer>(.*?)</answer>", "borda: regex whose last match's group 1 is a response's answer")
     out: str = opt("samples", "output directory (must be empty or new unless `overwrite`)")
     overwrite: bool = opt(False, "write into a non-empty `out` (replacing its images, rewards.jsonl, grid.png, summary.json)")
 
@@ -198,10 +223,15 @@ class SampleConfig:
             raise ValueError("'value_model' is required for method svdd_mc (train one with `genalign value`)")
         if self.candidates < 1 or self.n < 1:
             raise ValueError(f"'candidates' and 'n' must be >= 1, got {self.candidates}, {self.n}")
+        if self.chunk < 1 or self.num_prompts < 1:
+            raise ValueError(f"'chunk' and 'num_prompts' must be >= 1, got {self.chunk}, {self.num_prompts}")
+        if self.borda_power < 0:
+            raise ValueError(f"'borda_power' must be >= 0, got {self.borda_power}")
 
 
-def read_prompts(inline: Sequence[str], path: str | None) -> list[str]:
-    prompts = list(inline)
+def read_prompts(inline: Sequence[str], path: str | None, source: Any = None, count: int = 0) -> list[Any]:
+    """Inline prompts, then a file's lines, then ``count`` evaluation conditions of a prompt source."""
+    prompts: list[Any] = list(inline)
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"prompt file not found: {path}")
@@ -210,8 +240,10 @@ def read_prompts(inline: Sequence[str], path: str | None) -> list[str]:
         if not from_file:
             raise ValueError(f"prompt file {path} has no prompts")
         prompts += from_file
+    if source is not None:
+        prompts += list(source.evaluation(count))
     if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE (or a config's prompt_source)")
     return prompts
 
 
@@ -226,7 +258,8 @@ def sample_command(args: argparse.Namespace) -> int:
         cfg = SampleConfig(policy=args.policy, prompts=list(args.prompt), prompts_file=args.prompts or "", n=args.n,
                            seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale, reward=args.reward,
                            method=args.method, candidates=args.candidates, alpha=args.alpha, out=args.out,
-                           value_model=args.value_model, overwrite=args.overwrite)
+                           value_model=args.value_model, overwrite=args.overwrite, policy_type=args.policy_type,
+                           chunk=args.chunk, borda_power=args.borda_power)
         cfg.validate()
     return run_sampling(cfg)
 
@@ -235,14 +268,20 @@ def run_sampling(cfg: SampleConfig) -> int:
     from genalign.guidance import ComputeCounter, PMValue, best_of_n, svdd_sample
     from genalign.guidance.value_model import MCValue, ValueNet
 
-    require_image_policy(cfg.policy, "sample")
-    prompts = read_prompts(cfg.prompts, cfg.prompts_file)
+    path = resolve_policy_path(cfg.policy)
+    kind, _ = _policy_meta(path, cfg.policy_type)
+    prompts = read_prompts(cfg.prompts, cfg.prompts_file, cfg.prompt_source, cfg.num_prompts)
+    if POLICIES[kind][1].log_prob_unit == "token":  # texts, whatever the policy class
+        from genalign.text_sampling import run_token_sampling
+
+        return run_token_sampling(cfg, path, prompts)
+    if cfg.method in ("self_certainty", "borda"):
+        raise ValueError(f"'method': {cfg.method} needs a token policy's full next-token distribution; {path} draws images")
     reward = _build_named_reward(cfg.reward)
     if reward is None and cfg.method != "plain":
         raise ValueError(f"method {cfg.method!r} needs a reward to guide with; got reward 'none'")
     check_output_dir(cfg.out, cfg.overwrite)
-    path = resolve_policy_path(cfg.policy)
-    policy = load_policy(path, cfg.steps, cfg.guidance_scale)
+    policy = load_policy(path, cfg.steps, cfg.guidance_scale, cfg.policy_type, cfg.policy_options)
     print(describe_sampler(path, policy, cfg.seed, cfg.n))
     counter = ComputeCounter()
     value = MCValue(ValueNet.load(cfg.value_model), counter) if cfg.method == "svdd_mc" else PMValue(policy, reward, counter)
@@ -263,7 +302,7 @@ def run_sampling(cfg: SampleConfig) -> int:
                 picks.append(chosen)
             traj = Trajectory.cat(picks)
         else:
-            traj = svdd_sample(policy, [prompt], cfg.n, seeds, value, cfg.candidates, cfg.alpha, counter)
+            traj = svdd_sample(policy, [prompt], cfg.n, seeds, value, cfg.candidates, cfg.alpha, counter, chunk=cfg.chunk)
         images.append(traj.outputs.cpu())
         scored = reward(traj.outputs, traj.conditions) if reward is not None else None
         for j in range(cfg.n):

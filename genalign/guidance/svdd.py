@@ -12,6 +12,11 @@ and keeps one: the argmax when α = 0 (the paper's default), else a draw from so
   estimate (``Policy.predict_final``); no training.
 - SVDD-MC: v is a learned time-conditioned regressor (any callable ``(traj, step) -> [B]``).
 
+Chunks (``chunk`` = k): each candidate takes k steps with its own generator before it is valued,
+so a decision is made every k steps (k = 1 is the paper's per-step rule). On token policies a
+step is a token and x̂0 is the greedy completion of the prefix (``predict_final``), so each
+decision compares M continuations of k tokens by the reward of their greedy completions.
+
 Generators: candidate 0 of a row continues the row's own generator and candidates 1…M−1 use
 generators derived from the row's seed, so M = 1 reproduces plain sampling bit-for-bit.
 """
@@ -36,8 +41,8 @@ Value = Callable[[Trajectory, int], torch.Tensor]
 @dataclass
 class ComputeCounter:
     """What a sampler spent: model evaluations are policy rows × steps (CFG doubles the rows a
-    UNet sees; that factor is the same for every method and left out), decoder and reward calls
-    are per image."""
+    UNet sees; that factor is the same for every method and left out; for a token policy a step
+    is one decoded token), decoder and reward calls are per sample."""
 
     model_evals: int = 0
     decoder_calls: int = 0
@@ -51,20 +56,31 @@ class ComputeCounter:
 
 
 class PMValue:
-    """SVDD-PM: the reward of the decoded Tweedie estimate x̂0 of the state."""
+    """SVDD-PM: the reward of the decoded Tweedie estimate x̂0 of the state (token policies: of
+    the greedy completion of the prefix)."""
 
     def __init__(self, policy: Any, reward: Any, counter: ComputeCounter | None = None):
         self.policy, self.reward, self.counter = policy, reward, counter
 
     def __call__(self, traj: Trajectory, step: int) -> torch.Tensor:
-        finished = step == traj.num_steps
-        outputs = traj.outputs if finished and traj.outputs is not None else self.policy.predict_final(traj, step)
+        # the state is the whole sample: decoded, and no row acts at or after ``step``
+        finished = traj.outputs is not None and (step == traj.num_steps or not bool(traj.mask[:, step:].any()))
+        outputs = traj.outputs if finished else self.policy.predict_final(traj, step)
         if self.counter is not None:
             self.counter.reward_calls += traj.batch_size
             if not finished:  # finished candidates were decoded by Policy.step (counted by the sampler)
                 self.counter.decoder_calls += traj.batch_size
-                self.counter.model_evals += traj.batch_size  # the ε prediction behind x̂0
+                self.counter.model_evals += self._prediction_cost(traj, step)
         return self.reward(outputs, traj.conditions).scores.float()
+
+    def _prediction_cost(self, traj: Trajectory, step: int) -> int:
+        """Model evaluations behind ``predict_final``: one ε prediction per row; for a token
+        policy a greedy completion, counted as at most T − step tokens for each row that took
+        the last step (rows that ended before it decode nothing)."""
+        if getattr(self.policy, "log_prob_unit", None) != "token":
+            return traj.batch_size
+        running = traj.mask[:, step - 1] if step > 0 else torch.ones(traj.batch_size, dtype=torch.bool)
+        return int(running.sum()) * (traj.num_steps - step)
 
 
 def select_candidates(values: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -94,10 +110,14 @@ def svdd_sample(
     alpha: float = 0.0,
     counter: ComputeCounter | None = None,
     progress: bool = False,
+    chunk: int = 1,
 ) -> Trajectory:
-    """Guided samples, ``len(conditions) * n_per_condition`` rows (one seed per row)."""
+    """Guided samples, ``len(conditions) * n_per_condition`` rows (one seed per row); a
+    decision every ``chunk`` steps. Stops early once every row has finished (``outputs`` set)."""
     if num_candidates < 1:
         raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     n_rows = len(conditions) * n_per_condition
@@ -109,18 +129,26 @@ def svdd_sample(
     extra = [[torch.Generator().manual_seed(_derived_seed(int(s), j)) for j in range(1, m)] for s in seeds]
     select_gen = torch.Generator().manual_seed(_derived_seed(int(seeds[0]), 2**31))
     traj = policy.start(conditions, n_per_condition, own)
-    for step in progress_bar(range(traj.num_steps), desc="svdd steps", leave=False, disable=not progress):
+    horizon = traj.num_steps
+    for first in progress_bar(range(0, horizon, chunk), desc="svdd steps", leave=False, disable=not progress):
         gens = [g for i in range(n_rows) for g in [own[i], *extra[i]]]  # row-major, candidate 0 = own
-        cand = policy.step(traj, step, m, gens)  # [B*M rows]; the last step also decodes them
-        if counter is not None:
-            counter.model_evals += cand.batch_size
-            counter.decoder_calls += cand.batch_size if step + 1 == traj.num_steps else 0
+        cand = traj
+        for step in range(first, min(first + chunk, horizon)):
+            # the first step branches M candidates per row; the others continue each candidate
+            cand = policy.step(cand, step, m if step == first else 1, gens)  # [B*M rows]; the last step decodes
+            if counter is not None:
+                counter.model_evals += int(cand.mask[:, step].sum())  # rows that took the step
+                counter.decoder_calls += cand.batch_size if cand.outputs is not None else 0  # decoded once finished
+            if cand.outputs is not None:
+                break
         if m == 1:
             traj = cand
-            continue
-        values = value(cand, step + 1).view(n_rows, m)  # [B, M]
-        choice = select_candidates(values, alpha, select_gen)  # [B]
-        traj = cand[torch.arange(n_rows, device=choice.device) * m + choice]
+        else:
+            values = value(cand, step + 1).view(n_rows, m)  # [B, M]
+            choice = select_candidates(values, alpha, select_gen)  # [B]
+            traj = cand[torch.arange(n_rows, device=choice.device) * m + choice]
+        if traj.outputs is not None:
+            break
     traj.group = torch.arange(len(conditions), device=traj.group.device).repeat_interleave(n_per_condition)
     if counter is not None:
         counter.wall_seconds += time.perf_counter() - t0

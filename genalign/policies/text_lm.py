@@ -325,6 +325,23 @@ class TextLMPolicy:
     def log_prob(self, traj: Trajectory, steps: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """log softmax(logits / temperature) at each row's action tokens, one teacher-forced
         forward over [prompt ; response]; ``[B, K]`` float32 with grad (0 at padding)."""
+        actions = traj.actions.to(traj.extras["prompt_ids"].tensor.device)
+        lp = self._response_log_softmax(traj).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        lp = lp.masked_fill(~traj.mask.to(lp.device), 0.0)  # [B, T]
+        idx = torch.as_tensor(steps, dtype=torch.long, device=lp.device)
+        if idx.ndim == 1:
+            idx = idx.unsqueeze(0).expand(lp.shape[0], -1)
+        return lp.gather(1, idx)
+
+    @torch.no_grad()
+    def token_logits(self, traj: Trajectory) -> torch.Tensor:
+        """log softmax(logits / temperature) over the whole vocabulary at every response step, one
+        teacher-forced forward over [prompt ; response]: ``[B, T, V]`` float32, no grad (steps
+        where ``traj.mask`` is False hold values of no meaning)."""
+        return self._response_log_softmax(traj)
+
+    def _response_log_softmax(self, traj: Trajectory) -> torch.Tensor:
+        """``[B, T, V]`` log softmax(logits / temperature) predicting each response token."""
         p_ids, p_mask = traj.extras["prompt_ids"].tensor, traj.extras["prompt_mask"].tensor
         actions = traj.actions.to(p_ids.device)
         t = actions.shape[1]
@@ -332,12 +349,7 @@ class TextLMPolicy:
         mask = torch.cat([p_mask.long(), traj.mask.long().to(p_ids.device)], 1)
         logits = self.module(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **self._keep(t + 1)).logits
         logits = logits[:, -t - 1 : -1].float()  # position i predicts token i + 1: [B, T, V]
-        lp = torch.log_softmax(logits / self.config.temperature, -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        lp = lp.masked_fill(~traj.mask.to(lp.device), 0.0)  # [B, T]
-        idx = torch.as_tensor(steps, dtype=torch.long, device=lp.device)
-        if idx.ndim == 1:
-            idx = idx.unsqueeze(0).expand(lp.shape[0], -1)
-        return lp.gather(1, idx)
+        return torch.log_softmax(logits / self.config.temperature, -1)
 
     @torch.no_grad()
     def start(self, conditions: Sequence[Any], n_per_condition: int = 1, seeds: Sequence[int] | None = None) -> Trajectory:
