@@ -122,6 +122,7 @@ def mrope_positions(ids: torch.Tensor, mask: torch.Tensor, grids: Sequence[torch
     position is the last + 1 in each component.
     """
     n, length = ids.shape
+    device = ids.device
     out = torch.zeros(3, n, length, dtype=torch.long)
     ids, mask = ids.cpu(), mask.cpu().bool()
     for row in range(n):
@@ -156,7 +157,7 @@ def mrope_positions(ids: torch.Tensor, mask: torch.Tensor, grids: Sequence[torch
             raise ValueError(f"row {row} has {len(grid)} images but {k} image token runs")
         if pos_rows:
             out[:, row, mask[row]] = torch.cat(pos_rows, 1)
-    return out.to(mask.device)
+    return out.to(device)
 
 
 class VLMPolicy(TextLMPolicy):
@@ -255,7 +256,7 @@ class VLMPolicy(TextLMPolicy):
         the rows' patches and grids concatenated in row order (the order of their image tokens)."""
         n = ids.shape[0]
         grids = media["image_grid_thw"].values if media else [torch.zeros(0, 3, dtype=torch.long)] * n
-        inputs: dict[str, Any] = {"position_ids": mrope_positions(ids, mask, grids, self.image_token_id, self.merge).to(ids.device)}
+        inputs: dict[str, Any] = {"position_ids": mrope_positions(ids, mask, grids, self.image_token_id, self.merge)}
         if any(len(g) for g in grids):
             inputs["pixel_values"] = torch.cat([v for v in media["pixel_values"].values]).to(ids.device)
             inputs["image_grid_thw"] = torch.cat([g for g in grids]).to(ids.device)
