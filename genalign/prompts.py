@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from genalign.configs import opt
 from genalign.toyworld.text_qa import ShapesQAPrompts
+from genalign.toyworld.vqa import ShapesVQAPrompts
 
 
 @dataclass
@@ -147,4 +148,5 @@ class ShapesWorldPrompts:
         return ShapesWorldTargets()(conditions, seeds, like.shape[-1])
 
 
-PROMPT_SOURCES = {"list": ListPrompts, "file": FilePrompts, "shapes_world": ShapesWorldPrompts, "shapes_qa": ShapesQAPrompts}
+PROMPT_SOURCES = {"list": ListPrompts, "file": FilePrompts, "shapes_world": ShapesWorldPrompts, "shapes_qa": ShapesQAPrompts,
+                  "shapes_vqa": ShapesVQAPrompts}

@@ -134,3 +134,22 @@ def tiny_lm_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_lm")
     build_tiny_lm(d, [f"w{i:02d}" for i in range(32)])
     return str(d)
+
+
+def build_tiny_vlm(directory, seed: int = 0) -> None:
+    """A random tiny Qwen2-VL (a 1-block vision tower of width 16, a 2-layer language model of
+    width 32) and the Shapes VQA processor (48x48 images: 9 image tokens) saved to ``directory``."""
+    from genalign.recipes.pretrain_vlm import build_model, build_processor
+
+    processor = build_processor()
+    model = build_model(processor, hidden=32, layers=2, heads=2, vision_depth=1, vision_width=16, seed=seed)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """A saved random tiny Qwen2-VL with its processor (see :func:`build_tiny_vlm`)."""
+    d = tmp_path_factory.mktemp("tiny_vlm")
+    build_tiny_vlm(d)
+    return str(d)

@@ -26,11 +26,22 @@ ATOL = 1e-5
 N = 2  # samples per condition
 SEEDS = [11, 12, 13, 14]  # one per output row: 2 conditions x N
 
-#: policy type -> (conftest fixture with the saved tiny model, config keys, two condition prompts)
+
+def _scene(color: tuple[int, int, int]):
+    from PIL import Image
+
+    return Image.new("RGB", (48, 48), color)
+
+
+#: policy type -> (conftest fixture with the saved tiny model, config keys, two conditions: prompts,
+#: or dicts with a prompt and more, such as a VLM's image)
 TINY = {
     "stable_diffusion": ("tiny_sd_dir", {"num_steps": 4, "guidance_scale": 3.0}, ["red circle", "two blue squares"]),
     "consistency": ("tiny_lcm_dir", {"num_steps": 4}, ["red circle", "two blue squares"]),
     "text_lm": ("tiny_lm_dir", {"max_new_tokens": 5}, ["w01 w02", "w03"]),
+    # one question about an image, one text-only
+    "vlm": ("tiny_vlm_dir", {"max_new_tokens": 5}, [{"prompt": "what color is the square ?", "image": _scene((200, 30, 30))},
+                                                    "how many circles ?"]),
 }
 
 
@@ -62,7 +73,7 @@ def build(kind, config):
 @pytest.fixture(scope="module")
 def conds(kind) -> list[dict]:
     """Dict conditions: nothing in a policy may turn them into strings."""
-    return [{"prompt": p, "key": f"c{i}", "answer": i} for i, p in enumerate(TINY[kind][2])]
+    return [{**(p if isinstance(p, dict) else {"prompt": p}), "key": f"c{i}", "answer": i} for i, p in enumerate(TINY[kind][2])]
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,17 @@ AnswerFn = Callable[[str], "str | None"]
 
 def certainty_from_log_probs(log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SC per row from full-vocabulary log-probs ``[B, T, V]`` and the active steps ``[B, T]``
-    -> ``[B]`` float32. Inactive steps are ignored whatever they hold; a row without an active
+    -> ``[B]`` float32 (−inf entries are tokens outside the action set: V counts the others). Inactive steps are ignored whatever they hold; a row without an active
     step gets −inf (never preferred)."""
     if log_probs.ndim != 3 or mask.shape != log_probs.shape[:2]:
         raise ValueError(f"need log_probs [B, T, V] and mask [B, T], got {tuple(log_probs.shape)} and {tuple(mask.shape)}")
-    vocab = log_probs.shape[-1]
     active = mask.to(log_probs.device).bool()
-    kl = -(log_probs.float().mean(-1) + math.log(vocab))  # KL(U ‖ p) per step: [B, T]
+    # the uniform distribution is over the action set: tokens a policy never samples (−inf, e.g.
+    # a VLM's image placeholders) are outside it and do not count in V
+    allowed = torch.isfinite(log_probs)
+    vocab = allowed.sum(-1).clamp(min=1).float()  # [B, T]
+    mean_lp = torch.where(allowed, log_probs.float(), torch.zeros_like(log_probs, dtype=torch.float32)).sum(-1) / vocab
+    kl = -(mean_lp + vocab.log())  # KL(U ‖ p) per step: [B, T]
     kl = torch.where(active, kl, torch.zeros_like(kl))
     n = active.sum(1)  # [B]
     sc = kl.sum(1) / n.clamp(min=1)

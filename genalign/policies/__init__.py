@@ -4,12 +4,14 @@ from genalign.policies.base import Policy
 from genalign.policies.consistency import ConsistencyPolicy, ConsistencyPolicyConfig
 from genalign.policies.stable_diffusion import StableDiffusionPolicy, StableDiffusionPolicyConfig
 from genalign.policies.text_lm import TextLMPolicy, TextLMPolicyConfig
+from genalign.policies.vlm import VLMPolicy, VLMPolicyConfig
 
 #: type -> (config class, policy class)
 POLICIES = {
     "stable_diffusion": (StableDiffusionPolicyConfig, StableDiffusionPolicy),
     "consistency": (ConsistencyPolicyConfig, ConsistencyPolicy),
     "text_lm": (TextLMPolicyConfig, TextLMPolicy),
+    "vlm": (VLMPolicyConfig, VLMPolicy),
 }
 
 __all__ = [
@@ -21,4 +23,6 @@ __all__ = [
     "StableDiffusionPolicyConfig",
     "TextLMPolicy",
     "TextLMPolicyConfig",
+    "VLMPolicy",
+    "VLMPolicyConfig",
 ]

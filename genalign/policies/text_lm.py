@@ -38,6 +38,7 @@ from genalign.policies.token_sampling import (
     cache_kwarg,
     draw,
     left_pad,
+    mask_tokens,
     nucleus_probs,
     positions,
     right_pad,
@@ -111,6 +112,9 @@ class TextLMPolicy:
     capabilities = frozenset({"shared_noise"})
     log_prob_unit = "token"
     step_chunk = None  # a sequence is scored in one forward pass
+    #: token ids outside the action set (long ``[K]``): never drawn, probability 0 when scored
+    #: (None: every token is an action)
+    banned_tokens: torch.Tensor | None = None
 
     def __init__(self, model: Any, tokenizer: Any, config: TextLMPolicyConfig):
         config.check_sampling()
@@ -123,7 +127,7 @@ class TextLMPolicy:
         if pad is None:
             raise ValueError(f"the tokenizer of {config.pretrained!r} has neither a pad nor an eos token")
         self.pad_id = int(pad)
-        if config.chat_template and not getattr(tokenizer, "chat_template", None):
+        if getattr(config, "chat_template", False) and not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"'chat_template' is true but the tokenizer of {config.pretrained!r} has no chat template")
         self.stop = StopRule(tokenizer, frozenset(eos), tuple(config.stop_strings))
         dtype = DTYPES[config.weight_dtype]
@@ -253,6 +257,28 @@ class TextLMPolicy:
                 raise ValueError(f"condition {i} ({conditions[i]!r}) tokenizes to no tokens: an LM needs a prompt token to start from")
         return [list(r) for r in ids]
 
+    # -- the prompt side a multimodal subclass extends ----------------------------------------
+    def _encode_prompts(self, conditions: Sequence[Any]) -> tuple[list[list[int]], dict[str, Any]]:
+        """Each condition's prompt ids and its per-row inputs besides the ids (``Ragged`` extras,
+        such as a VLM's image patches; none for text)."""
+        return self.prompt_tokens(conditions), {}
+
+    def _media(self, traj: Trajectory) -> dict[str, Any]:
+        """The per-row inputs besides the ids that ``_encode_prompts`` stored in ``traj.extras``."""
+        return {}
+
+    def _model_inputs(self, ids: torch.Tensor, mask: torch.Tensor, media: dict[str, Any]) -> dict[str, Any]:
+        """Forward kwargs besides ids and mask for left-padded sequences ``ids`` ``[N, L]`` that
+        start with their rows' prompts: ``position_ids`` (consecutive from the first real token)."""
+        return {"position_ids": positions(mask)}
+
+    def _row_keys(self, prompts: Sequence[Sequence[int]], media: dict[str, Any]) -> list[Sequence[Any]]:
+        """What each row's seed is mixed with (:func:`_generators`): its prompt ids."""
+        return [list(p) for p in prompts]
+
+    def _mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return mask_tokens(logits, self.banned_tokens)
+
     def _prompt_extras(self, seqs: Sequence[Sequence[int]]) -> dict[str, Padded]:
         ids, mask = left_pad(seqs, self.pad_id, self.device)
         return {"prompt_ids": Padded(ids, self.pad_id, "left"), "prompt_mask": Padded(mask, 0, "left")}
@@ -269,14 +295,18 @@ class TextLMPolicy:
         rows = self._unpad(traj.actions, traj.mask)
         return rows if upto is None else [r[: int(k)] for r, k in zip(rows, upto)]
 
-    def _continue(self, prompts: Sequence[Sequence[int]], prior: Sequence[Sequence[int]], seeds: Any, greedy: bool = False) -> tuple[list[list[int]], list[list[float]]]:
+    def _continue(self, prompts: Sequence[Sequence[int]], prior: Sequence[Sequence[int]], seeds: Any, greedy: bool = False,
+                  media: dict[str, Any] | None = None) -> tuple[list[list[int]], list[list[float]]]:
         """Sample (or greedily decode) each row's continuation of prompt + prior tokens."""
         ids, mask = left_pad([[*p, *q] for p, q in zip(prompts, prior)], self.pad_id, self.device)
         budget = [self.config.max_new_tokens - len(q) for q in prior]
         c = self.config
+        media = media or {}
+        inputs = self._model_inputs(ids, mask, media)
+        pos = inputs.pop("position_ids")
         return sample_tokens(
-            self.module, self.cache_key, ids, mask, prior, budget, _generators(seeds, prompts), self.stop,
-            self.pad_id, c.temperature, c.top_p, greedy, self._keep(1),
+            self.module, self.cache_key, ids, mask, prior, budget, _generators(seeds, self._row_keys(prompts, media)),
+            self.stop, self.pad_id, c.temperature, c.top_p, greedy, self._keep(1), pos, inputs, self.banned_tokens,
         )
 
     def _build(self, conditions: list[Any], group: torch.Tensor, prompts: list[list[int]], responses: list[list[int]],
@@ -315,18 +345,19 @@ class TextLMPolicy:
         accepted and always holds (a condition's rows share their prompt)."""
         check_options(type(self).__name__, self.capabilities, options)
         rows = [c for c in conditions for _ in range(n_per_condition)]
-        prompts = self.prompt_tokens(rows)
+        prompts, media = self._encode_prompts(rows)
         _check_seeds(seeds, len(rows))
-        tokens, lps = self._continue(prompts, [[] for _ in rows], seeds)
+        tokens, lps = self._continue(prompts, [[] for _ in rows], seeds, media=media)
         group = torch.arange(len(conditions)).repeat_interleave(n_per_condition)
-        traj = self._build(rows, group, prompts, tokens, lps, [self.stop.decode(t) for t in tokens])
+        traj = self._build(rows, group, prompts, tokens, lps, [self.stop.decode(t) for t in tokens], media)
         return self._recomputed(traj)
 
     def log_prob(self, traj: Trajectory, steps: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """log softmax(logits / temperature) at each row's action tokens, one teacher-forced
         forward over [prompt ; response]; ``[B, K]`` float32 with grad (0 at padding)."""
-        actions = traj.actions.to(traj.extras["prompt_ids"].tensor.device)
-        lp = self._response_log_softmax(traj).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        logits = self._response_logits(traj)  # [B, T, V]
+        actions = traj.actions.to(logits.device)
+        lp = torch.log_softmax(logits, -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         lp = lp.masked_fill(~traj.mask.to(lp.device), 0.0)  # [B, T]
         idx = torch.as_tensor(steps, dtype=torch.long, device=lp.device)
         if idx.ndim == 1:
@@ -337,19 +368,21 @@ class TextLMPolicy:
     def token_logits(self, traj: Trajectory) -> torch.Tensor:
         """log softmax(logits / temperature) over the whole vocabulary at every response step, one
         teacher-forced forward over [prompt ; response]: ``[B, T, V]`` float32, no grad (steps
-        where ``traj.mask`` is False hold values of no meaning)."""
-        return self._response_log_softmax(traj)
+        where ``traj.mask`` is False hold values of no meaning; tokens outside the action set are -inf)."""
+        return torch.log_softmax(self._response_logits(traj), -1)
 
-    def _response_log_softmax(self, traj: Trajectory) -> torch.Tensor:
-        """``[B, T, V]`` log softmax(logits / temperature) predicting each response token."""
+    def _response_logits(self, traj: Trajectory) -> torch.Tensor:
+        """The scored logits ``[B, T, V]`` float32 at each response step: logits / temperature,
+        tokens outside the action set at -inf; one teacher-forced forward over [prompt ; response]."""
         p_ids, p_mask = traj.extras["prompt_ids"].tensor, traj.extras["prompt_mask"].tensor
         actions = traj.actions.to(p_ids.device)
         t = actions.shape[1]
         ids = torch.cat([p_ids, actions], 1)  # [B, P + T]
         mask = torch.cat([p_mask.long(), traj.mask.long().to(p_ids.device)], 1)
-        logits = self.module(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **self._keep(t + 1)).logits
+        inputs = self._model_inputs(ids, mask, self._media(traj))
+        logits = self.module(input_ids=ids, attention_mask=mask, **inputs, **self._keep(t + 1)).logits
         logits = logits[:, -t - 1 : -1].float()  # position i predicts token i + 1: [B, T, V]
-        return torch.log_softmax(logits / self.config.temperature, -1)
+        return self._mask_logits(logits / self.config.temperature)
 
     @torch.no_grad()
     def start(self, conditions: Sequence[Any], n_per_condition: int = 1, seeds: Sequence[int] | None = None) -> Trajectory:
@@ -357,13 +390,15 @@ class TextLMPolicy:
         rows = [c for c in conditions for _ in range(n_per_condition)]
         group = torch.arange(len(conditions)).repeat_interleave(n_per_condition)
         empty = [[] for _ in rows]
-        return self._build(rows, group, self.prompt_tokens(rows), empty, empty, None, steps=self.config.max_new_tokens)
+        prompts, media = self._encode_prompts(rows)
+        return self._build(rows, group, prompts, empty, empty, None, media, steps=self.config.max_new_tokens)
 
     @torch.no_grad()
     def row_generators(self, conditions: Sequence[Any], n_per_condition: int, seeds: Sequence[int]) -> list[torch.Generator | None]:
         """The generators ``rollout`` builds from ``seeds`` for these rows (each seed mixed with its
         row's prompt): pass them to :meth:`start` and :meth:`step` to continue each row's stream."""
-        return _generators(seeds, self.prompt_tokens([c for c in conditions for _ in range(n_per_condition)]))
+        prompts, media = self._encode_prompts([c for c in conditions for _ in range(n_per_condition)])
+        return _generators(seeds, self._row_keys(prompts, media))
 
     def step(self, traj: Trajectory, step: int, n: int = 1, seeds: Any = None) -> Trajectory:
         """Sample token ``step`` for ``n`` candidates per row (``B * n`` rows, group = parent
@@ -378,13 +413,14 @@ class TextLMPolicy:
         if any(len(r) != step and not self.stop.finished(r) for r in prior):
             raise ValueError(f"step {step}: some rows have not taken steps 0..{step - 1} (take steps in order)")
         active = [len(r) == step and not self.stop.finished(r) and step < self.config.max_new_tokens for r in prior]
-        prompts = self._row_prompts(child)
-        gens = _generators(seeds, prompts)
+        prompts, media = self._row_prompts(child), self._media(child)
+        gens = _generators(seeds, self._row_keys(prompts, media))
         actions, log_probs, mask = child.actions.clone(), child.log_probs.clone(), child.mask.clone()
         rows = [i for i, a in enumerate(active) if a]
         if rows:
             ids, attn = left_pad([[*prompts[i], *prior[i]] for i in rows], self.pad_id, self.device)
-            logits = self.module(input_ids=ids, attention_mask=attn, position_ids=positions(attn), **self._keep(1)).logits[:, -1].float()
+            inputs = self._model_inputs(ids, attn, {k: v.index(torch.tensor(rows)) for k, v in media.items()})
+            logits = self._mask_logits(self.module(input_ids=ids, attention_mask=attn, **inputs, **self._keep(1)).logits[:, -1].float())
             probs = nucleus_probs(logits, self.config.temperature, self.config.top_p)
             tok = draw(probs, torch.ones(len(rows), dtype=torch.bool), [gens[i] for i in rows], self.pad_id).to(self.device)
             lp = torch.log_softmax(logits / self.config.temperature, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
@@ -415,7 +451,7 @@ class TextLMPolicy:
         _check_seeds(seeds, parent.batch_size)
         kept = self._responses(parent, branch.tolist())
         prompts = self._row_prompts(parent)
-        tokens, lps = self._continue(prompts, kept, seeds)
+        tokens, lps = self._continue(prompts, kept, seeds, media=self._media(parent))
         kept_lp = [r[: int(k)].tolist() for r, k in zip(parent.log_probs.cpu(), branch)]
         responses = [[*a, *b] for a, b in zip(kept, tokens)]
         extras = {k: v for k, v in parent.extras.items() if k not in ("prompt_ids", "prompt_mask")}
@@ -438,7 +474,8 @@ class TextLMPolicy:
         if any(not r for r in responses):
             raise ValueError("an output tokenizes to no tokens and the tokenizer has no eos token to end it")
         zeros = [[0.0] * len(r) for r in responses]
-        return self._build(conditions, torch.arange(len(conditions)), self.prompt_tokens(conditions), responses, zeros, list(outputs))
+        prompts, media = self._encode_prompts(conditions)
+        return self._build(conditions, torch.arange(len(conditions)), prompts, responses, zeros, list(outputs), media)
 
     @torch.no_grad()
     def predict_final(self, traj: Trajectory, step: int) -> list[str]:
@@ -449,7 +486,7 @@ class TextLMPolicy:
         if not 0 <= step < traj.num_steps:
             raise IndexError(f"step {step} outside 0..{traj.num_steps}")
         kept = self._responses(traj, [step] * traj.batch_size)
-        tokens, _ = self._continue(self._row_prompts(traj), kept, None, greedy=True)
+        tokens, _ = self._continue(self._row_prompts(traj), kept, None, greedy=True, media=self._media(traj))
         return [self.stop.decode([*a, *b]) for a, b in zip(kept, tokens)]
 
     # -- saving ----------------------------------------------------------------------------

@@ -37,6 +37,14 @@ def right_pad(seqs: Sequence[Sequence[Any]], length: int, value: Any, dtype: tor
     return out
 
 
+def mask_tokens(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` ``[..., V]`` with the ``banned`` token ids (long ``[K]``; None: none) at -inf:
+    tokens outside the action set, never drawn and of probability 0 in the scored distribution."""
+    if banned is None or not len(banned):
+        return logits
+    return logits.index_fill(-1, banned.to(logits.device), float("-inf"))
+
+
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids ``[N, L]`` from an attention mask: 0 at each row's first real token (padding gets 0)."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -124,6 +132,9 @@ def sample_tokens(
     top_p: float = 1.0,
     greedy: bool = False,
     keep_last: dict[str, int] | None = None,
+    position_ids: torch.Tensor | None = None,
+    prefix_kwargs: dict[str, Any] | None = None,
+    banned: torch.Tensor | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Continue N left-padded prefixes ``[N, L]`` token by token with a KV cache.
 
@@ -132,6 +143,11 @@ def sample_tokens(
     Returns each row's new tokens and their log-probs under softmax(logits / temperature), the
     scored distribution (top-p only shapes the draw). ``greedy``: argmax, no randomness.
     ``keep_last``: forward kwargs that ask for the last position's logits only (``logits_to_keep``).
+    ``position_ids``: the prefix's positions, ``[N, L]`` or ``[C, N, L]`` (a VLM's multimodal
+    positions; default: consecutive from each row's first real token); every new token takes the
+    last position + 1 in each component. ``prefix_kwargs``: extra inputs of the prefix's forward
+    pass only (a VLM's image patches). ``banned``: token ids outside the action set (long
+    ``[K]``), never drawn and at probability 0 in the returned log-probs.
     """
     n = prefix_ids.shape[0]
     device = prefix_ids.device
@@ -141,12 +157,12 @@ def sample_tokens(
     if not bool(active.any()):
         return new_tokens, new_lps
     mask = prefix_mask.long()
-    pos = positions(mask)
+    pos = positions(mask) if position_ids is None else position_ids
     keep = keep_last or {}
-    out = model(input_ids=prefix_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
-    last_pos = pos[:, -1:]
+    out = model(input_ids=prefix_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep, **(prefix_kwargs or {}))
+    last_pos = pos[..., -1:]  # [N, 1] or [C, N, 1]
     for _ in range(max(budget)):
-        logits = out.logits[:, -1].float()  # [N, V]
+        logits = mask_tokens(out.logits[:, -1].float(), banned)  # [N, V]
         logp = torch.log_softmax(logits / temperature, dim=-1)
         if greedy:
             tok = torch.where(active.to(device), logits.argmax(-1), torch.full_like(logits[:, 0], pad_id, dtype=torch.long)).cpu()
