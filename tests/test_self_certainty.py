@@ -42,6 +42,16 @@ def test_uniform_gives_zero_and_peaked_gives_the_closed_form():
     assert abs(got - exact) < TOL
 
 
+def test_tokens_outside_the_action_set_are_not_in_the_uniform():
+    """A VLM's image placeholders are −inf: SC is that of the distribution over the other tokens."""
+    p = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    inside = certainty_from_log_probs(p.log().view(1, 1, 4), torch.ones(1, 1, dtype=torch.bool))
+    padded = torch.cat([p.log(), torch.full((3,), -torch.inf)]).view(1, 1, 7)
+    outside = certainty_from_log_probs(padded, torch.ones(1, 1, dtype=torch.bool))
+    exact = -(math.log(0.5) + math.log(0.25) + 2 * math.log(0.125)) / 4 - math.log(4)  # 0.3466
+    assert inside.item() == pytest.approx(exact, rel=1e-6) and outside.item() == pytest.approx(exact, rel=1e-6)
+
+
 def test_mean_is_over_active_tokens_only_and_padding_is_ignored():
     """Row 0: a uniform step, a peaked step, then a padding step holding NaN; row 1: no active
     step. The mean is over the 2 active steps (exact / 2): a mean over all T steps (exact / 3),
