@@ -104,8 +104,9 @@ class TrainConfig:
     report: ReportConfig = opt(field(default_factory=ReportConfig), "the HTML report")
     eval: EvalConfig = opt(field(default_factory=EvalConfig), "fixed-seed evaluation before/after training")
     curriculum: list[dict[str, Any]] = opt(
-        [], "ordered training stages, each overriding sections of this config and starting from the last one's weights "
-        "(genalign.curriculum); empty: one plain run",
+        [], "ordered training stages, each starting from the last one's weights (genalign.curriculum); a stage has a "
+        "name, sections overriding this config's (prompts, reward, algorithm, train, eval, report) and optionally "
+        "stop_at_reward / reward_window; empty: one plain run",
     )
 
     def validate(self) -> None:

@@ -88,7 +88,7 @@ def test_stages_run_in_order_and_hand_over_their_weights(tiny_lm_dir, tmp_path, 
         train(write_config(tiny_lm_dir, tmp_path, TWO_STAGES))
 
 
-def test_reward_threshold_stops_a_stage_with_a_moving_mean(tiny_lm_dir, tmp_path):
+def test_reward_threshold_stops_a_stage_with_a_moving_mean(tiny_lm_dir, tmp_path, monkeypatch):
     stage = CurriculumStage(name="s", stop_at_reward=0.75, reward_window=2)
     rows = [{"reward_mean": r} for r in (0.25, 1.0, 0.5, 0.0)]
     # moving means of the last 2 epochs (binary fractions, exact): -, 0.625, 0.75, 0.25
@@ -106,6 +106,17 @@ def test_reward_threshold_stops_a_stage_with_a_moving_mean(tiny_lm_dir, tmp_path
     state = json.loads((tmp_path / "run" / "curriculum.json").read_text())
     assert [(c["epochs"], c["stopped_by"]) for c in state["completed"]] == [(2, "reward"), (1, "epochs")]
     assert checkpoint.latest_checkpoint(str(tmp_path / "run" / "quick" / "checkpoints")).endswith("epoch_00002")
+
+    # killed after the early-stopped stage finished but before it was recorded: --resume does not
+    # train it past its stopping epoch (nor the finished last stage)
+    state_file = tmp_path / "run" / "curriculum.json"
+    state_file.write_text(json.dumps({**state, "completed": []}))
+    started = []
+    original = Trainer._epoch
+    monkeypatch.setattr(Trainer, "_epoch", lambda self, epoch, timings: started.append(epoch) or original(self, epoch, timings))
+    again = train(write_config(tiny_lm_dir, tmp_path, stages), resume=True)
+    assert started == [] and [(r["stage"], r["epoch"]) for r in again] == [(r["stage"], r["epoch"]) for r in history]
+    assert json.loads(state_file.read_text())["completed"] == state["completed"]
 
 
 class Killed(RuntimeError):
