@@ -103,10 +103,21 @@ class TrainConfig:
     train: TrainLoop = opt(field(default_factory=TrainLoop), "the optimisation loop")
     report: ReportConfig = opt(field(default_factory=ReportConfig), "the HTML report")
     eval: EvalConfig = opt(field(default_factory=EvalConfig), "fixed-seed evaluation before/after training")
+    curriculum: list[dict[str, Any]] = opt(
+        [], "ordered training stages, each starting from the last one's weights (genalign.curriculum); a stage has a "
+        "name, sections overriding this config's (prompts, reward, algorithm, train, eval, report) and optionally "
+        "stop_at_reward / reward_window; empty: one plain run",
+    )
 
     def validate(self) -> None:
         if self.policy is None:
             raise ConfigError("missing required section 'policy' (with a 'type', e.g. stable_diffusion)")
+        if self.curriculum:  # every stage validates as a whole config of its own, with keys named curriculum[i]
+            from genalign.curriculum import stage_configs
+
+            self._check_capabilities()
+            stage_configs(self)
+            return
         if self.prompts is None:
             raise ConfigError("missing required section 'prompts' (with a 'source': list, file or shapes_world)")
         self._check_capabilities()

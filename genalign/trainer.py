@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +46,8 @@ from rewards.registry import build_reward
 
 class Trainer:
     def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None):
+        if config.curriculum:
+            raise ConfigError("a config with 'curriculum' stages runs with genalign.trainer.train (or genalign.curriculum.run_curriculum)")
         self.config = config
         # Several processes without CUDA (accelerate launch on CPUs) need cpu=True for gloo DDP.
         multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -85,12 +88,16 @@ class Trainer:
         self.snapshots: list[dict[str, torch.Tensor]] = []  # trainable weights per epoch start (algorithms that ask)
 
     # -- public ------------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> list[dict[str, Any]]:
+    def train(self, resume: bool = False, stop: Callable[[list[dict[str, Any]]], bool] | None = None) -> list[dict[str, Any]]:
+        """Train ``train.epochs`` epochs, or until ``stop(history)`` (the per-epoch metrics so far)
+        is True after an epoch; that epoch is then checkpointed and evaluated like the last one."""
         ckpt_root = os.path.join(self.out, "checkpoints")
         epochs = self.config.train.epochs
+        stop = stop or (lambda history: False)
         if resume:
             self._resume(ckpt_root)
-            if self.start_epoch >= epochs and os.path.isdir(os.path.join(self.out, "final")):
+            finished = self.start_epoch >= epochs or (self.history and stop(self.history))
+            if finished and os.path.isdir(os.path.join(self.out, "final")):
                 self._warn(
                     f"{self.out} is finished ({self.start_epoch} of {epochs} epochs): nothing to do; report.html and "
                     f"final/ are left as they are (raise train.epochs to train further)"
@@ -118,6 +125,8 @@ class Trainer:
         start = time.perf_counter()
         bar = progress(range(self.start_epoch, epochs), desc="epochs", disable=not self.main, initial=self.start_epoch, total=epochs)
         for epoch in bar:
+            if self.history and stop(self.history):
+                break
             metrics = self._epoch(epoch, timings)
             metrics["wall_seconds"] = self.wall_before + time.perf_counter() - start
             # rollouts, rewards and updates only (no evaluation or grids), since this process started
@@ -130,11 +139,12 @@ class Trainer:
                     for k, v in metrics.items():
                         writer.add_scalar(k, v, epoch + 1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
+            last = epoch + 1 == epochs or stop(self.history)
             ev = self.config.eval
-            if ev.enabled and (epoch + 1 == epochs or (ev.every and (epoch + 1) % ev.every == 0)):
+            if ev.enabled and (last or (ev.every and (epoch + 1) % ev.every == 0)):
                 self._evaluate(epoch + 1, timings)
             every = self.config.train.checkpoint_every
-            if (every and (epoch + 1) % every == 0) or epoch + 1 == epochs:
+            if (every and (epoch + 1) % every == 0) or last:
                 self._checkpoint(ckpt_root, epoch + 1, metrics["wall_seconds"])
         timings["training"] = time.perf_counter() - start
 
@@ -206,8 +216,12 @@ class Trainer:
         trained = torch.isfinite(traj.rewards) & torch.isfinite(adv)  # NaN reward: dropped; NaN advantage: not selected
         traj.advantages = torch.nan_to_num(adv, nan=0.0)
         traj.mask = traj.mask & trained.unsqueeze(1)
+        rows = torch.tensor([p * n + j for p in local for j in range(n)])  # [N_local]: the rows' numbers in the epoch
         if acc.num_processes == 1 and not bool(trained.all()):
-            traj = traj[trained.nonzero().view(-1)]  # skip untrained rows (with DDP every process keeps its shape)
+            kept = trained.nonzero().view(-1)
+            traj, trained, rows = traj[kept], trained[kept], rows[kept.cpu()]  # skip untrained rows (DDP keeps shapes)
+        if plan.teacher_forced and traj.batch_size:
+            traj = self._teacher_forced(traj, trained, rows.tolist(), epoch)
         if self.algorithm.needs_reference and plan.reference != "initial":
             traj.extras["ref_log_probs"] = self._snapshot_log_probs(traj, int(plan.reference))
 
@@ -279,6 +293,21 @@ class Trainer:
             traj.group = torch.cat([pair, pair]).to(traj.group.device)
             traj.extras["role"] = torch.cat([torch.ones(len(conds)), torch.zeros(len(conds))]).long().to(traj.group.device)
             return traj, ref.outputs, conds
+
+    def _teacher_forced(self, traj: Trajectory, trained: torch.Tensor, rows: list[int], epoch: int) -> Trajectory:
+        """The rows' outputs re-encoded as data by ``policy.forward_process`` (teacher forcing for
+        tokens, forward-process noising for images), with the rollouts' rewards, advantages and
+        groups; untrained rows stay masked out. Each row's forward noise has its own stream."""
+        seeds = [derive_seed(self.config.seed, Stream.FORWARD, epoch, r) for r in rows]
+        with torch.no_grad(), self.acc.autocast():
+            data = self.policy.forward_process(list(traj.conditions), traj.outputs, seeds)
+        device = data.mask.device
+        data = data.with_rewards(traj.rewards.to(device))
+        data.advantages = traj.advantages.to(device)
+        data.group = traj.group.to(device)
+        data.mask = data.mask & trained.to(device).unsqueeze(1)
+        data.extras.update({k: traj.extras[k] for k in ("sample_id", "reward_components") if k in traj.extras})
+        return data
 
     def _sampling_options(self, plan: SamplingPlan, epoch: int, chunk: list[int]) -> dict[str, Any]:
         """The policy options a rollouts plan asks for (each a declared policy capability)."""
@@ -489,4 +518,9 @@ def train(
     """
     from genalign.train_config import resolve_config
 
-    return Trainer(resolve_config(config, overrides)).train(resume=resume)
+    config = resolve_config(config, overrides)
+    if config.curriculum:  # ordered stages, each a run of its own (genalign.curriculum)
+        from genalign.curriculum import run_curriculum
+
+        return run_curriculum(config, resume=resume)
+    return Trainer(config).train(resume=resume)

@@ -9,6 +9,7 @@ from genalign.configs import opt
 from rewards.aesthetic import AestheticConfig
 from rewards.clip_score import ClipScoreConfig
 from rewards.compose import WeightedSum
+from rewards.curriculum_rewards import CurriculumReward, CurriculumRewardConfig
 from rewards.hps import HPSConfig
 from rewards.jpeg import JpegCompressibility, JpegConfig
 from rewards.pickscore import PickScoreConfig
@@ -76,6 +77,7 @@ REWARDS = {
     "pickscore": (PickScoreConfig, _pickscore),
     "hps": (HPSConfig, _hps),
     "vqa": (VQAConfig, _vqa),
+    "curr_reft": (CurriculumRewardConfig, CurriculumReward),
 }
 
 

@@ -44,6 +44,10 @@ class SamplingPlan:
     whole_groups: bool = False
     #: which weights serve as reference: "initial" (policy.reference()) or a snapshot index
     reference: int | Literal["initial"] = "initial"
+    #: ``"rollouts"`` only: after ``advantages`` selects the rows to train, their outputs are
+    #: re-encoded as data by ``Policy.forward_process`` (teacher-forced tokens, forward-noised
+    #: images) and the loss trains on those trajectories instead of the sampled chains
+    teacher_forced: bool = False
 
 
 @dataclass
