@@ -3,7 +3,7 @@
     genalign toyworld pretrain vlm --out assets/models/tiny-vlm [--steps N] [--seed S]
 
 A transformers ``Qwen2VLForConditionalGeneration`` (a 2-block vision tower of width 32 with
-8-pixel patches merged 2x2, so a 48x48 Shapes VQA image is 9 image tokens, one per grid cell;
+16-pixel patches and no patch merge, so a 48x48 Shapes VQA image is 9 image tokens, one per grid cell;
 a 3-layer language model of width 64 with multimodal rotary positions) and a
 ``Qwen2VLProcessor`` (the Qwen2-VL image processor at 48x48, and a word-level tokenizer over
 the world's words, :data:`genalign.toyworld.vqa.VQA_WORDS`, plus the Qwen2-VL chat tokens).
@@ -289,11 +289,12 @@ def _table(evaluation: dict, rows: Sequence[str]) -> str:
 def model_card(log: dict) -> str:
     a, arch = log["args"], log["architecture"]
     ev = log["evaluation"]
-    fmt_rate = {c: ev[c]["mean"]["format"] for c in ev}
+    names = {"train": "in-domain", "heldout": "out-of-domain"}
+    fmt_rate = ", ".join(f"{names[c.split()[0]]} {c.split()[1]} {ev[c]['mean']['format']:.3f}" for c in ev)
     return f"""# tiny-vlm: a tiny Qwen2-VL for Shapes VQA
 
 A `Qwen2VLForConditionalGeneration` with a {arch['vision_depth']}-block vision tower (width {arch['vision_width']},
-{PATCH}-pixel patches, 2x2 patch merge: a {IMAGE_SIZE}x{IMAGE_SIZE} image is 9 image tokens, one per grid cell) and a
+{PATCH}-pixel patches, no patch merge: a {IMAGE_SIZE}x{IMAGE_SIZE} image is 9 image tokens, one per grid cell) and a
 {arch['layers']}-layer language model (width {arch['hidden']}, {arch['heads']} heads, multimodal rotary positions, tied
 embeddings): {log['parameters']:,} parameters, float32, {log['size_bytes'] / 1e6:.2f} MB on disk. Its processor is the
 Qwen2-VL image processor at {IMAGE_SIZE}x{IMAGE_SIZE} and a word-level tokenizer of {arch['vocab_size']} tokens (the
@@ -301,7 +302,9 @@ Qwen2-VL chat and vision tokens, the roles, and the words of the world).
 
 It is pretrained from scratch on **Shapes VQA** (`genalign.toyworld.vqa`): questions about 48x48 Shapes World
 images in three formats (yes/no, multiple choice, open) and five types (colour, shape, count, position, relation),
-and is **deliberately under-trained** so that reward training has headroom.
+and is **deliberately under-trained** so that reward training has headroom: it answers most in-domain questions,
+but positions poorly, and out of domain (questions about colour x shape pairs it never saw together) it is weak on
+multiple choice, open answers, shapes and relations.
 
 ## Use
 
@@ -339,7 +342,7 @@ square, purple triangle); every out-of-domain condition asks about one.
 
 {log['eval_per_cell']} conditions per format x type cell and split (`sample_vqa_conditions(format, type, n, split,
 seed={EVAL_SEED})`); greedy, and sampled at temperature 1 with {log['eval_samples']} samples per condition. Accuracy: the
-exact answer between the tags (`rewards.rules.RuleVerifier`, rule `exact`). Format rate (mean over cells): {fmt_rate}.
+exact answer between the tags (`rewards.rules.RuleVerifier`, rule `exact`). Format rate (the response is exactly `<answer> words </answer>`, mean over cells): {fmt_rate}.
 For scale, guessing gives 1/2 on yes/no and 1/3 on multiple choice.
 
 Per format and per type (means over the other axis):

@@ -72,7 +72,7 @@ from .text_qa import (
 FORMATS: tuple[str, ...] = ("yesno", "choice", "open")
 QTYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "relation")
 VQA_SPLITS = ("train", "heldout")
-IMAGE_SIZE = 48  # 3x3 cells of 16 px: with 8-px patches merged 2x2, one image token per cell
+IMAGE_SIZE = 48  # 3x3 cells of 16 px: with 16-px patches, one image token per cell
 NUM_OPTIONS = 3
 
 VQA_WORDS: tuple[str, ...] = tuple(sorted(set(WORDS) | {"shape", "object", "a", "there", "at", "options"}))
