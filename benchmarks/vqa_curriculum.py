@@ -1,8 +1,9 @@
 """Curr-ReFT against plain GRPO on Shapes VQA with the tiny Qwen2-VL, at equal samples.
 
 Every method trains the same LoRA policy (configs/vlm_curr_reft.yaml: reward ``curr_reft``,
-fresh in-domain questions, 16 questions x 8 samples per epoch) for the same number of epochs,
-hence the same number of sampled responses; only the schedule differs:
+fresh out-of-domain questions of four types (colour, shape, count, position; relation questions
+are never trained), 16 questions x 8 samples per epoch) for the same number of epochs, hence the
+same number of sampled responses; only the schedule differs:
 
 - plain GRPO: every format mixed, 3E + R epochs;
 - Curr-ReFT without RS: yes/no E epochs -> multiple choice E -> open E + R;
@@ -10,8 +11,8 @@ hence the same number of sampled responses; only the schedule differs:
   responses with reward 2 = correct + well-formed, SFT on them at lr 5e-4).
 
 Each final policy (and the base model) answers fixed evaluation questions: ``--per-cell``
-questions per format x type, in-domain and out-of-domain (questions reserved for evaluation,
-which training never draws), ``--samples`` sampled responses each (temperature 1, fixed seeds
+questions per format x type, out-of-domain (reserved for evaluation: training never draws them)
+and in-domain (never trained: does training on new compositions keep the old ones?), ``--samples`` sampled responses each (temperature 1, fixed seeds
 per seed of the run). Accuracy is the exact-answer rule (the words between the tags equal the
 gold answer). Prints markdown tables (mean ± std over seeds) per format and per type, and writes
 results.json and accuracy.png to --out. Runs already finished in --out are read, not repeated.

@@ -2,16 +2,14 @@
 
 The same algorithm class, with its defaults (the config's algorithm section is exactly
 ``{name: NAME}``), goes through the same trainer code path on the image main job
-(configs/quickstart.yaml, tiny-sd), the text main job (configs/text_grpo.yaml, tiny-lm) and a
-Shapes VQA job on a random tiny Qwen2-VL (:data:`VLM_JOB`, written below: the test builds its
-model). Only sizes outside the algorithm section are shrunk. A grep keeps algorithm files free of
+(configs/quickstart.yaml, tiny-sd), the text main job (configs/text_grpo.yaml, tiny-lm) and the
+Shapes VQA job (configs/vlm_grpo.yaml, tiny-vlm). Only sizes outside the algorithm section are shrunk. A grep keeps algorithm files free of
 policy imports and modality branches, and the trainer free of policy type names.
 """
 
 from __future__ import annotations
 
 import ast
-import copy
 import os
 import re
 
@@ -26,19 +24,7 @@ from genalign.train_config import resolve_config
 from genalign.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: the VLM job: GRPO on Shapes VQA questions about images. The random tiny VLM never answers
-#: right, so the exact-answer reward would be 0 for every sample (zero advantages, no update);
-#: a rule that splits its random answers (an even number of characters) gives every group a
-#: signal. What is tested is that each algorithm trains this policy, not what it learns.
-VLM_JOB = "vlm: shapes_vqa"
-VLM_CONFIG = {
-    "seed": 0,
-    "policy": {"type": "vlm", "pretrained": None, "max_new_tokens": 6},  # pretrained: the tiny_vlm_dir fixture
-    "algorithm": {"name": "grpo"},
-    "reward": {"components": [{"type": "rule", "rule": "format", "format_pattern": "(?s)(..)*"}]},
-    "prompts": {"source": "shapes_vqa"},
-    "train": {"epochs": 2, "learning_rate": 3.0e-3},
-}
+VLM_JOB = "configs/vlm_grpo.yaml"
 MAIN_JOBS = ["configs/quickstart.yaml", "configs/text_grpo.yaml", VLM_JOB]
 MODALITY_OF = {"configs/quickstart.yaml": "stable_diffusion", "configs/text_grpo.yaml": "text_lm", VLM_JOB: "vlm"}  # policy types
 
@@ -53,7 +39,10 @@ TINY = [
 #: at 4 denoising steps tiny-sd scores 0 on most counting prompts (the quickstart's tier 5); on
 #: two-object scenes (tier 3) its partial credit varies within a prompt's group, so rewards carry
 #: a signal for every algorithm (equal rewards give zero advantages and no preference pairs).
-POLICY_TINY = {"configs/quickstart.yaml": ["policy.num_steps=4", "prompts.tiers=[3]"], "configs/text_grpo.yaml": [], VLM_JOB: []}
+#: tiny-vlm is right about half of the time on the job's out-of-domain questions, but whole groups
+#: of a question often tie: with 8 questions an epoch some group (or B²'s branch set) differs
+POLICY_TINY = {"configs/quickstart.yaml": ["policy.num_steps=4", "prompts.tiers=[3]"], "configs/text_grpo.yaml": [],
+               VLM_JOB: ["train.prompts_per_epoch=8", "train.rollout_batch_size=32"]}
 #: B²-DiffuRL on a denoising chain branches late first (stage 1 resamples the last 20% of each
 #: rollout) and moves the branch point back one stage every 4 epochs (its defaults). Resampling
 #: only tiny-sd's last denoising step leaves a prefix's branches with one reward: nothing stands
@@ -64,16 +53,12 @@ POLICY_TINY = {"configs/quickstart.yaml": ["policy.num_steps=4", "prompts.tiers=
 EPOCHS = {("b2diffurl", "configs/quickstart.yaml"): 8}
 
 
-def job_with_algorithm(job: str, name: str, directory, request) -> str:
+def job_with_algorithm(job: str, name: str, directory) -> str:
     """``job`` with its algorithm section replaced by exactly ``{name: NAME}``, written to ``directory``."""
-    if job == VLM_JOB:
-        data = copy.deepcopy(VLM_CONFIG)
-        data["policy"]["pretrained"] = request.getfixturevalue("tiny_vlm_dir")
-    else:
-        with open(os.path.join(ROOT, job)) as f:
-            data = yaml.safe_load(f)
+    with open(os.path.join(ROOT, job)) as f:
+        data = yaml.safe_load(f)
     data["algorithm"] = {"name": name}
-    path = os.path.join(directory, f"{name}_{os.path.basename(job) if job != VLM_JOB else 'vlm.yaml'}")
+    path = os.path.join(directory, f"{name}_{os.path.basename(job)}")
     with open(path, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
     return path
@@ -81,9 +66,9 @@ def job_with_algorithm(job: str, name: str, directory, request) -> str:
 
 @pytest.mark.parametrize("job", MAIN_JOBS)
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_every_algorithm_trains_image_text_and_vlm_unchanged(name, job, tmp_path, monkeypatch, request):
+def test_every_algorithm_trains_image_text_and_vlm_unchanged(name, job, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs' model paths are relative to the repository
-    path = job_with_algorithm(job, name, tmp_path, request)
+    path = job_with_algorithm(job, name, tmp_path)
     epochs = EPOCHS.get((name, job), 2)
     config = resolve_config(path, [f"output_dir={tmp_path / 'run'}", *TINY, *POLICY_TINY[job], f"train.epochs={epochs}"])
     assert config.policy.type == MODALITY_OF[job]
@@ -109,10 +94,10 @@ def test_every_algorithm_trains_image_text_and_vlm_unchanged(name, job, tmp_path
 
 
 @pytest.mark.parametrize("job", MAIN_JOBS)
-def test_every_algorithm_validates_on_the_cli(job, tmp_path, monkeypatch, capsys, request):
+def test_every_algorithm_validates_on_the_cli(job, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     for name in sorted(ALGORITHMS):
-        path = job_with_algorithm(job, name, tmp_path, request)
+        path = job_with_algorithm(job, name, tmp_path)
         assert main(["train", path, "--dry-run"]) == 0, capsys.readouterr().err
         assert f"{path}: valid" in capsys.readouterr().out
 

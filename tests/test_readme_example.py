@@ -1,4 +1,4 @@
-"""The README's seams example runs as printed: one GRPO class on the tiny SD and the tiny LM."""
+"""The README's seams example runs as printed: one GRPO class on the tiny SD, the tiny LM and the tiny VLM."""
 
 import math
 import re
@@ -16,8 +16,8 @@ def test_readme_seams_example_runs(monkeypatch):
     scope: dict = {}
     exec(compile(code, "README.md (the three seams)", "exec"), scope)
     kinds = {type(p).__name__ for p in scope["tasks"]}
-    assert kinds == {"StableDiffusionPolicy", "TextLMPolicy"}
-    terms = scope["terms"]  # the last policy's (the text LM's) loss terms
+    assert kinds == {"StableDiffusionPolicy", "TextLMPolicy", "VLMPolicy"}
+    terms = scope["terms"]  # the last policy's (the VLM's) loss terms
     assert math.isfinite(float(terms.total)) and terms.normaliser > 0
-    grads = [p.grad for p in scope["text"].trainable_parameters() if p.grad is not None]
+    grads = [p.grad for p in scope["vlm"].trainable_parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

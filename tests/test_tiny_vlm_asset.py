@@ -27,7 +27,7 @@ def test_asset_loads_with_plain_classes_and_covers_the_world(vlm):
     model, processor = vlm
     tok = processor.tokenizer
     assert type(processor).__name__ == "Qwen2VLProcessor" and model.dtype == torch.float32
-    assert model.config.vocab_size == len(tok) and tok.eos_token == "<|im_end|>"
+    assert model.config.text_config.vocab_size == len(tok) and tok.eos_token == "<|im_end|>"
     text = " ".join(VQA_WORDS)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(VQA_WORDS) and tok.unk_token_id not in ids
