@@ -55,6 +55,7 @@ import yaml
 from accelerate import PartialState
 
 from genalign.configs import ConfigError, from_dict, opt, to_dict
+from genalign.policies.unet_tuning import POLICY_FILE, portable_location, resolve_location
 
 STATE_FILE = "curriculum.json"
 #: top-level sections a stage may override (the policy is shared by all stages)
@@ -166,10 +167,21 @@ def _last_trainable(run_dir: str) -> dict[str, Any]:
 
 
 def _copy_final(src: str, out: str) -> None:
+    """Copy the last stage's ``final/`` to ``out/final`` (atomically), with the model locations its
+    policy file records relative to the stage's folder rewritten relative to the new one."""
     tmp = tempfile.mkdtemp(prefix=".tmp-final-", dir=out)
     os.rmdir(tmp)
     shutil.copytree(src, tmp)
     final = os.path.join(out, "final")
+    meta_path = os.path.join(tmp, POLICY_FILE)
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        for key, value in meta.items():
+            if isinstance(value, str) and value.startswith((os.curdir + os.sep, os.pardir + os.sep)):
+                meta[key] = portable_location(resolve_location(value, src), final)
+        with open(meta_path, "w") as f:
+            json.dump(meta, f, indent=2)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)

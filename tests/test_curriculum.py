@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from safetensors.torch import load_file
 from genalign import checkpoint
 from genalign.configs import ConfigError, load_config
 from genalign.curriculum import CurriculumStage
+from genalign.policies.text_lm import TextLMPolicy
+from genalign.policies.unet_tuning import POLICY_FILE, resolve_location
 from genalign.train_config import TrainConfig
 from genalign.trainer import Trainer, train
 
@@ -77,7 +80,16 @@ def test_stages_run_in_order_and_hand_over_their_weights(tiny_lm_dir, tmp_path, 
     # the final policy is the last stage's; each stage is a normal run directory with its own seed and overrides
     assert sorted(p.name for p in (out / "final").iterdir()) == sorted(p.name for p in (out / "hard" / "final").iterdir())
     for f in (out / "hard" / "final").iterdir():
-        assert (out / "final" / f.name).read_bytes() == f.read_bytes()
+        if f.name != POLICY_FILE:
+            assert (out / "final" / f.name).read_bytes() == f.read_bytes()
+    # the policy file's base model is recorded relative to each folder: both resolve to the same model
+    stage_base = json.loads((out / "hard" / "final" / POLICY_FILE).read_text())["base"]
+    final_base = json.loads((out / "final" / POLICY_FILE).read_text())["base"]
+    assert os.path.samefile(resolve_location(stage_base, str(out / "hard" / "final")), tiny_lm_dir)
+    assert os.path.samefile(resolve_location(final_base, str(out / "final")), tiny_lm_dir)
+    loaded = TextLMPolicy.from_pretrained(str(out / "final"))
+    for k, v in loaded.trainable_state_dict().items():
+        assert torch.equal(v, ends[-1][k]), k
     hard = yaml.safe_load((out / "hard" / "config.yaml").read_text())
     assert (hard["seed"], hard["train"]["learning_rate"], hard["prompts"]["prompts"]) == (1, 5e-3, CONDITIONS[2:])
     assert yaml.safe_load((out / "easy" / "config.yaml").read_text())["train"]["learning_rate"] == 1e-2

@@ -20,6 +20,8 @@ from genalign.cli import main
 from genalign.configs import ConfigError
 from genalign.policies.unet_tuning import POLICY_FILE
 from genalign.policies.vlm import VLMPolicy, VLMPolicyConfig, mrope_positions
+from genalign.recipes.pretrain_vlm import PATCH, TEMPORAL_PATCH
+from genalign.toyworld.vqa import IMAGE_SIZE
 from genalign.train_config import TrainConfig, load_config
 
 ATOL = 1e-5
@@ -85,7 +87,8 @@ def test_positions_reject_image_tokens_without_a_grid(policy, traj):
 def test_image_patches_travel_as_ragged_extras(traj):
     pixels = traj.extras["pixel_values"]
     sub = traj[[6, 4, 0]]
-    assert [tuple(v.shape) for v in sub.extras["pixel_values"].values] == [(0, 384), (72, 384), (36, 384)]
+    per_image, dim = (IMAGE_SIZE // PATCH) ** 2, 3 * TEMPORAL_PATCH * PATCH * PATCH  # patches of one image, values each
+    assert [tuple(v.shape) for v in sub.extras["pixel_values"].values] == [(0, dim), (2 * per_image, dim), (per_image, dim)]
     assert torch.equal(sub.extras["pixel_values"].values[2], pixels.values[0])
     cat = type(traj).cat([traj[[0]], traj[[6]]])
     assert [len(g) for g in cat.extras["image_grid_thw"].values] == [1, 0]
