@@ -119,6 +119,8 @@ def main() -> None:
 
         cfg = load_config(SampleConfig, args.policy_config)
         policy = load_policy(cfg.policy, policy_type=cfg.policy_type, options=cfg.policy_options)
+        args.policy, args.policy_type = cfg.policy, cfg.policy_type  # recorded in summary.json as used
+        args.max_new_tokens = cfg.policy_options.get("max_new_tokens", args.max_new_tokens)
         source = cfg.prompt_source or ShapesQAPrompts(eval_split="heldout")
         answer_fn = tagged_answer(cfg.answer_pattern)
     else:
