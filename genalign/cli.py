@@ -36,7 +36,14 @@ def _train(args: argparse.Namespace) -> int:
     from genalign.trainer import train
 
     history = train(config, resume=args.resume)
-    if history:
+    if history and config.curriculum:
+        stages: dict[str, list[dict]] = {}
+        for row in history:
+            stages.setdefault(row["stage"], []).append(row)
+        for name, rows in stages.items():
+            print(f"stage {name}: {len(rows)} epochs, reward {rows[0]['reward_mean']:.4f} -> {rows[-1]['reward_mean']:.4f}")
+        print(f"done: final policy {config.output_dir}/final; each stage's report in {config.output_dir}/<stage>/report.html")
+    elif history:
         first, last = history[0], history[-1]
         print(
             f"done: {len(history)} epochs, reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f}; "

@@ -228,3 +228,12 @@ def test_the_shipped_curriculum_configs_validate():
     assert [(s.name, c.prompts.tiers, c.policy.type) for s, c in stage_configs(shapes)] == [
         ("tier1", [1], "stable_diffusion"), ("tier2", [2], "stable_diffusion"), ("tier3", [3], "stable_diffusion"),
     ]
+
+
+def test_the_command_line_reports_each_stage(tiny_lm_dir, tmp_path, capsys):
+    from genalign.cli import main
+
+    assert main(["train", write_config(tiny_lm_dir, tmp_path, TWO_STAGES)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("stage ")] == ["stage easy", "stage hard"]
+    assert any(f"final policy {tmp_path / 'run'}/final" in line for line in lines)
