@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -160,3 +161,17 @@ def test_shipped_text_config_runs(tmp_path):
         os.chdir(cwd)
     rows = [json.loads(line) for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["key"].startswith("shapes_qa/") and r["answer"] and "reward" in r for r in rows)
+
+
+@pytest.mark.parametrize("method", ["self_certainty", "borda", "svdd_pm"])
+def test_shipped_vlm_config_runs(tmp_path, monkeypatch, method):
+    """configs/sample/vlm_self_certainty.yaml (tiny-vlm, Shapes VQA out-of-domain), shrunk: the
+    sample command drives the VLM through the same token-policy path as the text LM."""
+    monkeypatch.chdir(ROOT)
+    cfg = os.path.join(ROOT, "configs", "sample", "vlm_self_certainty.yaml")
+    assert main(["sample", cfg, "num_prompts=3", "candidates=2", f"method={method}", f"out={tmp_path / 'o'}"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["key"].startswith("shapes_vqa/") and r["method"] == method for r in rows)
+    assert all(r["output"].startswith("<answer>") for r in rows)  # tiny-vlm keeps the answer format
+    if method != "svdd_pm":
+        assert all(math.isfinite(r["self_certainty"]) and r["self_certainty"] > 0 for r in rows)
