@@ -139,8 +139,9 @@ def test_prompt_source_keeps_evaluation_out_of_training_and_checks_its_fields():
     assert sorted(sets) == ["open", "yesno"] and all(len(v) == 10 for v in sets.values())
     assert all(reserved_for_eval(c["key"]) for v in sets.values() for c in v)
     assert src.targets(train[:2]) == [f"<answer> {c['answer']} </answer>" for c in train[:2]]
-    by_type = ShapesVQAPrompts(eval_by="qtype").eval_sets(6)
-    assert sorted(by_type) == sorted(QTYPES)
+    by_type = ShapesVQAPrompts(eval_by="qtype").eval_sets(2)  # exactly n per set, even below one per cell
+    assert sorted(by_type) == sorted(QTYPES) and all(len(v) == 2 for v in by_type.values())
+    assert [c["format"] for c in by_type["colour"]] == ["yesno", "choice"]
     for bad in (dict(formats=["essay"]), dict(qtypes=[])):
         with pytest.raises(ValueError, match="formats|qtypes"):
             ShapesVQAPrompts(**bad).validate()

@@ -357,13 +357,12 @@ class ShapesVQAPrompts:
         """About ``n`` fixed eval-split conditions per answer format (or question type), spread
         evenly over the other axis; all reserved for evaluation, which training never draws."""
         axis = self.formats if self.eval_by == "format" else self.qtypes
-        other = len(self.qtypes) if self.eval_by == "format" else len(self.formats)
-        cells = self._cells(n * len(axis))  # ceil(n / other) per format x type
-        sets: dict[str, list[dict[str, Any]]] = {}
+        cells = self._cells(n * len(axis))  # ceil(n / cells of a set) per format x type
+        parts: dict[str, list[list[dict[str, Any]]]] = {}
         for (f, q), conds in cells.items():
-            name = f if self.eval_by == "format" else q
-            sets.setdefault(name, []).extend(conds[: -(-n // other)])
-        return sets
+            parts.setdefault(f if self.eval_by == "format" else q, []).append(conds)
+        # interleave the cells of a set (one of each in turn), then keep exactly n
+        return {name: [c for group in zip(*lists) for c in group][:n] for name, lists in parts.items()}
 
     def targets(self, conditions: Sequence[dict[str, Any]], seeds: Sequence[int] | None = None,
                 like: Any = None) -> list[str]:
