@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from genalign.configs import opt
+from genalign.toyworld.moving import MovingShapesPrompts
 from genalign.toyworld.text_qa import ShapesQAPrompts
 from genalign.toyworld.vqa import ShapesVQAPrompts
 
@@ -149,4 +150,4 @@ class ShapesWorldPrompts:
 
 
 PROMPT_SOURCES = {"list": ListPrompts, "file": FilePrompts, "shapes_world": ShapesWorldPrompts, "shapes_qa": ShapesQAPrompts,
-                  "shapes_vqa": ShapesVQAPrompts}
+                  "shapes_vqa": ShapesVQAPrompts, "moving_shapes": MovingShapesPrompts}
