@@ -12,6 +12,12 @@ from rewards.compose import WeightedSum
 from rewards.curriculum_rewards import CurriculumReward, CurriculumRewardConfig
 from rewards.hps import HPSConfig
 from rewards.jpeg import JpegCompressibility, JpegConfig
+from rewards.motion import (
+    MotionConfig,
+    MotionReward,
+    TemporalConsistency,
+    TemporalConsistencyConfig,
+)
 from rewards.pickscore import PickScoreConfig
 from rewards.rules import RuleConfig, RuleVerifier
 from rewards.vqa import VQAConfig
@@ -78,6 +84,8 @@ REWARDS = {
     "hps": (HPSConfig, _hps),
     "vqa": (VQAConfig, _vqa),
     "curr_reft": (CurriculumRewardConfig, CurriculumReward),
+    "motion": (MotionConfig, MotionReward),
+    "temporal_consistency": (TemporalConsistencyConfig, TemporalConsistency),
 }
 
 
