@@ -14,6 +14,7 @@ from rewards.hps import HPSConfig
 from rewards.jpeg import JpegCompressibility, JpegConfig
 from rewards.pickscore import PickScoreConfig
 from rewards.rules import RuleConfig, RuleVerifier
+from rewards.video import PerFrameConfig
 from rewards.vqa import VQAConfig
 
 
@@ -67,6 +68,12 @@ def _vqa(config: Any) -> Any:
     return VQAReward(config)
 
 
+def _per_frame(config: PerFrameConfig) -> Any:
+    from rewards.video import PerFrameReward
+
+    return PerFrameReward(config, REWARDS[config.inner.type][1](config.inner))
+
+
 REWARDS = {
     "jpeg_compressibility": (JpegConfig, JpegCompressibility),
     "jpeg_incompressibility": (JpegConfig, JpegCompressibility),
@@ -78,6 +85,7 @@ REWARDS = {
     "hps": (HPSConfig, _hps),
     "vqa": (VQAConfig, _vqa),
     "curr_reft": (CurriculumRewardConfig, CurriculumReward),
+    "per_frame": (PerFrameConfig, _per_frame),
 }
 
 
