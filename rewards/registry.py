@@ -20,6 +20,7 @@ from rewards.motion import (
 )
 from rewards.pickscore import PickScoreConfig
 from rewards.rules import RuleConfig, RuleVerifier
+from rewards.video import PerFrameConfig
 from rewards.vqa import VQAConfig
 
 
@@ -73,6 +74,12 @@ def _vqa(config: Any) -> Any:
     return VQAReward(config)
 
 
+def _per_frame(config: PerFrameConfig) -> Any:
+    from rewards.video import PerFrameReward
+
+    return PerFrameReward(config, REWARDS[config.inner.type][1](config.inner))
+
+
 REWARDS = {
     "jpeg_compressibility": (JpegConfig, JpegCompressibility),
     "jpeg_incompressibility": (JpegConfig, JpegCompressibility),
@@ -86,6 +93,7 @@ REWARDS = {
     "curr_reft": (CurriculumRewardConfig, CurriculumReward),
     "motion": (MotionConfig, MotionReward),
     "temporal_consistency": (TemporalConsistencyConfig, TemporalConsistency),
+    "per_frame": (PerFrameConfig, _per_frame),
 }
 
 
