@@ -34,9 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from PIL import Image
 
 from genalign.conditions import condition_text
 from genalign.configs import opt
@@ -44,32 +42,11 @@ from genalign.toyworld.moving import DIRECTIONS, parse_moving_prompt
 from genalign.toyworld.render import BACKGROUND
 from genalign.toyworld.spec import COLORS
 from rewards.base import RewardOutput
+from rewards.video import clips_to_tensor
 
 _COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 # Palette rows: the six colours, then the background (last row).
 _PALETTE = torch.tensor([*COLORS.values(), BACKGROUND], dtype=torch.float32)
-
-
-def _as_clips(outputs: Any) -> torch.Tensor:
-    """``[B, F, 3, H, W]`` floats in [0, 1], or per-clip lists of PIL images -> the tensor."""
-    if isinstance(outputs, torch.Tensor):
-        if outputs.ndim != 5 or outputs.shape[2] != 3:
-            raise ValueError(f"expected clips of shape [B, F, 3, H, W], got {tuple(outputs.shape)}")
-        if not outputs.is_floating_point():
-            raise ValueError(f"expected float clips in [0, 1], got dtype {outputs.dtype}")
-        lo, hi = float(outputs.detach().min()), float(outputs.detach().max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"expected clips in [0, 1], got values in [{lo:.3f}, {hi:.3f}]")
-        return outputs.detach().float()
-    if isinstance(outputs, Sequence) and all(
-        isinstance(clip, Sequence) and clip and all(isinstance(f, Image.Image) for f in clip) for clip in outputs
-    ):
-        arrays = [np.stack([np.asarray(f.convert("RGB"), dtype=np.float32) / 255.0 for f in clip]) for clip in outputs]
-        if len({a.shape for a in arrays}) != 1:
-            raise ValueError(f"clips differ in frames or size: {sorted({a.shape for a in arrays})}")
-        return torch.from_numpy(np.stack(arrays)).permute(0, 1, 4, 2, 3).contiguous()
-    raise TypeError(f"cannot score outputs of type {type(outputs).__name__}; expected a [B, F, 3, H, W] tensor "
-                    "or a list of per-clip lists of PIL images")
 
 
 def _wanted(condition: Any) -> list[tuple[str, str, str]]:
@@ -171,7 +148,7 @@ class MotionReward:
         return {"objects": objects}
 
     def __call__(self, outputs: Any, conditions: Sequence[Any]) -> RewardOutput:
-        clips = _as_clips(outputs).cpu()
+        clips = clips_to_tensor(outputs).detach().float().cpu()
         if len(conditions) != clips.shape[0]:
             raise ValueError(f"{clips.shape[0]} clips but {len(conditions)} conditions")
         b, f, _, h, w = clips.shape
@@ -201,7 +178,7 @@ class TemporalConsistency:
         self.config = config or TemporalConsistencyConfig()
 
     def __call__(self, outputs: Any, conditions: Sequence[Any]) -> RewardOutput:
-        clips = _as_clips(outputs)  # [B, F, 3, H, W]
+        clips = clips_to_tensor(outputs).detach().float()  # [B, F, 3, H, W]
         if clips.shape[1] < 2:
             raise ValueError(f"temporal consistency needs clips of at least 2 frames, got {clips.shape[1]}")
         change = (clips[:, 1:] - clips[:, :-1]).abs().mean(dim=(2, 3, 4))  # [B, F-1]
