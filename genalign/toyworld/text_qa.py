@@ -148,7 +148,7 @@ def relation_holds(a: QAObject, relation: str, b: QAObject) -> bool:
     }[relation]
 
 
-def _unique(objects: Sequence[QAObject], key) -> list[QAObject]:
+def unique_objects(objects: Sequence[QAObject], key) -> list[QAObject]:
     """Objects whose ``key`` value no other object of the scene shares."""
     values = [key(o) for o in objects]
     return [o for o, v in zip(objects, values) if values.count(v) == 1]
@@ -158,10 +158,10 @@ def questions(objects: Sequence[QAObject], tier: int) -> list[Question]:
     """Every question of ``tier`` the scene allows, with its answer, in a fixed order."""
     out: list[Question] = []
     if tier == 1:
-        for o in _unique(objects, lambda o: o.shape):
+        for o in unique_objects(objects, lambda o: o.shape):
             out.append(Question(f"what color is the {o.shape} ?", o.color, frozenset({o.pair})))
     elif tier == 2:
-        for o in _unique(objects, lambda o: o.pair):
+        for o in unique_objects(objects, lambda o: o.pair):
             out.append(Question(f"where is the {o.color} {o.shape} ?", o.place, frozenset({o.pair})))
     elif tier == 3:
         for shape in SHAPES:
@@ -171,7 +171,7 @@ def questions(objects: Sequence[QAObject], tier: int) -> list[Question]:
             group = [o for o in objects if o.color == color]
             out.append(Question(f"how many {color} shapes ?", str(len(group)), frozenset(o.pair for o in group)))
     elif tier == 4:
-        named = _unique(objects, lambda o: o.pair)
+        named = unique_objects(objects, lambda o: o.pair)
         for a in named:
             for b in named:
                 if a is b:
@@ -181,7 +181,7 @@ def questions(objects: Sequence[QAObject], tier: int) -> list[Question]:
                     text = f"is the {a.color} {a.shape} {rel} the {b.color} {b.shape} ?"
                     out.append(Question(text, answer, frozenset({a.pair, b.pair})))
     elif tier == 5:
-        for anchor in _unique(objects, lambda o: o.pair):
+        for anchor in unique_objects(objects, lambda o: o.pair):
             for rel in QA_RELATIONS:
                 group = [o for o in objects if o is not anchor and relation_holds(o, rel, anchor)]
                 text = f"how many shapes are {rel} the {anchor.color} {anchor.shape} ?"
@@ -219,19 +219,21 @@ def target_response(condition: dict[str, Any]) -> str:
     return f"{ANSWER_OPEN} {condition['answer']} {ANSWER_CLOSE}"
 
 
-_TRAIN_PAIRS = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
-_ALL_PAIRS = [(c, s) for c in COLORS for s in SHAPES]
+TRAIN_PAIRS = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
+ALL_PAIRS = [(c, s) for c in COLORS for s in SHAPES]
 _BALANCED_TIERS = (3, 4, 5)  # answer value drawn uniformly among the scene's values
 ZERO_RATE = 0.2  # counting tiers: how often the answer is 0 when the scene allows it
 
 
-def _draw_scene(rng: random.Random, tier: int, split: str) -> list[QAObject]:
-    n = rng.randint(2 if tier in (4, 5) else 1, MAX_QA_OBJECTS)
+def draw_grid_scene(rng: random.Random, min_objects: int, split: str) -> list[QAObject]:
+    """``min_objects``..4 objects in distinct cells: train-split pairs only, or (``heldout``) at
+    least one held-out pair; Shapes QA and Shapes VQA draw their scenes with it."""
+    n = rng.randint(min_objects, MAX_QA_OBJECTS)
     cells = rng.sample(range(9), n)
     if split == "train":
-        pairs = [rng.choice(_TRAIN_PAIRS) for _ in range(n)]
+        pairs = [rng.choice(TRAIN_PAIRS) for _ in range(n)]
     else:  # at least one held-out pair, so most draws have a held-out question
-        pairs = [rng.choice(sorted(HELDOUT_PAIRS))] + [rng.choice(_ALL_PAIRS) for _ in range(n - 1)]
+        pairs = [rng.choice(sorted(HELDOUT_PAIRS))] + [rng.choice(ALL_PAIRS) for _ in range(n - 1)]
         rng.shuffle(pairs)
     return [QAObject(c, s, cell // 3, cell % 3) for (c, s), cell in zip(pairs, cells)]
 
@@ -243,7 +245,7 @@ def draw_condition(rng: random.Random, tier: int, split: str) -> dict[str, Any]:
     if tier not in QA_TIERS:
         raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(map(str, QA_TIERS))}")
     while True:
-        objects = _draw_scene(rng, tier, split)
+        objects = draw_grid_scene(rng, 2 if tier in (4, 5) else 1, split)
         candidates = [q for q in questions(objects, tier) if is_heldout_question(q) == (split == "heldout")]
         if not candidates:
             continue

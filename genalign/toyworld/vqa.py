@@ -57,16 +57,20 @@ from .prompts import HELDOUT_PAIRS
 from .render import BACKGROUND, PlacedObject, draw_objects
 from .spec import COLORS, PLURALS, SHAPES
 from .text_qa import (
+    ALL_PAIRS,
     COLS,
     MAX_QA_OBJECTS,
     QA_RELATIONS,
     ROWS,
+    TRAIN_PAIRS,
     WORDS,
     ZERO_RATE,
     QAObject,
+    draw_grid_scene,
     relation_holds,
     reserved_for_eval,
     target_response,
+    unique_objects,
 )
 
 FORMATS: tuple[str, ...] = ("yesno", "choice", "open")
@@ -79,8 +83,6 @@ VQA_WORDS: tuple[str, ...] = tuple(sorted(set(WORDS) | {"shape", "object", "a", 
 """Every token a Shapes VQA question or gold response uses (Shapes QA's words and a few more)."""
 
 CELLS: tuple[str, ...] = tuple(f"{r} {c}" for r in ROWS for c in COLS)
-_TRAIN_PAIRS = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
-_ALL_PAIRS = [(c, s) for c in COLORS for s in SHAPES]
 
 
 @dataclass(frozen=True)
@@ -105,19 +107,14 @@ def _text_pair(text: str) -> tuple[str, str] | None:
     return (words[0], words[1]) if len(words) == 2 and words[0] in COLORS and words[1] in SHAPES else None
 
 
-def _unique(objects: Sequence[QAObject], key) -> list[QAObject]:
-    values = [key(o) for o in objects]
-    return [o for o, v in zip(objects, values) if values.count(v) == 1]
-
-
 def facts(objects: Sequence[QAObject], qtype: str) -> list[Fact]:
     """Every fact of type ``qtype`` the scene allows, in a fixed order."""
     out: list[Fact] = []
     if qtype == "colour":
-        for o in _unique(objects, lambda o: o.shape):
+        for o in unique_objects(objects, lambda o: o.shape):
             out.append(Fact(qtype, o.shape, o.color, tuple(COLORS), frozenset({o.pair})))
     elif qtype == "shape":
-        for o in _unique(objects, lambda o: o.color):
+        for o in unique_objects(objects, lambda o: o.color):
             out.append(Fact(qtype, o.color, o.shape, SHAPES, frozenset({o.pair})))
     elif qtype == "count":
         domain = tuple(str(n) for n in range(MAX_QA_OBJECTS + 1))
@@ -128,15 +125,15 @@ def facts(objects: Sequence[QAObject], qtype: str) -> list[Fact]:
             group = [o for o in objects if o.color == color]
             out.append(Fact(qtype, f"{color} shapes", str(len(group)), domain, frozenset(o.pair for o in group)))
     elif qtype == "position":
-        for o in _unique(objects, lambda o: o.pair):
+        for o in unique_objects(objects, lambda o: o.pair):
             out.append(Fact(qtype, _pair_text(o.pair), o.place, CELLS, frozenset({o.pair})))
     elif qtype == "relation":
-        for anchor in _unique(objects, lambda o: o.pair):
+        for anchor in unique_objects(objects, lambda o: o.pair):
             for rel in QA_RELATIONS:
                 group = [o for o in objects if o is not anchor and relation_holds(o, rel, anchor)]
                 if len(group) != 1:
                     continue
-                domain = tuple(_pair_text(p) for p in _ALL_PAIRS if p != anchor.pair)
+                domain = tuple(_pair_text(p) for p in ALL_PAIRS if p != anchor.pair)
                 out.append(Fact(qtype, f"{rel} the {_pair_text(anchor.pair)}", _pair_text(group[0].pair), domain,
                                 frozenset({anchor.pair, group[0].pair})))
     else:
@@ -247,17 +244,6 @@ def make_vqa_condition(objects: Sequence[QAObject], question: VQAQuestion, fmt: 
     }
 
 
-def _draw_scene(rng: random.Random, qtype: str, split: str) -> list[QAObject]:
-    n = rng.randint(2 if qtype == "relation" else 1, MAX_QA_OBJECTS)
-    cells = rng.sample(range(9), n)
-    if split == "train":
-        pairs = [rng.choice(_TRAIN_PAIRS) for _ in range(n)]
-    else:  # at least one held-out pair, so most draws have a held-out question
-        pairs = [rng.choice(sorted(HELDOUT_PAIRS))] + [rng.choice(_ALL_PAIRS) for _ in range(n - 1)]
-        rng.shuffle(pairs)
-    return [QAObject(c, s, cell // 3, cell % 3) for (c, s), cell in zip(pairs, cells)]
-
-
 def in_split(question: VQAQuestion, split: str) -> bool:
     """Train: names no held-out pair at all; heldout: asks about a held-out pair."""
     if split == "train":
@@ -276,9 +262,9 @@ def draw_vqa_condition(rng: random.Random, fmt: str, qtype: str, split: str, ima
     allowed = None
     if split == "train":  # distractors and proposed values never name a held-out pair
         allowed = [v for v in (*COLORS, *SHAPES, *CELLS, *map(str, range(MAX_QA_OBJECTS + 1)),
-                               *(_pair_text(p) for p in _TRAIN_PAIRS))]
+                               *(_pair_text(p) for p in TRAIN_PAIRS))]
     while True:
-        objects = _draw_scene(rng, qtype, split)
+        objects = draw_grid_scene(rng, 2 if qtype == "relation" else 1, split)
         candidates = facts(objects, qtype)
         if qtype == "count" and candidates:  # balance the answer values like Shapes QA
             values = sorted({f.answer for f in candidates})
