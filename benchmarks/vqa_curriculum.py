@@ -38,7 +38,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from genalign.configs import from_dict  # noqa: E402
-from genalign.policies.vlm import VLMPolicy  # noqa: E402
+from genalign.policies.vlm import VLMPolicy, VLMPolicyConfig  # noqa: E402
 from genalign.toyworld.vqa import FORMATS, QTYPES, sample_vqa_conditions  # noqa: E402
 from genalign.train_config import TrainConfig  # noqa: E402
 from genalign.trainer import train  # noqa: E402
@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not os.path.isfile(os.path.join(run_dir, "final", "genalign_policy.json")):
                     train(from_dict(TrainConfig, cfg), resume=os.path.isdir(run_dir))
                 policy_dir = os.path.join(run_dir, "final")
-            policy = VLMPolicy.from_pretrained(policy_dir)
+            # the base model and the trained ones answer under the config's sampling settings alike
+            sampling = {k: base["policy"][k] for k in ("max_new_tokens", "temperature") if k in base["policy"]}
+            policy = VLMPolicy.from_pretrained(policy_dir, VLMPolicyConfig(**sampling))
             cells = evaluate(policy, seed, args.per_cell, args.samples, verifier)
             results.setdefault("runs", {})[key] = {"method": method, "seed": seed, "cells": cells,
                                                    "summary": summarise(cells), "seconds": round(time.monotonic() - t0, 1)}
