@@ -26,7 +26,7 @@ from genalign.policies import POLICIES
 from genalign.policies.unet_tuning import POLICY_FILE
 from genalign.progress import progress
 from genalign.prompts import PROMPT_SOURCES
-from genalign.report import detach_outputs, image_grid
+from genalign.report import detach_outputs, image_grid, is_video, save_gif, to_stills
 from genalign.trajectory import Trajectory, concat_outputs
 
 
@@ -116,10 +116,16 @@ def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float
 
 def _pipeline_kind(path_or_id: str) -> str:
     """The policy type of a bare diffusers pipeline: ``consistency`` when its scheduler is an
-    LCMScheduler (a LatentConsistencyModelPipeline folder), else ``stable_diffusion``."""
+    LCMScheduler (a LatentConsistencyModelPipeline folder), ``video_diffusion`` for a
+    TextToVideoSDPipeline, else ``stable_diffusion``."""
     if os.path.isfile(os.path.join(path_or_id, "config.json")) and not os.path.isfile(os.path.join(path_or_id, "model_index.json")):
         raise ValueError(f"{path_or_id} is a single model folder, not a diffusers pipeline: name its policy type "
                          f"(--policy-type / policy_type, one of {sorted(POLICIES)})")
+    model_index = os.path.join(path_or_id, "model_index.json")
+    if os.path.isfile(model_index):
+        with open(model_index) as f:
+            if json.load(f).get("_class_name") == "TextToVideoSDPipeline":
+                return "video_diffusion"
     scheduler_config = os.path.join(path_or_id, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler_config):
         with open(scheduler_config) as f:
@@ -316,10 +322,12 @@ def run_sampling(cfg: SampleConfig) -> int:
     imgs = torch.cat(images)
     os.makedirs(os.path.join(cfg.out, "images"), exist_ok=True)
     for row, img in zip(rows, imgs):
-        image_grid(img[None], rows=1, pad=0).save(os.path.join(cfg.out, row["image"]))
+        if is_video(imgs):  # a clip: an animated GIF beside its frame strip
+            save_gif(img, os.path.join(cfg.out, row["image"][: -len(".png")] + ".gif"))
+        image_grid(to_stills(img[None]), rows=1, pad=0).save(os.path.join(cfg.out, row["image"]))
     with open(os.path.join(cfg.out, "rewards.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    image_grid(imgs, rows=len(prompts), scale=4 if imgs.shape[-1] <= 64 else 1).save(os.path.join(cfg.out, "grid.png"))
+    image_grid(to_stills(imgs), rows=len(prompts), scale=4 if imgs.shape[-1] <= 64 else 1).save(os.path.join(cfg.out, "grid.png"))
     summary: dict[str, Any] = {"prompts": len(prompts), "samples": len(rows), "method": cfg.method,
                                "candidates": cfg.candidates if cfg.method != "plain" else 1, **counter.as_dict()}
     if reward is not None:

@@ -1,7 +1,9 @@
 """Run reports: sample grids, reward curves, and a self-contained report.html.
 
-Samples are images (a ``[B, 3, H, W]`` tensor in [0, 1]) or texts (a list of B strings);
-:func:`is_images` is the one place that tells them apart.
+Samples are images (a ``[B, 3, H, W]`` tensor in [0, 1]), clips (a ``[B, F, 3, H, W]`` tensor
+in [0, 1]) or texts (a list of B strings); :func:`is_images` tells tensors from texts and
+:func:`is_video` clips from images. Grids show a clip as a frame strip (:func:`to_stills`);
+per-sample files of a clip are animated GIFs (:func:`save_gif`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,30 @@ from PIL import Image  # noqa: E402
 def is_images(outputs: Any) -> bool:
     """Whether a batch of outputs is images (a ``[B, 3, H, W]`` tensor) rather than a list of texts."""
     return isinstance(outputs, torch.Tensor)
+
+
+def is_video(outputs: Any) -> bool:
+    """Whether a batch of outputs is clips (a ``[B, F, 3, H, W]`` tensor)."""
+    return isinstance(outputs, torch.Tensor) and outputs.ndim == 5
+
+
+def to_stills(outputs: torch.Tensor, pad: int = 1) -> torch.Tensor:
+    """Images unchanged; clips ``[B, F, 3, H, W]`` as frame strips ``[B, 3, H, F*W + (F-1)*pad]``
+    (frames left to right, white gaps), so every image grid shows them as they are."""
+    if not is_video(outputs):
+        return outputs
+    b, f, c, h, w = outputs.shape
+    strip = torch.ones(b, c, h, f * w + (f - 1) * pad, dtype=outputs.dtype, device=outputs.device)
+    for k in range(f):
+        strip[..., k * (w + pad) : k * (w + pad) + w] = outputs[:, k]
+    return strip
+
+
+def save_gif(clip: torch.Tensor, path: str, scale: int = 4, fps: int = 8) -> None:
+    """One clip ``[F, 3, H, W]`` in [0, 1] as a looping animated GIF, upscaled ``scale``x (nearest)."""
+    arr = (clip.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    frames = [Image.fromarray(a).resize((a.shape[1] * scale, a.shape[0] * scale), Image.NEAREST) for a in arr]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
 
 
 def detach_outputs(outputs: Any) -> Any:

@@ -156,7 +156,7 @@ def grid(trainer: Any, tag: str) -> dict[str, Any]:
     Each cell holds its sample (``"image"``: a PNG under report_images/, or ``"text"``: the
     response itself) and its verdict (:func:`verdict`).
     """
-    from genalign.report import image_grid
+    from genalign.report import image_grid, is_video, save_gif, to_stills
 
     cfg = trainer.config
     rep, ev = cfg.report, cfg.eval
@@ -175,7 +175,7 @@ def grid(trainer: Any, tag: str) -> dict[str, Any]:
         for k, v in out.components.items():
             comps.setdefault(k, []).append(v.float().cpu())
     outputs = concat_outputs(parts)  # [len(picks) * n, 3, H, W] images, or len(picks) * n texts
-    images = is_images(outputs)
+    images, video = is_images(outputs), is_video(outputs)
     r = torch.cat(scores)
     c = {k: torch.cat(v) for k, v in comps.items()}
     cells = []
@@ -183,7 +183,8 @@ def grid(trainer: Any, tag: str) -> dict[str, Any]:
         row = []
         for j in range(n):
             k = i * n + j
-            sample = {"image": f"report_images/{tag}_{i}_{j}.png"} if images else {"text": outputs[k]}
+            ext = "gif" if video else "png"
+            sample = {"image": f"report_images/{tag}_{i}_{j}.{ext}"} if images else {"text": outputs[k]}
             row.append({**sample, **verdict({key: float(v[k]) for key, v in c.items()}, float(r[k]))})
         cells.append(row)
     result: dict[str, Any] = {
@@ -195,11 +196,16 @@ def grid(trainer: Any, tag: str) -> dict[str, Any]:
     if trainer.main:
         if images:
             scale = 4 if outputs.shape[-1] <= 64 else 1
-            image_grid(outputs, rows=len(picks), scale=scale).save(os.path.join(trainer.out, result["png"]))
+            # clips: frame strips in the grid, an animated GIF per cell
+            image_grid(to_stills(outputs), rows=len(picks), scale=scale).save(os.path.join(trainer.out, result["png"]))
             os.makedirs(os.path.join(trainer.out, "report_images"), exist_ok=True)
             for i, row in enumerate(cells):
                 for j, cell in enumerate(row):
-                    image_grid(outputs[i * n + j][None], rows=1, scale=scale, pad=0).save(os.path.join(trainer.out, cell["image"]))
+                    path = os.path.join(trainer.out, cell["image"])
+                    if video:
+                        save_gif(outputs[i * n + j], path, scale=scale)
+                    else:
+                        image_grid(outputs[i * n + j][None], rows=1, scale=scale, pad=0).save(path)
         grids = load_grids(trainer.out)
         grids[tag] = result
         with open(os.path.join(trainer.out, "grids.json"), "w") as f:

@@ -132,6 +132,10 @@ class TrainConfig:
                 f"use prompts.source shapes_world or shapes_qa, or 'algorithm.targets: folder' with a 'targets_path'"
             )
         self._check_prompt_grammar()
+        frames, num_frames = getattr(self.prompts, "frames", None), getattr(self.policy, "num_frames", None)
+        if frames is not None and num_frames is not None and frames != num_frames:
+            raise ConfigError(f"'prompts.frames' ({frames}) and 'policy.num_frames' ({num_frames}) must match: "
+                              f"the prompts describe clips of {frames} frames")
 
     def _check_capabilities(self) -> None:
         """The policy class must declare every sampling option the algorithm asks for; the

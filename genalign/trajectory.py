@@ -1,9 +1,12 @@
 """The trajectory seam: a batch of B rollouts of T steps, whatever the modality.
 
-Diffusion (T denoising steps, latents ``[C, h, w]``):
+Diffusion (T denoising steps, latents ``[C, h, w]`` for images, ``[C, F, h, w]`` for videos):
     states[b, j]  = x_t      before step j            [B, T, C, h, w]
     actions[b, j] = x_t'     after step j (the action) [B, T, C, h, w]
     timesteps[b, j] = t of step j                      [B, T]
+A sampled chain has ``actions[:, j] == states[:, j+1]``; policies store it once, as two views
+of one ``[B, T+1, ...]`` tensor (:func:`chained`), and indexing, concatenation and ``to`` keep
+the two views sharing one tensor.
 Token decoding (T = the longest response): ``actions`` are the generated token ids
 ``[B, T]``, ``states`` and ``timesteps`` are None (a state is the prompt plus the tokens
 before it), and ``mask`` marks real (non-padding) tokens.
@@ -99,6 +102,38 @@ def pad_dim1(x: torch.Tensor, length: int, value: float | int, side: str = "righ
     if x.dtype == torch.bool:
         return F.pad(x.to(torch.uint8), pad, value=int(value)).bool()
     return F.pad(x, pad, value=value)
+
+
+def chained(chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``states`` and ``actions`` as two views of one chain ``[B, T+1, ...]`` (x before step 0, then
+    the result of every step): ``actions[:, j]`` is ``states[:, j+1]``, stored once."""
+    return chain[:, :-1], chain[:, 1:]
+
+
+def shared_chain(states: torch.Tensor | None, actions: torch.Tensor | None) -> torch.Tensor | None:
+    """The chain ``[B, T+1, ...]`` that ``states`` and ``actions`` are views of (:func:`chained`), or None."""
+    if states is None or actions is None or states.ndim < 3 or states.shape != actions.shape:
+        return None
+    if states.device != actions.device or states.untyped_storage().data_ptr() != actions.untyped_storage().data_ptr():
+        return None
+    if states.stride() != actions.stride() or actions.storage_offset() != states.storage_offset() + states.stride(1):
+        return None
+    b, t = states.shape[:2]
+    return states.as_strided((b, t + 1, *states.shape[2:]), states.stride(), states.storage_offset())
+
+
+def full_chain(traj: Trajectory) -> torch.Tensor:
+    """``[B, T+1, ...]``: the states followed by the last action (a view when they are stored as a
+    chain). For a sampled trajectory, where every action is the next state, this is the chain."""
+    chain = shared_chain(traj.states, traj.actions)
+    return chain if chain is not None else torch.cat([traj.states, traj.actions[:, -1:]], 1)
+
+
+def _with_chain(values: dict[str, Any], chain: torch.Tensor | None) -> dict[str, Any]:
+    """``values`` with states and actions replaced by views of ``chain`` (when there is one)."""
+    if chain is not None:
+        values["states"], values["actions"] = chained(chain)
+    return values
 
 
 def _index_any(value: Any, idx: torch.Tensor) -> Any:
@@ -227,7 +262,10 @@ class Trajectory:
                 raise IndexError(f"boolean index of shape {tuple(idx.shape)} for a batch of {self.batch_size}")
             idx = idx.nonzero().flatten()
         idx = idx.long()
-        values = {f.name: _index_any(getattr(self, f.name), idx) for f in fields(self) if f.name not in ("extras", "aligned")}
+        chain = shared_chain(self.states, self.actions)
+        skip = ("extras", "aligned") if chain is None else ("extras", "aligned", "states", "actions")
+        values = {f.name: _index_any(getattr(self, f.name), idx) for f in fields(self) if f.name not in skip}
+        values = _with_chain(values, None if chain is None else _index_any(chain, idx))
         values["extras"] = {k: _index_any(v, idx) for k, v in self.extras.items()}
         return Trajectory(**values, aligned=self.aligned)
 
@@ -246,8 +284,11 @@ class Trajectory:
             trajs = [_pad_steps(t, t_max) for t in trajs]  # padding steps are inactive: lengths do not change
         if any(t.lengths is not None for t in trajs):
             trajs = [t if t.lengths is not None else replace(t, lengths=t.mask.sum(1)) for t in trajs]
-        skip = ("extras", "aligned", "outputs")
+        chains = [shared_chain(t.states, t.actions) for t in trajs]
+        stored_once = all(c is not None for c in chains)
+        skip = ("extras", "aligned", "outputs") + (("states", "actions") if stored_once else ())
         values = {f.name: _cat_any([getattr(t, f.name) for t in trajs], f.name) for f in fields(Trajectory) if f.name not in skip}
+        values = _with_chain(values, _cat_any(chains, "states") if stored_once else None)
         outs = [t.outputs for t in trajs]
         if any(o is None for o in outs) and not all(o is None for o in outs):
             raise ValueError("cannot concatenate trajectories where 'outputs' is set in some but not all")
@@ -261,7 +302,10 @@ class Trajectory:
         def move(v: Any) -> Any:
             return v.to(device) if isinstance(v, (torch.Tensor, Ragged, Padded)) else v
 
-        values = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name not in ("extras", "aligned")}
+        chain = shared_chain(self.states, self.actions)
+        skip = ("extras", "aligned") if chain is None else ("extras", "aligned", "states", "actions")
+        values = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
+        values = _with_chain(values, None if chain is None else move(chain))
         values["extras"] = {k: move(v) for k, v in self.extras.items()}
         return Trajectory(**values, aligned=self.aligned)
 

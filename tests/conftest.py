@@ -86,6 +86,38 @@ def tiny_lcm_dir(tmp_path_factory):
     return str(d)
 
 
+def build_tiny_video_pipeline(tmp_dir):
+    """A tiny TextToVideoSDPipeline: the tiny SD text encoder and DDIM scheduler, a 2-level image
+    VAE (8×8 frames <-> 4×4×4 latents) and a random UNet3DConditionModel."""
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    sd = build_tiny_pipeline(tmp_dir)
+    torch.manual_seed(2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+    )
+    unet = UNet3DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    with torch.no_grad():  # diffusers zeroes the temporal convolutions' last layers: make them matter
+        for name, p in unet.named_parameters():
+            if ".temp_convs." in name:
+                p.normal_(0, 0.05)
+    return TextToVideoSDPipeline(vae=vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet, scheduler=sd.scheduler)
+
+
+@pytest.fixture(scope="session")
+def tiny_video_dir(tmp_path_factory):
+    """A saved tiny TextToVideoSDPipeline (random weights, 8×8 frames, 4×F×4×4 latents)."""
+    d = tmp_path_factory.mktemp("tiny_video")
+    tok_dir = tmp_path_factory.mktemp("tok_video")
+    build_tiny_video_pipeline(tok_dir).save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_builder():
     """The character-level tokenizer builder, for tests that assemble their own tiny models."""

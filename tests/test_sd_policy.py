@@ -214,7 +214,8 @@ def test_antithetic_rollout_mirrors_the_window_noise(tiny_sd_dir):
         torch.testing.assert_close(traj.states[row, step], traj.states[row + 1, step], rtol=0, atol=0)
         x_t = traj.states[row, step].unsqueeze(0)
         t = traj.timesteps[row, step].view(1)
-        eps = policy._eps(x_t, t, traj.extras["prompt_embeds"][row : row + 1], traj.extras["negative_prompt_embeds"][row : row + 1])
+        embeds = {k: v[row : row + 1] for k, v in traj.extras.items()}
+        eps = policy._model_output(x_t, t, embeds)
         mean = ddim_step(policy.consts, eps, t, x_t, policy.config.eta, prev_sample=a.unsqueeze(0)).mean[0]
         torch.testing.assert_close((a + b) / 2, mean, rtol=0, atol=1e-4)  # mirrored about μ
         assert (a - b).abs().max() > 1e-2

@@ -101,3 +101,41 @@ def test_construction_checks_and_to():
     assert moved.extras["names"][0] == "n0" and moved.states.device.type == "cpu"
     with pytest.raises(ValueError, match="rewards"):
         make().with_rewards(torch.zeros(3))
+
+
+def make_chained(b=3, t=4, offset=0.0):
+    from genalign.trajectory import chained
+
+    chain = torch.arange(b * (t + 1) * 2, dtype=torch.float32).view(b, t + 1, 2) + offset  # [B, T+1, 2]
+    states, actions = chained(chain)
+    tr = make(b, t)
+    return replace(tr, states=states, actions=actions), chain
+
+
+def shares(tr) -> bool:
+    return tr.states.untyped_storage().data_ptr() == tr.actions.untyped_storage().data_ptr()
+
+
+def test_chained_states_and_actions_are_stored_once_through_index_cat_and_to():
+    from genalign.trajectory import full_chain, shared_chain
+
+    tr, chain = make_chained()
+    assert shares(tr) and torch.equal(tr.actions[:, :-1], tr.states[:, 1:])
+    assert shared_chain(tr.states, tr.actions).data_ptr() == chain.data_ptr()
+    for out in (tr[[2, 0]], Trajectory.cat([tr, make_chained(offset=100.0)[0]]), tr.to("cpu"), tr[1:]):
+        assert shares(out), "a chained trajectory lost its single storage"
+        assert torch.equal(out.actions[:, :-1], out.states[:, 1:])
+        assert out.states.untyped_storage().nbytes() == out.batch_size * (out.num_steps + 1) * 2 * 4
+    sub = tr[[2, 0]]
+    torch.testing.assert_close(sub.states, torch.stack([tr.states[2], tr.states[0]]))
+    torch.testing.assert_close(sub.actions, torch.stack([tr.actions[2], tr.actions[0]]))
+    torch.testing.assert_close(full_chain(tr), chain)
+    # independent states and actions stay independent, and full_chain rebuilds the chain from copies
+    plain = replace(tr, states=tr.states.clone(), actions=tr.actions.clone())
+    assert not shares(plain) and shared_chain(plain.states, plain.actions) is None
+    torch.testing.assert_close(full_chain(plain), chain)
+    assert not shares(make()[[0, 1]])
+    # trajectories of different lengths still concatenate (the padded copies are separate tensors)
+    short, _ = make_chained(t=2)
+    mixed = Trajectory.cat([tr, short])
+    assert mixed.num_steps == 4 and not mixed.mask[3:, 2:].any()

@@ -4,12 +4,14 @@ from genalign.policies.base import Policy
 from genalign.policies.consistency import ConsistencyPolicy, ConsistencyPolicyConfig
 from genalign.policies.stable_diffusion import StableDiffusionPolicy, StableDiffusionPolicyConfig
 from genalign.policies.text_lm import TextLMPolicy, TextLMPolicyConfig
+from genalign.policies.video_diffusion import VideoDiffusionPolicy, VideoDiffusionPolicyConfig
 from genalign.policies.vlm import VLMPolicy, VLMPolicyConfig
 
 #: type -> (config class, policy class)
 POLICIES = {
     "stable_diffusion": (StableDiffusionPolicyConfig, StableDiffusionPolicy),
     "consistency": (ConsistencyPolicyConfig, ConsistencyPolicy),
+    "video_diffusion": (VideoDiffusionPolicyConfig, VideoDiffusionPolicy),
     "text_lm": (TextLMPolicyConfig, TextLMPolicy),
     "vlm": (VLMPolicyConfig, VLMPolicy),
 }
@@ -24,5 +26,7 @@ __all__ = [
     "TextLMPolicy",
     "TextLMPolicyConfig",
     "VLMPolicy",
+    "VideoDiffusionPolicy",
+    "VideoDiffusionPolicyConfig",
     "VLMPolicyConfig",
 ]

@@ -199,3 +199,57 @@ def ddim_step(
     safe = _expand(torch.where(stochastic, std, torch.ones_like(std)), sample)  # σ, 1 on deterministic rows
     log_prob = torch.where(stochastic, gaussian_log_prob(prev_sample, mean, safe), torch.zeros_like(std))  # [B]
     return StepOutput(prev_sample.detach(), log_prob, mean, std, x0)
+
+
+def expand_steps(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-step scalars ``[B, K]`` broadcast against per-step latents ``[B, K, ...]`` of any rank."""
+    return v.view(*v.shape, *([1] * (like.ndim - v.ndim)))
+
+
+class DDIMKernel:
+    """The DDIM(η) step as the step kernel of a latent-diffusion policy.
+
+    T = ``num_steps`` scored steps; the last action is the sample. Every step has a
+    deterministic twin (η = 0), so noise windows and antithetic noise are supported. Latents
+    may have any shape after the batch dim (images ``[C, h, w]``, videos ``[C, F, h, w]``).
+    """
+
+    capabilities = frozenset({"shared_noise", "noise_window", "antithetic"})
+
+    def __init__(self, scheduler, num_steps: int, eta: float):
+        from diffusers import DDIMScheduler
+
+        if not 0 < eta <= 1:
+            raise ValueError(f"policy.eta must be in (0, 1], got {eta}")
+        self.scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.scheduler.set_timesteps(num_steps)
+        self.consts = DDIMConstants.from_scheduler(self.scheduler, num_steps)
+        self.eta = eta
+        self.timesteps = self.scheduler.timesteps.long()  # [T]: t of each step
+        self.num_steps = num_steps
+
+    def step(self, model_output, timesteps, step_ids, sample, generator=None, stochastic=None, noise=None,
+             prev_sample=None) -> StepOutput:
+        """Step ``sample`` ``[N, ...]`` at ``timesteps`` ``[N]``; ``stochastic`` ``[N]`` bool marks rows
+        that draw noise (the others take the η = 0 step and get log-prob 0); None: every row."""
+        eta = self.eta if stochastic is None else stochastic.float() * self.eta
+        return ddim_step(self.consts, model_output, timesteps, sample, eta, prev_sample=prev_sample,
+                         generator=generator, noise=noise)
+
+    def finish(self, sample, model) -> torch.Tensor:
+        """The clean latents after the last step: the last action itself."""
+        return sample
+
+    def predict_x0(self, model_output, timesteps, sample) -> torch.Tensor:
+        """The Tweedie estimate x̂0 of ``sample`` at ``timesteps``."""
+        return predict_x0_eps(self.consts, model_output, timesteps, sample)[0]
+
+    def forward_step(self, x0, timesteps, step_ids, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """State, mean and std of q(x_t' | x_t, x0) for clean latents ``x0`` ``[B, K, ...]`` at
+        ``timesteps`` ``[B, K]``: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε and μ = √ᾱ_t' x0 + √(1 − ᾱ_t' − σ_t²) ε,
+        the DDIM(η) step taken with the true x0 and ε."""
+        a_t, a_prev = self.consts.alphas(timesteps.flatten())  # [B*K] each
+        a_t, a_prev = expand_steps(a_t.view(timesteps.shape), x0), expand_steps(a_prev.view(timesteps.shape), x0)
+        sigma, eps_coef = ddim_std_and_eps_coef(a_t, a_prev, self.eta)
+        state = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+        return state, a_prev.sqrt() * x0 + eps_coef * eps, sigma

@@ -24,7 +24,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from genalign.distributions import gaussian_log_prob
-from genalign.policies.ddim import StepOutput, _expand, x0_eps_from_output
+from genalign.policies.ddim import StepOutput, _expand, expand_steps, x0_eps_from_output
 
 #: σ_data of the boundary-condition scalings (LCMScheduler hard-codes it too)
 SIGMA_DATA = 0.5
@@ -156,3 +156,45 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     if dim % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
+
+
+class LCMKernel:
+    """Multi-step consistency sampling as the step kernel of a latent-diffusion policy.
+
+    ``num_steps`` sampling steps make T = N − 1 scored transitions; the sample is f_θ of the last
+    action at τ_(N−1) (``finish``). The re-noising has no deterministic twin, so only shared
+    initial noise is supported.
+    """
+
+    capabilities = frozenset({"shared_noise"})
+
+    def __init__(self, scheduler, num_steps: int):
+        from diffusers import LCMScheduler
+
+        self.scheduler = LCMScheduler.from_config(scheduler.config)
+        self.consts = LCMConstants.from_scheduler(self.scheduler, num_steps)  # also sets the timesteps
+        self.num_steps = self.consts.num_transitions
+        self.timesteps = self.consts.timesteps[: self.num_steps]  # [T]: τ_n of each transition
+
+    def step(self, model_output, timesteps, step_ids, sample, generator=None, stochastic=None, noise=None,
+             prev_sample=None) -> StepOutput:
+        if stochastic is not None or noise is not None:
+            raise ValueError("a consistency step has no deterministic twin and draws its own noise")
+        return consistency_step(self.consts, model_output, timesteps, self.consts.next_timesteps(step_ids), sample,
+                                prev_sample=prev_sample, generator=generator)
+
+    def finish(self, sample, model) -> torch.Tensor:
+        """f_θ(x_τ(N−1), τ_(N−1)): ``model(latents, timesteps)`` gives the guided model output."""
+        t = torch.full((sample.shape[0],), int(self.consts.timesteps[-1]), device=sample.device, dtype=torch.long)
+        return consistency_function(self.consts, model(sample, t), t, sample)
+
+    def predict_x0(self, model_output, timesteps, sample) -> torch.Tensor:
+        """f_θ of ``sample``: a consistency model's one-step sample."""
+        return consistency_function(self.consts, model_output, timesteps, sample)
+
+    def forward_step(self, x0, timesteps, step_ids, eps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_τn = √ᾱ_τn x0 + √(1−ᾱ_τn) ε and the transition N(√ᾱ_τ(n+1) x0, (1−ᾱ_τ(n+1)) I) of a
+        perfect f_θ (= x0), for ``x0`` ``[B, K, ...]`` at ``timesteps`` ``[B, K]``."""
+        a_t = expand_steps(self.consts.alpha(timesteps.flatten()).view(timesteps.shape), x0)
+        a_next = expand_steps(self.consts.alpha(self.consts.next_timesteps(step_ids).flatten()).view(step_ids.shape), x0)
+        return a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps, a_next.sqrt() * x0, (1 - a_next).sqrt()

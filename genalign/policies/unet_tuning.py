@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 POLICY_FILE = "genalign_policy.json"
@@ -98,7 +98,10 @@ class UNetFinetune:
             if self.unet.dtype != dtype:
                 self.unet.to(dtype=dtype)
             if "default" not in (getattr(self.unet, "peft_config", None) or {}):
-                self.unet.add_adapter(lora)
+                if hasattr(self.unet, "add_adapter"):
+                    self.unet.add_adapter(lora)
+                else:  # a UNet without diffusers' peft mixin (UNet3DConditionModel): peft directly
+                    inject_adapter_in_model(lora, self.unet, adapter_name="default")
             for name, p in self.unet.named_parameters():
                 if "lora_" in name:
                     p.data = p.data.float()
@@ -132,11 +135,11 @@ class UNetFinetune:
     @contextmanager
     def reference(self) -> Iterator[None]:
         if self.finetune == "lora":
-            self.unet.disable_adapters()
+            set_adapters_enabled(self.unet, False)
             try:
                 yield
             finally:
-                self.unet.enable_adapters()
+                set_adapters_enabled(self.unet, True)
             return
         saved = self.module
         self.module = self.reference_unet
@@ -146,10 +149,11 @@ class UNetFinetune:
             self.module = saved
 
     def save(self, directory: str) -> None:
-        """LoRA: diffusers' LoRA format (``pipe.load_lora_weights(directory)`` loads it). Full: the pipeline."""
+        """LoRA: diffusers' LoRA format of the pipeline's class (``pipe.load_lora_weights(directory)``
+        loads it). Full: the pipeline."""
         os.makedirs(directory, exist_ok=True)
         if self.finetune == "lora":
-            StableDiffusionPipeline.save_lora_weights(
+            type(self.pipe).save_lora_weights(
                 directory,
                 unet_lora_layers=get_peft_model_state_dict(self.unet),
                 unet_lora_adapter_metadata=self.lora.to_dict(),
@@ -160,7 +164,7 @@ class UNetFinetune:
 
     def load_lora(self, directory: str) -> None:
         """Load adapters saved by :meth:`save` into the (already added) ``default`` adapter."""
-        state = StableDiffusionPipeline.lora_state_dict(directory)[0]
+        state = type(self.pipe).lora_state_dict(directory)[0]
         state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
         result = set_peft_model_state_dict(self.unet, state)
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
@@ -168,6 +172,14 @@ class UNetFinetune:
             raise ValueError(
                 f"LoRA weights in {directory} do not fit the base model: {missing[:3]}"
             )
+
+
+def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer of ``model`` on or off (what diffusers' ``enable_adapters`` /
+    ``disable_adapters`` do, for models with or without its peft mixin)."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
 
 
 @torch.no_grad()

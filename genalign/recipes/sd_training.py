@@ -114,11 +114,19 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: to
     raise ValueError(f"pretraining supports epsilon or v_prediction, got prediction_type={kind!r}")
 
 
-def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_every=25) -> dict:
+def encode_images(vae, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in [-1, 1] -> scaled latents ``[B, 4, h, w]`` (a posterior draw)."""
+    return vae.encode(x).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+
+
+def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_every=25, encode=encode_images) -> dict:
     """Train UNet and text encoder jointly on VAE latents; EMA weights are loaded at the end.
 
-    ``args.freeze_text_encoder`` trains the UNet alone; ``args.multires_noise`` > 0 draws the
-    training noise with :func:`multires_noise` (sampling still starts from white noise).
+    ``stream.batch(n)`` gives (data in [-1, 1], prompts) and ``encode(vae, data, generator)`` their
+    scaled latents (images by default; a video recipe passes its clip encoder). Latents may have any
+    rank. ``args.freeze_text_encoder`` trains the UNet alone; ``args.multires_noise`` > 0 draws the
+    training noise with :func:`multires_noise` (image latents; sampling still starts from white
+    noise); ``args.warmup`` (default 100) is the learning-rate warm-up in steps.
     """
     freeze_text, discount = args.freeze_text_encoder, args.multires_noise
     text_encoder.requires_grad_(not freeze_text)
@@ -126,7 +134,6 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
     params = [p for m in models for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
     ema = EMA(models, args.ema_decay)
-    sf = vae.config.scaling_factor
     alphas_cumprod = scheduler.alphas_cumprod  # [T]
     snr = alphas_cumprod / (1 - alphas_cumprod)  # [T]
     gen = torch.Generator().manual_seed(args.seed + 2)
@@ -145,7 +152,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
             ids_cache.update(zip(missing, ids))
         return torch.stack([ids_cache[p] for p in prompts])  # [B, L]
 
-    budget = Budget(args.unet_steps, args.unet_minutes, warmup=100)
+    budget = Budget(args.unet_steps, args.unet_minutes, warmup=getattr(args, "warmup", 100))
     curve, step = LossCurve(log_every, budget), 0
     for m in models:
         m.train()
@@ -156,7 +163,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
         drop = torch.rand(len(prompts), generator=gen) < args.caption_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         with torch.no_grad():
-            latents = vae.encode(x).latent_dist.sample(generator=gen) * sf  # [B, 4, h, w]
+            latents = encode(vae, x, gen)  # [B, 4, h, w] (images) or [B, 4, F, h, w] (clips)
         if discount > 0:
             noise = multires_noise(tuple(latents.shape), gen, discount)
         else:
@@ -164,9 +171,9 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),), generator=gen)
         noisy = scheduler.add_noise(latents, noise, t)
         text = text_encoder(token_ids(prompts))[0]  # [B, L, D]
-        pred = unet(noisy, t, encoder_hidden_states=text).sample  # [B, 4, h, w]
-        target = training_target(scheduler, latents, noise, t)  # [B, 4, h, w]
-        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # [B]
+        pred = unet(noisy, t, encoder_hidden_states=text).sample  # latents' shape
+        target = training_target(scheduler, latents, noise, t)
+        per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(dim=1)  # [B]
         weight = torch.clamp(snr[t], max=args.snr_gamma) / snr[t] if args.snr_gamma else 1.0
         loss = (weight * per_sample).mean()
         opt.zero_grad(set_to_none=True)

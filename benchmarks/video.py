@@ -1,0 +1,199 @@
+"""DDPO, GRPO and D3PO on the tiny text-to-video model: Moving Shapes accuracy before and after.
+
+Every method trains the same LoRA video policy from configs/video_quickstart.yaml (the 20
+held-out one-object prompts, the motion verifier's reward, 8 prompts x 8 clips an epoch) for the
+same number of epochs; only the algorithm section differs:
+
+- DDPO: the quickstart's (noise windows of 2 steps among the first 40% of the chain, shared x_T,
+  the group's mean reward as baseline);
+- GRPO: group-normalised advantages, shared x_T, 2 random steps of the first 40% trained;
+- D3PO: reward-ranked pairs within each prompt's group, the same steps; β and ε moved to the
+  video latent size (D = 4x8x8x8 = 2048, 8x the image quickstart's 256: β·8, ε/8).
+
+Each final policy (and the base model, once per seed) samples fixed evaluation clips: every
+held-out one-object prompt x ``--samples`` clips with seeds no training run draws. Each object
+is scored for colour (present in every frame), shape (the Shapes World verifier's detection of
+its colour on the middle frame) and direction (the motion verifier); clip accuracy is the motion
+verifier's strict verdict. Each run is a subprocess, so its peak resident memory is its own.
+Prints a markdown table (mean ± std over seeds) and writes results.json and accuracy.png.
+Finished runs in --out are read, not repeated.
+
+    python benchmarks/video.py                                   # seeds 0 1 2
+    python benchmarks/video.py --seeds 0 --epochs 1 --samples 1 --out /tmp/video  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import matplotlib
+import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CONFIG = "configs/video_quickstart.yaml"
+METHODS = ("base", "DDPO", "GRPO", "D3PO")
+EVAL_SEED = 7_000_000  # evaluation clip seeds start here; training seeds stay far below
+WINDOW = {"step_window": [0.0, 0.4], "timestep_fraction": 0.5}
+ALGORITHMS = {
+    "GRPO": {"name": "grpo", "shared_noise": True, "adv_clip_max": 5.0, **WINDOW},
+    "D3PO": {"name": "d3po", "beta": 0.8, "clip_eps": 0.0125, **WINDOW},
+}
+METRICS = ("direction", "color", "shape", "clip_strict")
+
+
+def run_config(base: dict, method: str, seed: int, epochs: int, run_dir: str) -> dict:
+    cfg = copy.deepcopy(base)
+    cfg.update(seed=seed, output_dir=run_dir)
+    cfg["report"] = {"enabled": False}
+    cfg["eval"] = {"enabled": False}
+    cfg["train"]["epochs"] = epochs
+    cfg["train"]["checkpoint_every"] = 0
+    if method in ALGORITHMS:
+        cfg["algorithm"] = dict(ALGORITHMS[method])
+    return cfg
+
+
+def evaluate(policy_dir: str, base: dict, seed: int, samples: int) -> dict:
+    """Attribute accuracies of ``samples`` clips per held-out one-object prompt."""
+    import torch
+
+    from genalign.policies import VideoDiffusionPolicy, VideoDiffusionPolicyConfig
+    from genalign.recipes.pretrain_video import score_clips, summarise
+    from genalign.toyworld.moving import all_moving_specs, make_condition
+    from rewards.motion import MotionReward
+    from rewards.shapes_verifier import ShapesVerifierReward
+
+    sampling = {k: base["policy"][k] for k in ("num_steps", "eta", "guidance_scale", "num_frames")}
+    policy = VideoDiffusionPolicy.from_pretrained(policy_dir, VideoDiffusionPolicyConfig(**sampling))
+    conds = [make_condition(s, sampling["num_frames"]) for s in all_moving_specs(1, "heldout")]
+    verifier = ShapesVerifierReward.from_pretrained("assets/models/shapes-verifier")
+    clips, rows = [], []
+    for i in range(0, len(conds), 10):
+        chunk = conds[i : i + 10]
+        seeds = [EVAL_SEED + seed * 100_000 + (i + c) * samples + j for c in range(len(chunk)) for j in range(samples)]
+        clips.append(policy.rollout(chunk, samples, seeds).outputs.cpu())
+        rows += [c for c in chunk for _ in range(samples)]
+    clips = torch.cat(clips)
+    strict = MotionReward()(clips, rows).components["strict"].bool().tolist()
+    return summarise(score_clips(clips, rows, verifier), strict)
+
+
+def one_run(method: str, seed: int, epochs: int, samples: int, out: str) -> dict:
+    """Train (unless base) and evaluate one (method, seed) in this process."""
+    from genalign.configs import from_dict
+    from genalign.train_config import TrainConfig
+    from genalign.trainer import train
+
+    with open(CONFIG) as f:
+        base = yaml.safe_load(f)
+    t0 = time.monotonic()
+    if method == "base":
+        policy_dir, history = base["policy"]["pretrained"], []
+    else:
+        run_dir = os.path.join(out, "runs", f"{method.lower()}_seed{seed}")
+        cfg = run_config(base, method, seed, epochs, run_dir)
+        if not os.path.isfile(os.path.join(run_dir, "final", "genalign_policy.json")):
+            train(from_dict(TrainConfig, cfg), resume=os.path.isdir(run_dir))
+        policy_dir = os.path.join(run_dir, "final")
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            history = [json.loads(line) for line in f]
+    train_s = time.monotonic() - t0
+    summary = evaluate(policy_dir, base, seed, samples)
+    return {"method": method, "seed": seed, "summary": summary, "train_s": round(train_s, 1),
+            "total_s": round(time.monotonic() - t0, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "reward_curve": [h.get("reward_mean") for h in history]}
+
+
+def mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: the config's)")
+    ap.add_argument("--samples", type=int, default=8, help="evaluation clips per held-out prompt (20 prompts)")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of " + ", ".join(METHODS))
+    ap.add_argument("--out", default="benchmarks/results/video")
+    ap.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)  # a worker run
+    args = ap.parse_args(argv)
+    with open(CONFIG) as f:
+        epochs = args.epochs or yaml.safe_load(f)["train"]["epochs"]
+    if args.one:
+        result = one_run(args.one[0], int(args.one[1]), epochs, args.samples, args.out)
+        print("RESULT " + json.dumps(result))
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    results: dict = {"runs": {}}
+    if os.path.isfile(path):
+        with open(path) as f:
+            results = json.load(f)
+    for method in args.methods:
+        for seed in args.seeds:
+            key = f"{method} | seed {seed}"
+            if key in results["runs"]:
+                continue
+            cmd = [sys.executable, __file__, "--one", method, str(seed), "--epochs", str(epochs), "--samples",
+                   str(args.samples), "--out", args.out]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+                raise SystemExit(f"{key} failed (exit {proc.returncode})")
+            results["runs"][key] = json.loads(lines[-1][len("RESULT "):])
+            s = results["runs"][key]["summary"]
+            print(f"{key}: direction {s['direction']:.3f}, colour {s['color']:.3f}, shape {s['shape']:.3f}, "
+                  f"{results['runs'][key]['total_s']:.0f} s", file=sys.stderr, flush=True)
+            results["settings"] = {**vars(args), "epochs": epochs}
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1)
+
+    runs = [r for r in results["runs"].values() if r["method"] in args.methods and r["seed"] in args.seeds]
+    by_method = {m: [r for r in runs if r["method"] == m] for m in args.methods}
+    lines = [f"\nHeld-out one-object prompts, {args.samples} clips each (mean ± std over seeds {args.seeds}; "
+             f"{epochs} epochs per run)\n",
+             "| method | direction | colour | shape | clip (strict) | train wall s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    for m, rs in by_method.items():
+        cells = [mean_std([r["summary"][k] for r in rs]) for k in METRICS]
+        wall = statistics.mean(r["train_s"] for r in rs)
+        rss = max(r["peak_rss_mb"] for r in rs)
+        lines.append(f"| {m} | {' | '.join(cells)} | {wall:.0f} | {rss:.0f} |")
+    dirs = sorted({d for r in runs for d in r["summary"]["direction_by_wanted"]})
+    lines += ["\nDirection accuracy per wanted direction\n", f"| method | {' | '.join(dirs)} |", "|---" * (len(dirs) + 1) + "|"]
+    for m, rs in by_method.items():
+        lines.append(f"| {m} | " + " | ".join(mean_std([r["summary"]["direction_by_wanted"].get(d, 0.0) for r in rs]) for d in dirs) + " |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.out, "tables.md"), "w") as f:
+        f.write(table + "\n")
+
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    width = 0.8 / max(1, len(by_method))
+    for i, (m, rs) in enumerate(by_method.items()):
+        ys = [statistics.mean(r["summary"][k] for r in rs) for k in METRICS]
+        es = [statistics.stdev(r["summary"][k] for r in rs) if len(rs) > 1 else 0.0 for k in METRICS]
+        ax.bar([j + i * width for j in range(len(METRICS))], ys, width, yerr=es, label=m, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METRICS))], ["direction", "colour", "shape", "clip strict"])
+    ax.set_ylim(0, 1)
+    ax.set_title("Moving Shapes, held-out prompts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "accuracy.png"), dpi=110)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

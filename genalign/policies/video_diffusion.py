@@ -1,0 +1,46 @@
+"""Text-to-video diffusion (a diffusers ``TextToVideoSDPipeline`` with a 3-D UNet) as a policy.
+
+The latent-diffusion policy (:mod:`genalign.policies.latent_diffusion`) with video latents
+``[C, F, h, w]`` (:class:`~genalign.policies.backbones.VideoLatents`: every frame through the
+image VAE) and the stochastic DDIM step: everything else, from classifier-free guidance to LoRA
+fine-tuning and the frozen reference, is the Stable Diffusion policy's, so every algorithm that
+trains an image model trains a video model through its config alone. Outputs are clips
+``[B, F, 3, H, W]`` in [0, 1], the layout the video rewards read (:mod:`rewards.video`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from diffusers import TextToVideoSDPipeline
+
+from genalign.configs import opt
+from genalign.policies.backbones import VideoLatents
+from genalign.policies.stable_diffusion import StableDiffusionPolicy, StableDiffusionPolicyConfig
+
+__all__ = ["VideoDiffusionPolicy", "VideoDiffusionPolicyConfig"]
+
+
+@dataclass
+class VideoDiffusionPolicyConfig(StableDiffusionPolicyConfig):
+    type: Literal["video_diffusion"] = opt("video_diffusion", "policy kind")  # type: ignore[assignment]
+    pretrained: str = opt("", "local directory or hub id of a diffusers TextToVideoSDPipeline (or a genalign policy dir)")
+    num_frames: int = opt(8, "frames per clip")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_frames < 2:
+            raise ValueError(f"'num_frames' must be >= 2, got {self.num_frames}")
+
+
+class VideoDiffusionPolicy(StableDiffusionPolicy):
+    """A diffusers TextToVideoSDPipeline behind the Policy protocol: video latents + the DDIM kernel."""
+
+    policy_type = "video_diffusion"
+    config_class = VideoDiffusionPolicyConfig
+    pipeline_class = TextToVideoSDPipeline
+
+    @staticmethod
+    def make_backbone(pipeline: Any, config: VideoDiffusionPolicyConfig) -> VideoLatents:
+        return VideoLatents(pipeline, config.num_frames, config.height, config.width)

@@ -1,0 +1,356 @@
+"""Pretrain the tiny text-to-video pipeline shipped in ``assets/models/tiny-video``.
+
+The result is an ordinary diffusers ``TextToVideoSDPipeline`` (``UNet3DConditionModel``,
+``AutoencoderKL``, CLIP text encoder and tokenizer, DDIM scheduler) that draws 8-frame
+32x32 Moving Shapes clips from prompts such as "a red circle moving right". It is made from
+the tiny image pipeline (``assets/models/tiny-sd``) the way large text-to-video models are
+made from image models:
+
+- **VAE**: the image pipeline's, unchanged and frozen; every frame is encoded on its own
+  (``[B, F, 3, 32, 32]`` clips <-> ``[B, 4, F, 8, 8]`` latents).
+- **Scheduler**: the image pipeline's (v-prediction, zero terminal SNR, trailing timesteps).
+- **Text encoder**: the image encoder's weights under a tokenizer that adds the motion words
+  ("moving", "staying", "still", "up", "down") as single tokens. Rows of words both
+  vocabularies share are copied, the new rows start random, and the encoder trains on.
+- **UNet**: inflated. Every spatial weight of the image UNet (resnets, spatial attention,
+  time embedding, in/out convolutions) is copied into a ``UNet3DConditionModel`` of the same
+  widths; the temporal layers it adds (temporal convolutions and temporal attention) have
+  their output projections zeroed, so the untrained video model is the image model applied
+  frame by frame. Training then teaches motion and the new words.
+
+Every batch is fresh renders (new seeds) of train-split prompts, one or two objects each.
+Training stops at ``--steps`` or ``--minutes``, whichever comes first (the learning-rate
+schedule follows the same progress), then the pipeline is sampled on held-out and train
+prompts and scored per attribute (:func:`score_clips`) for the model card::
+
+    genalign toyworld pretrain video --out assets/models/tiny-video
+
+The pipeline is written to a temporary folder beside ``--out`` and moved into place only when
+complete, with ``training_log.json`` (the command, the loss curve and the evaluation) and
+``samples.png`` (a frame strip per prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .common import (
+    command_line,
+    count_parameters,
+    folder_bytes,
+    seed_everything,
+    staged_folder,
+    versions,
+)
+from .sd_pipeline import build_tokenizer, save_tokenizer
+from .sd_training import train_unet
+
+PROG = "genalign toyworld pretrain video"
+MOTION_WORDS = ("moving", "staying", "still", "left", "right", "up", "down")
+#: Prompts of the sample strip: train prompts, then held-out colour x shape pairs.
+STRIP_PROMPTS = (
+    "a red circle moving right",
+    "a blue square moving up",
+    "a green triangle staying still",
+    "a yellow circle moving down and a purple square moving left",
+)
+
+
+# --------------------------------------------------------------------------- components
+def build_video_components(image_dir: str | Path, tok_dir: Path, seed: int) -> dict[str, Any]:
+    """The video pipeline's parts made from the image pipeline at ``image_dir`` (module docstring)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet3DConditionModel
+    from transformers import CLIPTextModel
+
+    from genalign.toyworld import VOCAB
+
+    image = StableDiffusionPipeline.from_pretrained(str(image_dir), safety_checker=None, requires_safety_checker=False)
+    words = sorted(set(VOCAB) | set(MOTION_WORDS))
+    tokenizer = build_tokenizer(tok_dir, words, max_length=image.tokenizer.model_max_length)
+
+    torch.manual_seed(seed)
+    old_text = image.text_encoder
+    config = old_text.config.to_dict()
+    config.update(vocab_size=len(tokenizer.get_vocab()), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(type(old_text.config).from_dict(config))
+    state = {k: v for k, v in old_text.state_dict().items() if "token_embedding" not in k}
+    text_encoder.load_state_dict(state, strict=False)
+    old_rows, new_rows = old_text.get_input_embeddings().weight, text_encoder.get_input_embeddings().weight
+    old_vocab = image.tokenizer.get_vocab()
+    copied = 0
+    with torch.no_grad():
+        for token, i in tokenizer.get_vocab().items():
+            if token in old_vocab:
+                new_rows[i] = old_rows[old_vocab[token]]
+                copied += 1
+
+    u2 = image.unet
+    c = u2.config
+    n = len(c.block_out_channels)
+    image_heads = c.num_attention_heads or c.attention_head_dim
+    if not isinstance(image_heads, int):
+        raise ValueError(f"the image UNet has per-level head counts {image_heads}; inflation expects one count")
+    unet = UNet3DConditionModel(
+        sample_size=c.sample_size,
+        in_channels=c.in_channels,
+        out_channels=c.out_channels,
+        down_block_types=("CrossAttnDownBlock3D",) * (n - 1) + ("DownBlock3D",),
+        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (n - 1),
+        block_out_channels=tuple(c.block_out_channels),
+        layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_num_groups,
+        cross_attention_dim=c.cross_attention_dim,
+        # The image UNet's `attention_head_dim` is its number of heads (diffusers' naming quirk); the
+        # 3-D UNet's is the head width, one for every level (its input transformer takes no
+        # per-level widths). The width of the first level's heads keeps the image UNet's head count
+        # there (the cross-attention of the down and up blocks); deeper levels get more heads.
+        attention_head_dim=c.block_out_channels[0] // image_heads,
+    )
+    inflated = inflate_unet_state(u2.state_dict(), unet.state_dict())
+    missing = unet.load_state_dict(inflated, strict=False).missing_keys
+    spatial_missing = [k for k in missing if not _is_temporal(k)]
+    if spatial_missing:
+        raise RuntimeError(f"image UNet weights missing from the inflated UNet: {spatial_missing[:5]}")
+    zero_temporal_outputs(unet)
+    scheduler = DDIMScheduler.from_config(image.scheduler.config)
+    return dict(vae=image.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                copied_token_rows=copied, inflated_tensors=len(inflated))
+
+
+def _is_temporal(key: str) -> bool:
+    return key.startswith("transformer_in.") or ".temp_convs." in key or ".temp_attentions." in key
+
+
+def inflate_unet_state(image_state: dict[str, torch.Tensor], video_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Image-UNet tensors under the video UNet's names: equal names and shapes copy as they are;
+    a 1x1 convolution ``[C, C, 1, 1]`` becomes the linear projection ``[C, C]`` it equals."""
+    out = {}
+    for key, value in image_state.items():
+        if key not in video_state:
+            continue
+        target = video_state[key].shape
+        if value.shape == target:
+            out[key] = value
+        elif value.ndim == 4 and value.shape[2:] == (1, 1) and value.shape[:2] == target:
+            out[key] = value[:, :, 0, 0]
+        else:
+            raise ValueError(f"image UNet tensor {key} {tuple(value.shape)} does not fit the video UNet's {tuple(target)}")
+    return out
+
+
+def zero_temporal_outputs(unet: torch.nn.Module) -> None:
+    """Zero the output projection of every temporal attention, so each is the identity (its
+    residual) at the start. diffusers already zeroes the last layer of each temporal convolution."""
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if (name == "transformer_in" or ".temp_attentions." in name) and name.count(".") <= 3 and hasattr(module, "proj_out"):
+                module.proj_out.weight.zero_()
+                module.proj_out.bias.zero_()
+
+
+# --------------------------------------------------------------------------- data
+class ClipStream:
+    """Endless batches of (clips ``[B, F, 3, S, S]`` in [-1, 1], prompts) of train-split prompts,
+    half one-object and half two-object, each rendered with a fresh seed."""
+
+    def __init__(self, seed: int, frames: int, size: int = 32, two_object_share: float = 0.5):
+        from genalign.toyworld.moving import all_moving_prompts
+
+        self.rng = np.random.default_rng(seed)
+        self.frames, self.size, self.share = frames, size, two_object_share
+        self.pools = {1: all_moving_prompts(1, "train"), 2: all_moving_prompts(2, "train")}
+
+    def batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
+        from genalign.toyworld.moving import render_clip
+
+        prompts, clips = [], []
+        for _ in range(n):
+            pool = self.pools[2 if self.rng.random() < self.share else 1]
+            prompt = pool[self.rng.integers(len(pool))]
+            clip = render_clip(prompt, int(self.rng.integers(0, 2**31 - 1)), frames=self.frames, size=self.size)
+            prompts.append(prompt)
+            clips.append(clip.array())
+        x = torch.from_numpy(np.stack(clips))  # [B, F, 3, S, S] in [0, 1]
+        return x * 2 - 1, prompts
+
+
+def encode_clips(vae: Any, clips: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+    """Clips ``[B, F, 3, H, W]`` in [-1, 1] -> scaled latents ``[B, C, F, h, w]``, frame by frame."""
+    b, f = clips.shape[:2]
+    dist = vae.encode(clips.flatten(0, 1).to(vae.dtype)).latent_dist
+    z = dist.sample(generator=generator) if sample else dist.mean
+    z = z.float() * vae.config.scaling_factor  # [B*F, C, h, w]
+    return z.view(b, f, *z.shape[1:]).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- training
+def train(comps: dict[str, Any], stream: ClipStream, args: argparse.Namespace) -> dict:
+    """UNet and text encoder jointly, as the image pipeline was trained (v-prediction MSE, caption
+    dropout, EMA; :func:`~genalign.recipes.sd_training.train_unet`), on clip latents."""
+    comps["vae"].requires_grad_(False)
+    unet_args = argparse.Namespace(
+        seed=args.seed, batch_size=args.batch_size, unet_steps=args.steps, unet_minutes=args.minutes, unet_lr=args.lr,
+        caption_dropout=args.caption_dropout, ema_decay=args.ema_decay, warmup=50, snr_gamma=0.0,
+        multires_noise=0.0, freeze_text_encoder=False,
+    )
+    return train_unet(comps["unet"], comps["text_encoder"], comps["vae"], comps["tokenizer"], comps["scheduler"],
+                      stream, unet_args, encode=lambda vae, x, gen: encode_clips(vae, x, gen))
+
+
+# --------------------------------------------------------------------------- evaluation
+def score_clips(clips: torch.Tensor, conditions: Sequence[dict], verifier: Any) -> list[dict[str, Any]]:
+    """Per object of each clip ``[B, F, 3, H, W]`` in [0, 1]: is its colour present in every frame,
+    is it drawn as its shape (the Shapes World verifier's detection of its colour, on the middle
+    frame), does it move the named way (the ``motion`` verifier)."""
+    from rewards.motion import MotionReward
+
+    motion = MotionReward()(clips, list(conditions)).details
+    middle = verifier.detect(clips[:, clips.shape[1] // 2])
+    rows = []
+    for verdict, found in zip(motion, middle):
+        for obj in verdict["objects"]:
+            same_colour = [d for d in found if d.color == obj["color"]]
+            rows.append(dict(color=obj["detected"] is not None,
+                             shape=any(d.shape == obj["shape"] for d in same_colour),
+                             direction=bool(obj["correct"]), wanted=obj["direction"], detected=obj["detected"]))
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]], clips_strict: list[bool]) -> dict[str, Any]:
+    """Attribute accuracies over objects, direction accuracy per wanted direction, and the share
+    of clips whose every object moves the named way."""
+    from genalign.toyworld.moving import DIRECTIONS
+
+    out: dict[str, Any] = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in ("color", "shape", "direction")}
+    out["direction_by_wanted"] = {d: round(float(np.mean([r["direction"] for r in rows if r["wanted"] == d])), 3)
+                                  for d in DIRECTIONS if any(r["wanted"] == d for r in rows)}
+    out["clip_strict"] = round(float(np.mean(clips_strict)), 3)
+    out["objects"] = len(rows)
+    return out
+
+
+@torch.no_grad()
+def sample_clips(pipe: Any, prompts: list[str], seed: int, steps: int = 20, guidance: float = 5.0,
+                 batch: int = 16) -> torch.Tensor:
+    """Clips ``[N, F, 3, H, W]`` in [0, 1] from plain ``pipe(...)`` (DDIM, eta 0.5), seeded per chunk of ``batch``."""
+    frames = pipe.unet.config.get("num_frames", None) or 8
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        gen = torch.Generator().manual_seed(seed + i)  # one per chunk: the pipeline's DDIM step sees [n*F, ...] rows
+        video = pipe(chunk, num_frames=frames, height=32, width=32, num_inference_steps=steps,
+                     guidance_scale=guidance, eta=0.5, generator=gen, output_type="pt").frames  # [n, F, 3, H, W]
+        out.append(torch.as_tensor(video).float())
+    return torch.cat(out).clamp(0, 1)
+
+
+def evaluate(pipe: Any, verifier: Any, per_split: int, seed: int) -> dict[str, Any]:
+    """Attribute accuracy on ``per_split`` fixed prompts of each split x object count."""
+    from genalign.toyworld.moving import sample_moving_conditions
+    from rewards.motion import MotionReward
+
+    result = {}
+    for split in ("train", "heldout"):
+        for n_obj in (1, 2):
+            conds = sample_moving_conditions(n_obj, per_split, split, seed=12345)
+            clips = sample_clips(pipe, [c["prompt"] for c in conds], seed)
+            rows = score_clips(clips, conds, verifier)
+            strict = MotionReward()(clips, conds).components["strict"].bool().tolist()
+            result[f"{split}/{n_obj}"] = summarise(rows, strict)
+            print(f"eval {split} {n_obj} object(s): {result[f'{split}/{n_obj}']}", flush=True)
+    return result
+
+
+def frame_strip(clips: torch.Tensor, labels: Sequence[str], scale: int = 3) -> Image.Image:
+    """One row per clip: its frames side by side, labelled."""
+    n, f = clips.shape[:2]
+    side, label_w, pad = clips.shape[-1] * scale, 330, 2
+    strip = Image.new("RGB", (label_w + f * (side + pad), n * (side + pad)), "white")
+    draw = ImageDraw.Draw(strip)
+    for row in range(n):
+        y = row * (side + pad)
+        draw.text((4, y + side // 2 - 5), labels[row], fill="black")
+        for k in range(f):
+            arr = (clips[row, k].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            strip.paste(Image.fromarray(arr).resize((side, side), Image.NEAREST), (label_w + k * (side + pad), y))
+    return strip
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description="Pretrain the tiny Moving Shapes text-to-video pipeline.")
+    p.add_argument("--out", default="assets/models/tiny-video", help="output pipeline folder")
+    p.add_argument("--image-model", default="assets/models/tiny-sd",
+                   help="the image pipeline whose VAE, scheduler, text encoder and spatial UNet weights are reused")
+    p.add_argument("--verifier", default="assets/models/shapes-verifier", help="Shapes World verifier for the shape column of the card")
+    p.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, python and data")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per step")
+    p.add_argument("--steps", type=int, default=3000, help="optimisation steps")
+    p.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap on training")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (UNet and text encoder)")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="P(caption -> '') for CFG")
+    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the trained weights")
+    p.add_argument("--eval-prompts", type=int, default=64, help="evaluation prompts per split and object count")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    """Train, evaluate and save the pipeline; returns the output folder."""
+    import diffusers
+    import transformers
+    from diffusers import TextToVideoSDPipeline
+
+    from rewards.shapes_verifier import ShapesVerifierReward
+
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    seed_everything(args.seed)
+    out = Path(args.out).resolve()
+    verifier = ShapesVerifierReward.from_pretrained(args.verifier)
+    with staged_folder(out) as tmp:
+        tok_src = tmp / "_tokenizer_src"
+        comps = build_video_components(args.image_model, tok_src, args.seed)
+        log: dict = dict(
+            command=command_line(PROG, argv), args=vars(args), seed=args.seed,
+            versions=versions(diffusers, transformers), threads=torch.get_num_threads(),
+            parameters={k: count_parameters(comps[k]) for k in ("vae", "text_encoder", "unet")},
+            vocab_size=len(comps["tokenizer"].get_vocab()), copied_token_rows=comps["copied_token_rows"],
+            inflated_tensors=comps["inflated_tensors"],
+        )
+        print(f"parameters: {log['parameters']}, vocab {log['vocab_size']}", flush=True)
+        pipe = TextToVideoSDPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+                                     unet=comps["unet"], scheduler=comps["scheduler"])
+        pipe.set_progress_bar_config(disable=True)
+        stream = ClipStream(args.seed, args.frames)
+        log["train"] = train(comps, stream, args)
+        print(f"trained {log['train']['steps']} steps in {log['train']['wall_s']:.0f} s", flush=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer(comps["tokenizer"], tmp / "tokenizer", tok_src)
+        shutil.rmtree(tok_src)
+        e0 = time.monotonic()
+        log["eval"] = evaluate(pipe, verifier, args.eval_prompts, args.seed)
+        labels = list(STRIP_PROMPTS) + ["a blue circle moving left (held-out pair)"]
+        clips = sample_clips(pipe, list(STRIP_PROMPTS) + ["a blue circle moving left"], args.seed)
+        frame_strip(clips, labels).save(tmp / "samples.png")
+        log["eval_wall_s"] = round(time.monotonic() - e0, 1)
+        log["total_wall_s"] = round(time.monotonic() - t0, 1)
+        log["folder_bytes"] = folder_bytes(tmp)
+        (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    print(f"saved {out} ({log['folder_bytes'] / 1e6:.1f} MB) in {log['total_wall_s'] / 60:.1f} min")
+    return out
+
+
+if __name__ == "__main__":
+    main()
