@@ -67,8 +67,8 @@ def text_separation(policy, prompts: list[str]) -> float:
         col_pairs.append((prompt, prompt.replace(c.color, other, 1)))
 
     def mean_distance(pairs: list[tuple[str, str]]) -> float:
-        a, _ = policy.encode([p for p, _ in pairs])  # [N, L, D]
-        b, _ = policy.encode([q for _, q in pairs])
+        a = policy.encode([p for p, _ in pairs])["prompt_embeds"]  # [N, L, D]
+        b = policy.encode([q for _, q in pairs])["prompt_embeds"]
         return float((a - b).flatten(1).norm(dim=1).mean())
 
     with torch.no_grad():

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample j of a prompt uses seed + j")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the policy's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG weight (default: the policy's)")
-    p.add_argument("--reward", default="auto", help="reward to score with: shapes_verifier, jpeg_compressibility (images), rule_exact, rule_numeric, rule_choice (texts), none, or auto (images: the verifier when its asset exists; texts: rule_exact when the conditions have answers)")
+    p.add_argument("--reward", default="auto", help="reward to score with: shapes_verifier, jpeg_compressibility (images), motion, temporal_consistency (clips), rule_exact, rule_numeric, rule_choice (texts), none, or auto (images: the verifier when its asset exists; clips: motion; texts: rule_exact when the conditions have answers)")
     p.add_argument("--method", choices=["plain", "best_of_n", "svdd_pm", "svdd_mc", "self_certainty", "borda"], default="plain",
                    help="sampling method (self_certainty, borda: token policies)")
     p.add_argument("--policy-type", default="", help="policy type of a bare model folder or hub id, e.g. text_lm (default: read from the folder)")

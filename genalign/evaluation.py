@@ -176,11 +176,20 @@ def sample_and_score(
     return outputs, RewardOutput(torch.cat(scores), {k: torch.cat(v) for k, v in comps.items()}, details)
 
 
-def _build_named_reward(name: str, verifier_path: str = "assets/models/shapes-verifier") -> Any | None:
+def _build_named_reward(name: str, verifier_path: str = "assets/models/shapes-verifier", video: bool = False) -> Any | None:
     from rewards.jpeg import JpegCompressibility, JpegConfig
 
     if name == "none":
         return None
+    if video:  # clips: the video rewards
+        from rewards.motion import MotionReward, TemporalConsistency
+
+        if name in ("auto", "motion"):
+            return MotionReward()
+        if name == "temporal_consistency":
+            return TemporalConsistency()
+        raise ValueError(f"unknown reward {name!r} for clips; choose motion, temporal_consistency, none or auto "
+                         "(any image reward scores clips per frame through a training config's `per_frame` reward)")
     if name == "auto":
         name = "shapes_verifier" if os.path.isdir(verifier_path) else "jpeg_compressibility"
     if name == "shapes_verifier":
@@ -208,7 +217,8 @@ class SampleConfig:
     steps: int | None = opt(None, "denoising steps (default: the policy's)")
     guidance_scale: float | None = opt(None, "CFG weight (default: the policy's)")
     reward: str = opt("auto", "reward that scores (and guides): images: shapes_verifier, jpeg_compressibility; "
-                              "texts: rule_exact, rule_numeric, rule_choice; or none, or auto")
+                              "clips: motion, temporal_consistency; texts: rule_exact, rule_numeric, rule_choice; "
+                              "or none, or auto")
     method: Literal["plain", "best_of_n", "svdd_pm", "svdd_mc", "self_certainty", "borda"] = opt(
         "plain", "plain sampling, best-of-N, SVDD-PM, SVDD-MC guidance (needs value_model); token policies also "
                  "self_certainty (best-of-N by self-certainty, no reward) and borda (Borda vote over answers)"
@@ -283,7 +293,7 @@ def run_sampling(cfg: SampleConfig) -> int:
         return run_token_sampling(cfg, path, prompts)
     if cfg.method in ("self_certainty", "borda"):
         raise ValueError(f"'method': {cfg.method} needs a token policy's full next-token distribution; {path} draws images")
-    reward = _build_named_reward(cfg.reward)
+    reward = _build_named_reward(cfg.reward, video=kind == "video_diffusion")
     if reward is None and cfg.method != "plain":
         raise ValueError(f"method {cfg.method!r} needs a reward to guide with; got reward 'none'")
     check_output_dir(cfg.out, cfg.overwrite)
@@ -384,6 +394,11 @@ def eval_command(args: argparse.Namespace) -> int:
 
     path = resolve_policy_path(args.policy)  # a folder that holds no policy fails here, in one line
     require_image_policy(path, "eval")
+    kind, _ = _policy_meta(path)
+    if kind == "video_diffusion":
+        raise ValueError(f"policy {path} is a video policy: `genalign eval` scores Shapes World images per tier. "
+                         "Evaluate a video policy with `genalign train` (its `eval` section, e.g. the motion reward) or "
+                         "benchmarks/video.py, or sample clips with `genalign sample`")
     verifier = ShapesVerifierReward.from_pretrained(args.verifier)
     policy = load_policy(path, args.steps, args.guidance_scale)
     print(describe_sampler(path, policy, args.seed, args.n))

@@ -54,3 +54,20 @@ def test_sample_config_with_guidance(tiny_sd_dir, tmp_path, capsys):
     assert "method" in capsys.readouterr().err
     assert main(["sample", str(path), "reward=none"]) == 2
     assert "needs a reward" in capsys.readouterr().err
+
+
+def test_sample_writes_clips_as_gifs_and_strips_and_eval_refuses_video(tiny_video_dir, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "v"
+    code = main(["sample", tiny_video_dir, "--prompt", "a red circle moving right", "--n", "2", "--steps", "2",
+                 "--reward", "motion", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "rewards.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["reward"] in (0.0, 1.0) for r in rows)
+    for r in rows:
+        strip = Image.open(out / r["image"])
+        assert strip.width > 4 * strip.height  # 8 frames side by side
+        assert Image.open(out / r["image"].replace(".png", ".gif")).n_frames == 8
+    assert main(["eval", tiny_video_dir]) == 2
+    assert "is a video policy" in capsys.readouterr().err

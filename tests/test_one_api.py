@@ -1,8 +1,9 @@
-"""One API: every registered algorithm trains an image, a text and a vision-language policy unchanged.
+"""One API: every registered algorithm trains an image, a video, a text and a vision-language policy unchanged.
 
 The same algorithm class, with its defaults (the config's algorithm section is exactly
 ``{name: NAME}``), goes through the same trainer code path on the image main job
-(configs/quickstart.yaml, tiny-sd), the text main job (configs/text_grpo.yaml, tiny-lm) and the
+(configs/quickstart.yaml, tiny-sd), the video main job (configs/video_quickstart.yaml,
+tiny-video), the text main job (configs/text_grpo.yaml, tiny-lm) and the
 Shapes VQA job (configs/vlm_grpo.yaml, tiny-vlm). Only sizes outside the algorithm section are shrunk. A grep keeps algorithm files free of
 policy imports and modality branches, and the trainer free of policy type names.
 """
@@ -25,8 +26,10 @@ from genalign.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLM_JOB = "configs/vlm_grpo.yaml"
-MAIN_JOBS = ["configs/quickstart.yaml", "configs/text_grpo.yaml", VLM_JOB]
-MODALITY_OF = {"configs/quickstart.yaml": "stable_diffusion", "configs/text_grpo.yaml": "text_lm", VLM_JOB: "vlm"}  # policy types
+VIDEO_JOB = "configs/video_quickstart.yaml"
+MAIN_JOBS = ["configs/quickstart.yaml", VIDEO_JOB, "configs/text_grpo.yaml", VLM_JOB]
+MODALITY_OF = {"configs/quickstart.yaml": "stable_diffusion", VIDEO_JOB: "video_diffusion", "configs/text_grpo.yaml": "text_lm",
+               VLM_JOB: "vlm"}  # policy types
 
 #: tiny sizes, none in the algorithm section. weight_decay 0: a tensor changes only through its
 #: gradient, so "every trainable tensor changed" proves every one got a gradient (a LoRA A matrix
@@ -42,6 +45,7 @@ TINY = [
 #: tiny-vlm is right about half of the time on the job's out-of-domain questions, but whole groups
 #: of a question often tie: with 8 questions an epoch some group (or B²'s branch set) differs
 POLICY_TINY = {"configs/quickstart.yaml": ["policy.num_steps=4", "prompts.tiers=[3]"], "configs/text_grpo.yaml": [],
+               VIDEO_JOB: ["policy.num_steps=4"],
                VLM_JOB: ["train.prompts_per_epoch=8", "train.rollout_batch_size=32"]}
 #: B²-DiffuRL on a denoising chain branches late first (stage 1 resamples the last 20% of each
 #: rollout) and moves the branch point back one stage every 4 epochs (its defaults). Resampling
@@ -50,7 +54,7 @@ POLICY_TINY = {"configs/quickstart.yaml": ["policy.num_steps=4", "prompts.tiers=
 #: 5-8: the last 2 of 4 steps; a prefix's branches may still tie). On tokens its default branch
 #: point is the start of the response (a short answer is decided by its first tokens), so the
 #: text run trains from the first epoch. Epochs cost well under a second here.
-EPOCHS = {("b2diffurl", "configs/quickstart.yaml"): 8}
+EPOCHS = {("b2diffurl", "configs/quickstart.yaml"): 8, ("b2diffurl", VIDEO_JOB): 8}
 
 
 def job_with_algorithm(job: str, name: str, directory) -> str:
@@ -66,7 +70,7 @@ def job_with_algorithm(job: str, name: str, directory) -> str:
 
 @pytest.mark.parametrize("job", MAIN_JOBS)
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_every_algorithm_trains_image_text_and_vlm_unchanged(name, job, tmp_path, monkeypatch):
+def test_every_algorithm_trains_image_video_text_and_vlm_unchanged(name, job, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs' model paths are relative to the repository
     path = job_with_algorithm(job, name, tmp_path)
     epochs = EPOCHS.get((name, job), 2)
@@ -84,7 +88,7 @@ def test_every_algorithm_trains_image_text_and_vlm_unchanged(name, job, tmp_path
     assert len(history) == epochs
     for epoch in history:
         assert torch.isfinite(torch.tensor(epoch["loss"])), epoch
-        if name == "b2diffurl" and job == "configs/quickstart.yaml" and epoch["trained_rows"] == 0:
+        if name == "b2diffurl" and job in ("configs/quickstart.yaml", VIDEO_JOB) and epoch["trained_rows"] == 0:
             continue  # an early stage of the chain: no branch stood out, no update (see EPOCHS)
         assert epoch["optimizer_steps"] > 0, f"epoch {epoch['epoch']} made no update: {epoch}"
     assert sum(epoch["optimizer_steps"] for epoch in history) >= 2  # LoRA A moves from the second step on

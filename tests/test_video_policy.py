@@ -121,3 +121,30 @@ def test_config_frames_must_match_the_policy(tiny_video_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"'prompts.frames' \(12\) and 'policy.num_frames' \(8\)"):
         resolve_config(str(path), [])
     assert resolve_config(str(path), ["prompts.frames=8"]).policy.num_frames == 8
+
+
+def test_video_run_report_shows_clips_as_gifs_and_frame_strips(tiny_video_dir, tmp_path):
+    import re
+
+    from PIL import Image
+
+    from genalign.configs import load_config
+    from genalign.train_config import TrainConfig
+    from genalign.trainer import train
+
+    out = tmp_path / "run"
+    cfg = load_config(TrainConfig, None, [
+        "policy.type=video_diffusion", f"policy.pretrained={tiny_video_dir}", "policy.num_steps=2", "policy.num_frames=8",
+        "prompts.source=moving_shapes", "prompts.objects=[1]", "prompts.frames=8", "reward.components=[{type: temporal_consistency}]",
+        "train.epochs=1", "train.prompts_per_epoch=2", "train.samples_per_prompt=2", "train.rollout_batch_size=4",
+        "train.train_batch_size=2", "report.num_prompts=2", "report.seeds=[0, 1]", "eval.prompts_per_set=2",
+        "eval.samples_per_prompt=1", f"output_dir={out}",
+    ])
+    train(cfg)
+    strip = Image.open(out / "samples_after.png")
+    assert strip.width > 8 * strip.height // 2  # rows of frame strips: much wider than tall per row
+    html = (out / "report.html").read_text()
+    gifs = re.findall(r"src='(report_images/[^']+\.gif)'", html)
+    assert len(gifs) == 2 * 2 * 2  # before and after, 2 prompts x 2 seeds
+    gif = Image.open(out / gifs[0])
+    assert gif.is_animated and gif.n_frames == 8

@@ -43,7 +43,6 @@ from dataclasses import asdict
 from typing import Any
 
 from diffusers import LCMScheduler
-from peft import LoraConfig
 
 from genalign.policies.backbones import ImageLatents
 from genalign.policies.consistency_config import (
@@ -56,7 +55,6 @@ from genalign.policies.latent_diffusion import LatentDiffusionPolicy
 from genalign.policies.lcm import LCMKernel
 from genalign.policies.unet_tuning import (
     POLICY_FILE,
-    make_lora_config,
     merge_runtime,
     portable_location,
     resolve_location,
@@ -96,10 +94,6 @@ class ConsistencyPolicy(LatentDiffusionPolicy):
         )
 
     # -- construction ----------------------------------------------------------------------
-    def lora_config(self) -> LoraConfig:
-        c = self.config
-        return make_lora_config(c.lora_rank, c.lora_alpha, c.lora_targets)
-
     @classmethod
     def from_pretrained(
         cls, path_or_id: str, config: ConsistencyPolicyConfig | None = None

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from peft import LoraConfig
 
 from genalign.conditions import condition_text
 from genalign.distributions import gaussian_log_prob
@@ -43,6 +44,7 @@ from genalign.policies.unet_tuning import (
     UNetFinetune,
     as_generators,
     check_branch_steps,
+    make_lora_config,
     per_row,
     scale_model_input,
 )
@@ -74,6 +76,11 @@ class LatentDiffusionPolicy:
         self.tuning = UNetFinetune(pipeline, config.finetune, self.lora_config(), config.weight_dtype,
                                    config.gradient_checkpointing, config.xformers)
         self.pipe.set_progress_bar_config(disable=True)
+
+    def lora_config(self) -> LoraConfig:
+        """The adapters of ``finetune: lora`` from the config's ``lora_rank``, ``lora_alpha``, ``lora_targets``."""
+        c = self.config
+        return make_lora_config(c.lora_rank, c.lora_alpha, c.lora_targets)
 
     # -- protocol: training ----------------------------------------------------------------
     @property

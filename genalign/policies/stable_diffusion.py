@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import torch
 from diffusers import StableDiffusionPipeline
-from peft import LoraConfig
 
 from genalign.configs import opt
 from genalign.policies.backbones import ImageLatents
@@ -29,7 +28,6 @@ from genalign.policies.latent_diffusion import LatentDiffusionPolicy
 from genalign.policies.unet_tuning import (
     POLICY_FILE,
     check_model_location,
-    make_lora_config,
     merge_runtime,
     portable_location,
     resolve_location,
@@ -95,10 +93,6 @@ class StableDiffusionPolicy(LatentDiffusionPolicy):
         return ImageLatents(pipeline, config.height, config.width)
 
     # -- construction ----------------------------------------------------------------------
-    def lora_config(self) -> LoraConfig:
-        c = self.config
-        return make_lora_config(c.lora_rank, c.lora_alpha, c.lora_targets)
-
     @classmethod
     def from_pretrained(cls, path_or_id: str, config: Any = None) -> StableDiffusionPolicy:
         """Load a diffusers pipeline (local dir or hub id) or a saved genalign policy dir."""
