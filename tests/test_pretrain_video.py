@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from genalign.recipes.pretrain_video import ClipStream, build_video_components, encode_clips, score_clips, summarise
+from genalign.recipes.pretrain_video import (
+    ClipStream,
+    build_video_components,
+    encode_clips,
+    score_clips,
+    summarise,
+)
 from genalign.toyworld.moving import make_condition, parse_moving_prompt, render_clip
 
 
