@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: the config's)")
-    ap.add_argument("--samples", type=int, default=8, help="evaluation clips per held-out prompt (20 prompts)")
+    ap.add_argument("--samples", type=int, default=4, help="evaluation clips per held-out prompt (20 prompts)")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of " + ", ".join(METHODS))
     ap.add_argument("--out", default="benchmarks/results/video")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)  # a worker run

@@ -128,6 +128,21 @@ def build_video_components(image_dir: str | Path, tok_dir: Path, seed: int) -> d
                 copied_token_rows=copied, inflated_tensors=len(inflated))
 
 
+def load_video_components(path: str | Path, tok_dir: Path) -> dict[str, Any]:
+    """The parts of a saved text-to-video pipeline, to train on (its tokenizer files copied to ``tok_dir``)."""
+    from diffusers import TextToVideoSDPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"--init {path}: not a diffusers pipeline folder (no model_index.json)")
+    pipe = TextToVideoSDPipeline.from_pretrained(str(path), local_files_only=True)
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(path / "tokenizer" / name, tok_dir / name)
+    return dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                scheduler=pipe.scheduler, copied_token_rows=None, inflated_tensors=None)
+
+
 def _is_temporal(key: str) -> bool:
     return key.startswith("transformer_in.") or ".temp_convs." in key or ".temp_attentions." in key
 
@@ -293,6 +308,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="assets/models/tiny-video", help="output pipeline folder")
     p.add_argument("--image-model", default="assets/models/tiny-sd",
                    help="the image pipeline whose VAE, scheduler, text encoder and spatial UNet weights are reused")
+    p.add_argument("--init", default=None,
+                   help="continue this text-to-video pipeline folder (e.g. a shorter run of this command) instead of "
+                        "inflating --image-model; every component is kept and training goes on from its weights")
     p.add_argument("--verifier", default="assets/models/shapes-verifier", help="Shapes World verifier for the shape column of the card")
     p.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, python and data")
     p.add_argument("--frames", type=int, default=8, help="frames per clip")
@@ -321,13 +339,13 @@ def main(argv=None) -> Path:
     verifier = ShapesVerifierReward.from_pretrained(args.verifier)
     with staged_folder(out) as tmp:
         tok_src = tmp / "_tokenizer_src"
-        comps = build_video_components(args.image_model, tok_src, args.seed)
+        comps = load_video_components(args.init, tok_src) if args.init else build_video_components(args.image_model, tok_src, args.seed)
         log: dict = dict(
             command=command_line(PROG, argv), args=vars(args), seed=args.seed,
             versions=versions(diffusers, transformers), threads=torch.get_num_threads(),
             parameters={k: count_parameters(comps[k]) for k in ("vae", "text_encoder", "unet")},
             vocab_size=len(comps["tokenizer"].get_vocab()), copied_token_rows=comps["copied_token_rows"],
-            inflated_tensors=comps["inflated_tensors"],
+            inflated_tensors=comps["inflated_tensors"], init=args.init,
         )
         print(f"parameters: {log['parameters']}, vocab {log['vocab_size']}", flush=True)
         pipe = TextToVideoSDPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
