@@ -16,7 +16,7 @@ def test_readme_seams_example_runs(monkeypatch):
     scope: dict = {}
     exec(compile(code, "README.md (the three seams)", "exec"), scope)
     kinds = {type(p).__name__ for p in scope["tasks"]}
-    assert kinds == {"StableDiffusionPolicy", "TextLMPolicy", "VLMPolicy"}
+    assert kinds == {"StableDiffusionPolicy", "VideoDiffusionPolicy", "TextLMPolicy", "VLMPolicy"}
     terms = scope["terms"]  # the last policy's (the VLM's) loss terms
     assert math.isfinite(float(terms.total)) and terms.normaliser > 0
     grads = [p.grad for p in scope["vlm"].trainable_parameters() if p.grad is not None]

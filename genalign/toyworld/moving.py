@@ -320,6 +320,17 @@ class MovingShapesPrompts:
         return {f"{k} object{'s' if k > 1 else ''}": sample_moving_conditions(k, n, self.eval_split, 12345, self.frames)
                 for k in self.objects}
 
+    def targets(self, conditions: Sequence[Any], seeds: Sequence[int], like: Any) -> Any:
+        """Ground truth of each condition: a fresh render per seed, with the frames and size of
+        ``like`` (``[B, F, 3, H, W]`` clips in [0, 1], the samples the targets stand opposite)."""
+        import torch
+
+        from genalign.conditions import condition_text
+
+        frames, size = like.shape[1], like.shape[-1]
+        clips = [render_clip(condition_text(c), int(s), frames=frames, size=size).array() for c, s in zip(conditions, seeds)]
+        return torch.from_numpy(np.stack(clips)).to(like.device)
+
     def evaluation(self, n: int) -> list[dict[str, Any]]:
         """``n`` fixed conditions of the eval split, interleaved over the object counts."""
         per = -(-n // len(self.objects))
