@@ -70,7 +70,6 @@ def evaluate(policy_dir: str, base: dict, seed: int, samples: int) -> dict:
     from genalign.policies import VideoDiffusionPolicy, VideoDiffusionPolicyConfig
     from genalign.recipes.pretrain_video import score_clips, summarise
     from genalign.toyworld.moving import all_moving_specs, make_condition
-    from rewards.motion import MotionReward
     from rewards.shapes_verifier import ShapesVerifierReward
 
     sampling = {k: base["policy"][k] for k in ("num_steps", "eta", "guidance_scale", "num_frames")}
@@ -83,9 +82,7 @@ def evaluate(policy_dir: str, base: dict, seed: int, samples: int) -> dict:
         seeds = [EVAL_SEED + seed * 100_000 + (i + c) * samples + j for c in range(len(chunk)) for j in range(samples)]
         clips.append(policy.rollout(chunk, samples, seeds).outputs.cpu())
         rows += [c for c in chunk for _ in range(samples)]
-    clips = torch.cat(clips)
-    strict = MotionReward()(clips, rows).components["strict"].bool().tolist()
-    return summarise(score_clips(clips, rows, verifier), strict)
+    return summarise(score_clips(torch.cat(clips), rows, verifier))
 
 
 def one_run(method: str, seed: int, epochs: int, samples: int, out: str) -> dict:

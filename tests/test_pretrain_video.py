@@ -67,7 +67,28 @@ def test_score_clips_reads_renders_and_catches_reversed_motion():
     rows = score_clips(clips, conds, verifier)
     assert len(rows) == 5 and all(r["color"] and r["direction"] for r in rows)
     assert sum(r["shape"] for r in rows) >= 4
-    summary = summarise(rows, [True] * 4)
-    assert summary["direction"] == 1.0 and summary["direction_by_wanted"]["still"] == 1.0
+    summary = summarise(rows)
+    assert summary["direction"] == 1.0 and summary["direction_by_wanted"]["still"] == 1.0 and summary["clip_strict"] == 1.0
     backwards = score_clips(clips.flip(1), conds, verifier)  # frames reversed: every moving object goes the other way
     assert [r["direction"] for r in backwards] == [r["wanted"] == "still" for r in backwards]
+    assert summarise(backwards)["clip_strict"] == 0.25  # only the still clip, of 4, is right
+
+
+def test_recipe_continues_a_pipeline_and_logs_its_evaluation(tiny_video_dir, tmp_path):
+    """The command end to end on a tiny pipeline: --init, a step, the per-attribute evaluation, a
+    loadable pipeline with its log and frame strip."""
+    import json
+
+    from diffusers import TextToVideoSDPipeline
+
+    from genalign.recipes.pretrain_video import main
+
+    out = main(["--init", tiny_video_dir, "--out", str(tmp_path / "v"), "--steps", "1", "--minutes", "0",
+                "--batch-size", "2", "--eval-prompts", "2"])
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["train"]["steps"] == 1 and log["init"] == tiny_video_dir
+    assert set(log["eval"]) == {"train/1", "train/2", "heldout/1", "heldout/2"}
+    assert log["eval"]["heldout/2"]["objects"] == 4 and 0 <= log["eval"]["heldout/1"]["direction"] <= 1
+    assert (out / "samples.png").is_file()
+    pipe = TextToVideoSDPipeline.from_pretrained(out)
+    assert pipe.tokenizer.get_vocab() == TextToVideoSDPipeline.from_pretrained(tiny_video_dir).tokenizer.get_vocab()

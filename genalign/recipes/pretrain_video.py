@@ -52,7 +52,7 @@ from .common import (
     staged_folder,
     versions,
 )
-from .sd_pipeline import build_tokenizer, save_tokenizer
+from .sd_pipeline import build_tokenizer, copy_tokenizer_source, save_tokenizer
 from .sd_training import train_unet
 
 PROG = "genalign toyworld pretrain video"
@@ -136,9 +136,7 @@ def load_video_components(path: str | Path, tok_dir: Path) -> dict[str, Any]:
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"--init {path}: not a diffusers pipeline folder (no model_index.json)")
     pipe = TextToVideoSDPipeline.from_pretrained(str(path), local_files_only=True)
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(path / "tokenizer" / name, tok_dir / name)
+    copy_tokenizer_source(pipe.tokenizer, path / "tokenizer", tok_dir)
     return dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
                 scheduler=pipe.scheduler, copied_token_rows=None, inflated_tensors=None)
 
@@ -227,62 +225,64 @@ def train(comps: dict[str, Any], stream: ClipStream, args: argparse.Namespace) -
 def score_clips(clips: torch.Tensor, conditions: Sequence[dict], verifier: Any) -> list[dict[str, Any]]:
     """Per object of each clip ``[B, F, 3, H, W]`` in [0, 1]: is its colour present in every frame,
     is it drawn as its shape (the Shapes World verifier's detection of its colour, on the middle
-    frame), does it move the named way (the ``motion`` verifier)."""
+    frame), does it move the named way (the ``motion`` verifier). ``clip`` is the clip's index."""
     from rewards.motion import MotionReward
 
     motion = MotionReward()(clips, list(conditions)).details
     middle = verifier.detect(clips[:, clips.shape[1] // 2])
     rows = []
-    for verdict, found in zip(motion, middle):
+    for i, (verdict, found) in enumerate(zip(motion, middle)):
         for obj in verdict["objects"]:
             same_colour = [d for d in found if d.color == obj["color"]]
-            rows.append(dict(color=obj["detected"] is not None,
+            rows.append(dict(clip=i, color=obj["detected"] is not None,
                              shape=any(d.shape == obj["shape"] for d in same_colour),
                              direction=bool(obj["correct"]), wanted=obj["direction"], detected=obj["detected"]))
     return rows
 
 
-def summarise(rows: list[dict[str, Any]], clips_strict: list[bool]) -> dict[str, Any]:
-    """Attribute accuracies over objects, direction accuracy per wanted direction, and the share
-    of clips whose every object moves the named way."""
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Attribute accuracies over objects (rows of :func:`score_clips`), direction accuracy per wanted
+    direction, and the share of clips whose every object moves the named way (the motion
+    verifier's strict verdict)."""
     from genalign.toyworld.moving import DIRECTIONS
 
     out: dict[str, Any] = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in ("color", "shape", "direction")}
     out["direction_by_wanted"] = {d: round(float(np.mean([r["direction"] for r in rows if r["wanted"] == d])), 3)
                                   for d in DIRECTIONS if any(r["wanted"] == d for r in rows)}
-    out["clip_strict"] = round(float(np.mean(clips_strict)), 3)
+    clips: dict[int, bool] = {}
+    for r in rows:
+        clips[r["clip"]] = clips.get(r["clip"], True) and r["direction"]
+    out["clip_strict"] = round(float(np.mean(list(clips.values()))), 3)
     out["objects"] = len(rows)
     return out
 
 
 @torch.no_grad()
-def sample_clips(pipe: Any, prompts: list[str], seed: int, steps: int = 20, guidance: float = 5.0,
+def sample_clips(pipe: Any, prompts: list[str], seed: int, frames: int = 8, steps: int = 20, guidance: float = 5.0,
                  batch: int = 16) -> torch.Tensor:
-    """Clips ``[N, F, 3, H, W]`` in [0, 1] from plain ``pipe(...)`` (DDIM, eta 0.5), seeded per chunk of ``batch``."""
-    frames = pipe.unet.config.get("num_frames", None) or 8
+    """Clips ``[N, F, 3, H, W]`` in [0, 1] at the pipeline's native size from plain ``pipe(...)`` (DDIM,
+    eta 0.5), seeded per chunk of ``batch``."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     out = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         gen = torch.Generator().manual_seed(seed + i)  # one per chunk: the pipeline's DDIM step sees [n*F, ...] rows
-        video = pipe(chunk, num_frames=frames, height=32, width=32, num_inference_steps=steps,
+        video = pipe(chunk, num_frames=frames, height=size, width=size, num_inference_steps=steps,
                      guidance_scale=guidance, eta=0.5, generator=gen, output_type="pt").frames  # [n, F, 3, H, W]
         out.append(torch.as_tensor(video).float())
     return torch.cat(out).clamp(0, 1)
 
 
-def evaluate(pipe: Any, verifier: Any, per_split: int, seed: int) -> dict[str, Any]:
+def evaluate(pipe: Any, verifier: Any, per_split: int, seed: int, frames: int = 8) -> dict[str, Any]:
     """Attribute accuracy on ``per_split`` fixed prompts of each split x object count."""
     from genalign.toyworld.moving import sample_moving_conditions
-    from rewards.motion import MotionReward
 
     result = {}
     for split in ("train", "heldout"):
         for n_obj in (1, 2):
-            conds = sample_moving_conditions(n_obj, per_split, split, seed=12345)
-            clips = sample_clips(pipe, [c["prompt"] for c in conds], seed)
-            rows = score_clips(clips, conds, verifier)
-            strict = MotionReward()(clips, conds).components["strict"].bool().tolist()
-            result[f"{split}/{n_obj}"] = summarise(rows, strict)
+            conds = sample_moving_conditions(n_obj, per_split, split, seed=12345, frames=frames)
+            clips = sample_clips(pipe, [c["prompt"] for c in conds], seed, frames)
+            result[f"{split}/{n_obj}"] = summarise(score_clips(clips, conds, verifier))
             print(f"eval {split} {n_obj} object(s): {result[f'{split}/{n_obj}']}", flush=True)
     return result
 
@@ -351,16 +351,16 @@ def main(argv=None) -> Path:
         pipe = TextToVideoSDPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
                                      unet=comps["unet"], scheduler=comps["scheduler"])
         pipe.set_progress_bar_config(disable=True)
-        stream = ClipStream(args.seed, args.frames)
+        stream = ClipStream(args.seed, args.frames, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
         log["train"] = train(comps, stream, args)
         print(f"trained {log['train']['steps']} steps in {log['train']['wall_s']:.0f} s", flush=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(comps["tokenizer"], tmp / "tokenizer", tok_src)
         shutil.rmtree(tok_src)
         e0 = time.monotonic()
-        log["eval"] = evaluate(pipe, verifier, args.eval_prompts, args.seed)
+        log["eval"] = evaluate(pipe, verifier, args.eval_prompts, args.seed, args.frames)
         labels = list(STRIP_PROMPTS) + ["a blue circle moving left (held-out pair)"]
-        clips = sample_clips(pipe, list(STRIP_PROMPTS) + ["a blue circle moving left"], args.seed)
+        clips = sample_clips(pipe, list(STRIP_PROMPTS) + ["a blue circle moving left"], args.seed, args.frames)
         frame_strip(clips, labels).save(tmp / "samples.png")
         log["eval_wall_s"] = round(time.monotonic() - e0, 1)
         log["total_wall_s"] = round(time.monotonic() - t0, 1)

@@ -212,17 +212,23 @@ def load_components(path: str | os.PathLike, tok_dir: str | os.PathLike) -> tupl
     if missing:
         raise FileNotFoundError(f"--init {path}: not a StableDiffusionPipeline folder (missing {', '.join(missing)})")
     pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
-    tok_dir = Path(tok_dir)
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    if all((path / "tokenizer" / n).is_file() for n in ("vocab.json", "merges.txt")):
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(path / "tokenizer" / name, tok_dir / name)
-    else:  # a folder with tokenizer.json only: write the two plain files from its BPE model
-        model = json.loads(pipe.tokenizer.backend_tokenizer.to_str())["model"]
-        (tok_dir / "vocab.json").write_text(json.dumps(model["vocab"], indent=0))
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-        (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
+    copy_tokenizer_source(pipe.tokenizer, path / "tokenizer", tok_dir)
     return pipe.tokenizer, dict(vae=pipe.vae, text_encoder=pipe.text_encoder, unet=pipe.unet, scheduler=pipe.scheduler)
+
+
+def copy_tokenizer_source(tokenizer, saved: str | os.PathLike, tok_dir: str | os.PathLike) -> None:
+    """``vocab.json``/``merges.txt`` of a saved tokenizer folder ``saved`` into ``tok_dir`` (for
+    :func:`save_tokenizer`); a folder with ``tokenizer.json`` only gets them written from its BPE model."""
+    saved, tok_dir = Path(saved), Path(tok_dir)
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    if all((saved / n).is_file() for n in ("vocab.json", "merges.txt")):
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(saved / name, tok_dir / name)
+        return
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (tok_dir / "vocab.json").write_text(json.dumps(model["vocab"], indent=0))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
 
 
 def make_pipeline(components: dict, tokenizer):
