@@ -66,7 +66,7 @@ def test_decode_is_the_pipelines_and_encode_inverts_the_layout(policy):
     latents = torch.randn(2, 4, FRAMES, 4, 4, generator=torch.Generator().manual_seed(3))
     clips = policy.decode(latents)  # [B, F, 3, H, W]
     video = policy.pipe.decode_latents(latents)  # [B, 3, F, H, W] in [-1, 1]
-    torch.testing.assert_close(clips, (video.permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(clips, (video.permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)  # 1/sf vs /sf: last bits
     z = policy.backbone.encode(clips)
     assert z.shape == latents.shape
     # frame k of the clip encodes to frame k of the latents
