@@ -6,7 +6,7 @@
     genalign sample CONFIG.yaml [key=value ...]
     genalign eval POLICY_OR_RUN_DIR [--split heldout] [--tiers 1 2 3] [--json FILE]
     genalign list
-    genalign toyworld pretrain {sd,verifier,clip,lm,vlm,video} [args ...]
+    genalign toyworld pretrain {sd,verifier,clip,lm,vlm,video,flow} [args ...]
     genalign toyworld distill lcm [--out DIR] [--minutes M] [--steps N] [--seed S] [args ...]
 
 Every config error is reported as one line naming the bad key, before any model loads.
@@ -86,6 +86,11 @@ def _toyworld(args: argparse.Namespace) -> int:
         from genalign.recipes.pretrain_vlm import main as pretrain_vlm
 
         pretrain_vlm(args.rest)  # returns the output folder, not an exit status
+        return 0
+    if args.what == "flow":
+        from genalign.recipes.pretrain_flow import main as pretrain_flow
+
+        pretrain_flow(args.rest)  # returns the output folder, not an exit status
         return 0
     if args.what == "video":
         from genalign.recipes.pretrain_video import main as pretrain_video
@@ -174,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG weight (default: the policy's)")
     p.add_argument("--verifier", default="assets/models/shapes-verifier", help="verifier directory")
     p.add_argument("--batch-size", type=int, default=64, help="rows per sampling call")
+    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampling setting of the policy's config (YAML value), e.g. max_sequence_length=1; repeatable")
     p.add_argument("--json", help="also write the table as JSON to this file")
     p.set_defaults(func=_eval)
 
@@ -183,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("toyworld", help="Shapes World tools", description="Shapes World tools: pretrain and distil the tiny models shipped in assets/.")
     tw = p.add_subparsers(dest="toyworld_command", required=True)
-    q = tw.add_parser("pretrain", help="train a tiny Shapes World model (sd: the text-to-image pipeline; verifier: the reward; clip: a CLIP and an aesthetic-style head; lm: the Shapes QA language model; vlm: the Shapes VQA vision-language model; video: the Moving Shapes text-to-video pipeline)")
-    q.add_argument("what", choices=["sd", "verifier", "clip", "lm", "vlm", "video"])
+    q = tw.add_parser("pretrain", help="train a tiny Shapes World model (sd: the text-to-image pipeline; verifier: the reward; clip: a CLIP and an aesthetic-style head; lm: the Shapes QA language model; vlm: the Shapes VQA vision-language model; video: the Moving Shapes text-to-video pipeline; flow: the rectified-flow SD3 pipeline)")
+    q.add_argument("what", choices=["sd", "verifier", "clip", "lm", "vlm", "video", "flow"])
     q.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the pretraining command (see --help after the name)")
     q.set_defaults(func=_toyworld)
     q = tw.add_parser("distill", help="distil a tiny Shapes World model (lcm: a latent consistency model from tiny-sd)")

@@ -117,15 +117,17 @@ def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float
 def _pipeline_kind(path_or_id: str) -> str:
     """The policy type of a bare diffusers pipeline: ``consistency`` when its scheduler is an
     LCMScheduler (a LatentConsistencyModelPipeline folder), ``video_diffusion`` for a
-    TextToVideoSDPipeline, else ``stable_diffusion``."""
+    TextToVideoSDPipeline, ``flow_matching`` for a StableDiffusion3Pipeline, else ``stable_diffusion``."""
     if os.path.isfile(os.path.join(path_or_id, "config.json")) and not os.path.isfile(os.path.join(path_or_id, "model_index.json")):
         raise ValueError(f"{path_or_id} is a single model folder, not a diffusers pipeline: name its policy type "
                          f"(--policy-type / policy_type, one of {sorted(POLICIES)})")
     model_index = os.path.join(path_or_id, "model_index.json")
     if os.path.isfile(model_index):
         with open(model_index) as f:
-            if json.load(f).get("_class_name") == "TextToVideoSDPipeline":
-                return "video_diffusion"
+            kind = {"TextToVideoSDPipeline": "video_diffusion", "StableDiffusion3Pipeline": "flow_matching"}.get(
+                json.load(f).get("_class_name"))
+            if kind:
+                return kind
     scheduler_config = os.path.join(path_or_id, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler_config):
         with open(scheduler_config) as f:
@@ -389,6 +391,19 @@ def format_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_policy_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> settings (values read as YAML: 1 is an int, true a bool)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--policy-option {pair!r}: expected KEY=VALUE")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
 def eval_command(args: argparse.Namespace) -> int:
     from rewards.shapes_verifier import ShapesVerifierReward
 
@@ -399,8 +414,9 @@ def eval_command(args: argparse.Namespace) -> int:
         raise ValueError(f"policy {path} is a video policy: `genalign eval` scores Shapes World images per tier. "
                          "Evaluate a video policy with `genalign train` (its `eval` section, e.g. the motion reward) or "
                          "benchmarks/video.py, or sample clips with `genalign sample`")
+    options = parse_policy_options(getattr(args, "policy_option", []))
     verifier = ShapesVerifierReward.from_pretrained(args.verifier)
-    policy = load_policy(path, args.steps, args.guidance_scale)
+    policy = load_policy(path, args.steps, args.guidance_scale, options=options)
     print(describe_sampler(path, policy, args.seed, args.n))
     table = evaluate_tiers(policy, verifier, args.tiers, args.split, args.prompts_per_tier, args.n, args.seed, args.batch_size)
     print(format_table(table))

@@ -17,9 +17,15 @@ component (``up`` is negative ``y``). The objects of a prompt have distinct colo
 colour alone identifies each; shape is not checked.
 
 Scores: ``strict`` 1 when every object is present and moves the named way, else 0;
-``partial`` the fraction of objects that are. Components: ``strict``, ``partial`` and
-``present`` (fraction of objects present); details list each object's detected direction and
-displacement.
+``partial`` the fraction of objects that are; ``progress`` a dense score in ``[-1, 1]``, the
+mean over objects of how far each went the named way, in units of the world's full path
+(``speed · (F - 1)``, :data:`~genalign.toyworld.moving.SPEED` unless a condition names its
+own speed): for a moving object its displacement along the named direction over the full path,
+clipped to ``[-1, 1]``; for a still object ``1 - 2·|d|/path`` clipped the same way (1 in place,
+-1 at a full path's move in any direction); an absent object scores -1. Sign errors and
+near-misses thus get graded credit where ``strict`` and ``partial`` give 0. Components:
+``strict``, ``partial``, ``progress`` and ``present`` (fraction of objects present); details
+list each object's detected direction and displacement.
 
 **temporal_consistency**: ``1 - mean_t mean|x_{t+1} - x_t|``, the mean absolute pixel
 difference of consecutive frames (all pixels and channels) subtracted from 1: in ``[0, 1]``,
@@ -38,7 +44,7 @@ import torch
 
 from genalign.conditions import condition_text
 from genalign.configs import opt
-from genalign.toyworld.moving import DIRECTIONS, parse_moving_prompt
+from genalign.toyworld.moving import DIRECTIONS, SPEED, parse_moving_prompt
 from genalign.toyworld.render import BACKGROUND
 from genalign.toyworld.spec import COLORS
 from rewards.base import RewardOutput
@@ -49,16 +55,21 @@ _COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 _PALETTE = torch.tensor([*COLORS.values(), BACKGROUND], dtype=torch.float32)
 
 
-def _wanted(condition: Any) -> list[tuple[str, str, str]]:
-    """``(colour, shape, direction)`` per object of a condition."""
+# Unit vectors of the moving directions (x right, y down).
+_UNIT: dict[str, tuple[float, float]] = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+
+
+def _wanted(condition: Any) -> list[tuple[str, str, str, float]]:
+    """``(colour, shape, direction, speed)`` per object of a condition (speed: the condition's,
+    else the world's :data:`SPEED`; it sets the ``progress`` score's unit)."""
     if isinstance(condition, dict) and "objects" in condition:
-        wanted = [(o["color"], o["shape"], o["direction"]) for o in condition["objects"]]
-        for color, _, direction in wanted:
+        wanted = [(o["color"], o["shape"], o["direction"], float(o.get("speed") or SPEED)) for o in condition["objects"]]
+        for color, _, direction, _ in wanted:
             if color not in COLORS or direction not in DIRECTIONS:
                 raise ValueError(f"condition object ({color!r}, {direction!r}) is not a Moving Shapes colour and "
                                  f"direction; colours: {', '.join(COLORS)}; directions: {', '.join(DIRECTIONS)}")
         return wanted
-    return [(o.color, o.shape, o.direction) for o in parse_moving_prompt(condition_text(condition)).objects]
+    return [(o.color, o.shape, o.direction, SPEED) for o in parse_moving_prompt(condition_text(condition)).objects]
 
 
 def segment(clip: torch.Tensor, color_tolerance: float) -> torch.Tensor:
@@ -72,6 +83,20 @@ def segment(clip: torch.Tensor, color_tolerance: float) -> torch.Tensor:
     best, idx = dist2.min(dim=1)
     idx[(idx == len(_COLOR_NAMES)) | (best > color_tolerance**2)] = -1
     return idx.view(f, h, w)
+
+
+def progress(displacement: tuple[float, float] | None, direction: str, path: float) -> float:
+    """Dense credit in ``[-1, 1]`` for an object asked to move ``direction`` along a full path of
+    ``path`` image widths (see the module docstring); -1 when the object is absent (None)."""
+    if displacement is None:
+        return -1.0
+    dx, dy = displacement
+    if direction == "still":
+        value = 1.0 - 2.0 * (dx * dx + dy * dy) ** 0.5 / path
+    else:
+        ux, uy = _UNIT[direction]
+        value = (dx * ux + dy * uy) / path
+    return min(1.0, max(-1.0, value))
 
 
 def detect_direction(displacement: tuple[float, float], still_threshold: float) -> str:
@@ -113,7 +138,10 @@ def net_displacement(track: torch.Tensor) -> tuple[float, float]:
 class MotionConfig:
     type: Literal["motion"] = opt("motion", "Moving Shapes motion verifier: object directions from colour-tracked centroids")
     weight: float = opt(1.0, "weight of this component in the summed reward")
-    score: Literal["strict", "partial"] = opt("strict", "strict 0/1 (every object right) or partial (fraction of objects right)")
+    score: Literal["strict", "partial", "progress"] = opt(
+        "strict", "strict 0/1 (every object right), partial (fraction of objects right) or progress (dense, in [-1, 1]: "
+        "distance moved the named way over the full path, -1 for an absent object)"
+    )
     still_threshold: float = opt(0.05, "net displacement (image widths) below which an object counts as still")
     color_tolerance: float = opt(80.0, "max RGB distance (0-255) of a pixel to its nearest palette colour to count for it")
     min_pixels: float = opt(0.004, "fraction of a frame an object's colour must cover, in every frame, to be present")
@@ -139,12 +167,14 @@ class MotionReward:
     def _verdicts(self, labels: torch.Tensor, condition: Any) -> dict[str, Any]:
         c = self.config
         objects = []
-        for color, shape, direction in _wanted(condition):
+        path_frames = labels.shape[0] - 1
+        for color, shape, direction, speed in _wanted(condition):
             track = track_color(labels, color, c.min_pixels)
             disp = net_displacement(track) if track is not None else None
             got = detect_direction(disp, c.still_threshold) if disp is not None else None
             objects.append({"color": color, "shape": shape, "direction": direction, "detected": got,
-                            "displacement": disp, "correct": got == direction})
+                            "displacement": disp, "correct": got == direction,
+                            "progress": progress(disp, direction, speed * path_frames)})
         return {"objects": objects}
 
     def __call__(self, outputs: Any, conditions: Sequence[Any]) -> RewardOutput:
@@ -157,9 +187,10 @@ class MotionReward:
         strict = torch.tensor([float(all(o["correct"] for o in d["objects"])) for d in details])
         partial = torch.tensor([sum(o["correct"] for o in d["objects"]) / len(d["objects"]) for d in details])
         present = torch.tensor([sum(o["detected"] is not None for o in d["objects"]) / len(d["objects"]) for d in details])
-        scores = strict if self.config.score == "strict" else partial
+        dense = torch.tensor([sum(o["progress"] for o in d["objects"]) / len(d["objects"]) for d in details])
+        scores = {"strict": strict, "partial": partial, "progress": dense}[self.config.score]
         return RewardOutput(scores.float(), {"strict": strict.float(), "partial": partial.float(),
-                                             "present": present.float()}, details)
+                                             "progress": dense.float(), "present": present.float()}, details)
 
 
 @dataclass

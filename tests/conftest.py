@@ -118,6 +118,49 @@ def tiny_video_dir(tmp_path_factory):
     return str(d)
 
 
+def build_tiny_sd3_pipeline(tmp_dir):
+    """A tiny StableDiffusion3Pipeline: two CLIP encoders with projections (no T5), a 2-block
+    SD3 transformer on 8×8×4 latents (patch 2), a 64×64 VAE whose latents are shifted and scaled
+    as SD3's are, and a shifted flow-matching scheduler."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    sd = build_tiny_pipeline(tmp_dir)
+    torch.manual_seed(3)
+    encoders = [
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(sd.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=24, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16,
+        ))
+        for _ in range(2)
+    ]
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=8,
+    )
+    vae = AutoencoderKL.from_config(sd.vae.config, shift_factor=0.1, scaling_factor=1.5)
+    vae.load_state_dict(sd.vae.state_dict())
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=encoders[0], tokenizer=sd.tokenizer, text_encoder_2=encoders[1], tokenizer_2=sd.tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A saved tiny StableDiffusion3Pipeline (random weights, 64×64 images, 8×8×4 latents)."""
+    d = tmp_path_factory.mktemp("tiny_sd3")
+    tok_dir = tmp_path_factory.mktemp("tok_sd3")
+    build_tiny_sd3_pipeline(tok_dir).save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_builder():
     """The character-level tokenizer builder, for tests that assemble their own tiny models."""

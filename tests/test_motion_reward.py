@@ -71,6 +71,24 @@ def test_strict_partial_and_missing_objects():
     assert partial(clips, conds).scores.tolist() == [0.5, 0.5]
 
 
+def test_progress_gives_graded_credit_along_the_named_direction():
+    """Progress = displacement along the named direction over the full path (speed · (F − 1));
+    the square moves 7 px right on a 16 px frame: 7/16 widths, a full path is 0.03 · 7 = 0.21."""
+    clip = _square_clip([(6, 2 + t) for t in range(8)])[None].repeat(5, 1, 1, 1, 1)
+    wants = ["moving right", "moving left", "moving up", "staying still", "moving right"]
+    conds = [f"a red circle {w}" for w in wants[:4]] + ["a blue circle moving right"]  # no blue: absent
+    out = REWARDS["motion"][1](MotionConfig(score="progress"))(clip, conds)
+    assert out.scores.tolist() == pytest.approx([1.0, -1.0, 0.0, -1.0, -1.0], abs=1e-6)  # clipped to [-1, 1]
+    in_place = _square_clip([(6, 6)] * 8)
+    still = MotionReward(MotionConfig(score="progress"))(in_place[None], ["a red circle staying still"])
+    assert still.scores.item() == pytest.approx(1.0)
+    slow = _square_clip([(6, 4 + t // 4) for t in range(8)])[None]  # 1 px over 8 frames: fitted 0.8 px
+    got = MotionReward(MotionConfig(score="progress"))(slow, ["a red circle moving right"])
+    dx = got.details[0]["objects"][0]["displacement"][0]
+    assert got.scores.item() == pytest.approx(dx / (0.03 * 7), abs=1e-6) and 0 < got.scores.item() < 1
+    assert out.components["progress"].tolist() == out.scores.tolist()
+
+
 def test_pil_clips_match_tensors_and_bad_layouts_are_named():
     rendered = render_clip("a purple triangle moving left", 2)
     reward = MotionReward()

@@ -123,6 +123,23 @@ def test_prompt_source_draws_conditions_of_its_split():
         MovingShapesPrompts(frames=20).validate()
 
 
+def test_training_pool_names_each_direction_and_splits_the_eval_set():
+    source = MovingShapesPrompts(objects=[1], split="heldout", eval_split="heldout", pool_size=5)
+    pool = source.pool(1)
+    assert [c["objects"][0]["direction"] for c in pool] == ["left", "right", "up", "down", "still"]
+    assert all(c["split"] == "heldout" for c in pool) and pool == source.pool(1)
+    drawn = source.sample(30, seed=3)
+    assert {c["prompt"] for c in drawn} <= {c["prompt"] for c in pool}
+    sets = source.eval_sets(20)
+    assert list(sets) == ["1 object (training pool)", "1 object (never trained)"]
+    assert {c["prompt"] for c in sets["1 object (training pool)"]} == {c["prompt"] for c in pool}
+    assert len(sets["1 object (never trained)"]) == 15
+    with pytest.raises(ValueError, match="'pool_size'"):
+        MovingShapesPrompts(pool_size=-1).validate()
+    with pytest.raises(ValueError, match="pool_size"):
+        MovingShapesPrompts(objects=[1], split="heldout", pool_size=30).pool(1)
+
+
 def test_prompt_source_is_registered():
     from genalign.prompts import PROMPT_SOURCES
 

@@ -40,6 +40,8 @@ TINY = {
     "consistency": ("tiny_lcm_dir", {"num_steps": 4}, ["red circle", "two blue squares"]),
     "video_diffusion": ("tiny_video_dir", {"num_steps": 4, "guidance_scale": 3.0, "num_frames": 4},
                         ["red circle moving right", "two blue squares"]),
+    "flow_matching": ("tiny_sd3_dir", {"num_steps": 4, "guidance_scale": 3.0, "max_sequence_length": 4},
+                      ["red circle", "two blue squares"]),
     "text_lm": ("tiny_lm_dir", {"max_new_tokens": 5}, ["w01 w02", "w03"]),
     # one question about an image, one text-only
     "vlm": ("tiny_vlm_dir", {"max_new_tokens": 5}, [{"prompt": "what color is the square ?", "image": _scene((200, 30, 30))},

@@ -81,7 +81,7 @@ def test_saved_lora_loads_in_plain_diffusers(tiny_video_dir, tmp_path):
 
     policy = make_policy(tiny_video_dir)
     with torch.no_grad():
-        for name, p in policy.unet.named_parameters():
+        for name, p in policy.denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     policy.save_pretrained(str(tmp_path / "lora"))
@@ -91,9 +91,9 @@ def test_saved_lora_loads_in_plain_diffusers(tiny_video_dir, tmp_path):
     text = torch.randn(1, 24, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         base = pipe.unet(x, t, encoder_hidden_states=text).sample
-        tuned = policy.unet(x, t, encoder_hidden_states=text).sample
+        tuned = policy.denoiser(x, t, encoder_hidden_states=text).sample
         loaded = VideoDiffusionPolicy.from_pretrained(str(tmp_path / "lora"), VideoDiffusionPolicyConfig(num_frames=FRAMES))
-        again = loaded.unet(x, t, encoder_hidden_states=text).sample
+        again = loaded.denoiser(x, t, encoder_hidden_states=text).sample
     assert (tuned - base).abs().max() > 1e-4  # the adapters matter
     torch.testing.assert_close(again, tuned, rtol=0, atol=0)
     state = TextToVideoSDPipeline.lora_state_dict(str(tmp_path / "lora"))[0]

@@ -2,6 +2,7 @@
 
 from genalign.policies.base import Policy
 from genalign.policies.consistency import ConsistencyPolicy, ConsistencyPolicyConfig
+from genalign.policies.flow_matching import FlowMatchingPolicy, FlowMatchingPolicyConfig
 from genalign.policies.stable_diffusion import StableDiffusionPolicy, StableDiffusionPolicyConfig
 from genalign.policies.text_lm import TextLMPolicy, TextLMPolicyConfig
 from genalign.policies.video_diffusion import VideoDiffusionPolicy, VideoDiffusionPolicyConfig
@@ -12,6 +13,7 @@ POLICIES = {
     "stable_diffusion": (StableDiffusionPolicyConfig, StableDiffusionPolicy),
     "consistency": (ConsistencyPolicyConfig, ConsistencyPolicy),
     "video_diffusion": (VideoDiffusionPolicyConfig, VideoDiffusionPolicy),
+    "flow_matching": (FlowMatchingPolicyConfig, FlowMatchingPolicy),
     "text_lm": (TextLMPolicyConfig, TextLMPolicy),
     "vlm": (VLMPolicyConfig, VLMPolicy),
 }
@@ -20,6 +22,8 @@ __all__ = [
     "POLICIES",
     "ConsistencyPolicy",
     "ConsistencyPolicyConfig",
+    "FlowMatchingPolicy",
+    "FlowMatchingPolicyConfig",
     "Policy",
     "StableDiffusionPolicy",
     "StableDiffusionPolicyConfig",

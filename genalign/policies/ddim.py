@@ -227,6 +227,7 @@ class DDIMKernel:
         self.eta = eta
         self.timesteps = self.scheduler.timesteps.long()  # [T]: t of each step
         self.num_steps = num_steps
+        self.init_noise_sigma = float(self.scheduler.init_noise_sigma)  # x_T = noise · this
 
     def step(self, model_output, timesteps, step_ids, sample, generator=None, stochastic=None, noise=None,
              prev_sample=None) -> StepOutput:

@@ -41,7 +41,7 @@ from genalign.distributions import gaussian_log_prob
 from genalign.policies.base import check_options
 from genalign.policies.lcm import guidance_embedding
 from genalign.policies.unet_tuning import (
-    UNetFinetune,
+    DenoiserFinetune,
     as_generators,
     check_branch_steps,
     make_lora_config,
@@ -65,16 +65,16 @@ class LatentDiffusionPolicy:
     def __init__(self, pipeline: Any, config: Any, backbone: Any, kernel: Any, guidance_scale: float,
                  embed_dim: int | None = None, negative_prompt: str = ""):
         self.config, self.pipe, self.backbone, self.kernel = config, pipeline, backbone, kernel
-        self.unet = pipeline.unet
+        self.denoiser = backbone.denoiser  # the UNet or transformer that fine-tuning adapts
         self.scheduler = kernel.scheduler
-        self.consts = kernel.consts
+        self.consts = getattr(kernel, "consts", None)
         #: width of the guidance embedding; None: classifier-free guidance (or none at w = 1)
         self.embed_dim = embed_dim
         self.guidance_scale = guidance_scale
         self.cfg = embed_dim is None and guidance_scale != 1.0
         self.negative_prompt = negative_prompt
-        self.tuning = UNetFinetune(pipeline, config.finetune, self.lora_config(), config.weight_dtype,
-                                   config.gradient_checkpointing, config.xformers)
+        self.tuning = DenoiserFinetune(pipeline, config.finetune, self.lora_config(), config.weight_dtype,
+                                       config.gradient_checkpointing, config.xformers, backbone.denoiser_name)
         self.pipe.set_progress_bar_config(disable=True)
 
     def lora_config(self) -> LoraConfig:
@@ -85,7 +85,7 @@ class LatentDiffusionPolicy:
     # -- protocol: training ----------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.denoiser.device
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -109,38 +109,36 @@ class LatentDiffusionPolicy:
 
     # -- the model -------------------------------------------------------------------------
     def _embed_keys(self) -> tuple[str, ...]:
-        return ("prompt_embeds", "negative_prompt_embeds") if self.cfg else ("prompt_embeds",)
+        keys = self.backbone.embed_keys
+        return (*keys, *(f"negative_{k}" for k in keys)) if self.cfg else keys
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Prompt embeddings ``[B, L, D]`` as the pipeline computes them (and the negative ones with CFG)."""
+        """Prompt embeddings as the pipeline computes them (``[B, L, D]``, with an SD3 backbone
+        also pooled ``[B, D']``), and the negative prompt's with CFG (keys ``negative_*``)."""
         prompts = list(prompts)
-        if not self.cfg:
-            cond, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
-            return {"prompt_embeds": cond}
-        cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, True,
-                                               negative_prompt=[self.negative_prompt] * len(prompts))
-        return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+        return self.backbone.encode_prompt(prompts, [self.negative_prompt] * len(prompts) if self.cfg else None)
 
     def _model_output(self, latents: torch.Tensor, t: torch.Tensor, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Guided UNet output (fp32) for latents ``[N, ...]`` at timesteps ``[N]``.
+        """Guided denoiser output (fp32) for latents ``[N, ...]`` at timesteps ``[N]``.
 
-        The one path to the UNet: the scheduler's model-input scaling is applied here, so
+        The one path to the denoiser: the scheduler's model-input scaling is applied here, so
         rollouts, single steps, recomputed log-probs and x̂0 predictions all see the same input.
         """
         latents = scale_model_input(self.scheduler, latents, t)
-        unet, dtype = self.tuning.module, self.unet.dtype
-        cond = embeds["prompt_embeds"].to(dtype)
+        module, dtype = self.tuning.module, self.denoiser.dtype
+        keys = self.backbone.embed_keys
+        cond = {k: embeds[k].to(dtype) for k in keys}
+        forward = self.backbone.forward
         if self.embed_dim is not None:
             w = torch.full((latents.shape[0],), self.guidance_scale - 1.0, device=latents.device)  # [N]
             w_emb = guidance_embedding(w, self.embed_dim).to(dtype)  # [N, D_w]
-            return unet(latents.to(dtype), t, timestep_cond=w_emb, encoder_hidden_states=cond).sample.float()
+            return forward(module, latents.to(dtype), t, cond, timestep_cond=w_emb).float()
         if not self.cfg:
-            return unet(latents.to(dtype), t, encoder_hidden_states=cond).sample.float()
+            return forward(module, latents.to(dtype), t, cond).float()
         x = torch.cat([latents, latents]).to(dtype)  # [2N, ...], uncond rows first as in diffusers
-        uncond = embeds["negative_prompt_embeds"].to(dtype)
-        out = unet(x, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
-        out_u, out_c = out.float().chunk(2)
+        both = {k: torch.cat([embeds[f"negative_{k}"].to(dtype), cond[k]]) for k in keys}
+        out_u, out_c = forward(module, x, torch.cat([t, t]), both).float().chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -163,7 +161,7 @@ class LatentDiffusionPolicy:
         chain, log_probs = [latents], []
         n = latents.shape[0]
         for j in range(first_step, self.kernel.num_steps):
-            t = torch.full((n,), int(self.kernel.timesteps[j]), device=latents.device, dtype=torch.long)
+            t = self.kernel.timesteps[j].to(latents.device).expand(n).clone()  # [N]: the kernel's dtype
             ids = torch.full((n,), j, device=latents.device, dtype=torch.long)
             noise = None
             if antithetic:
@@ -207,7 +205,7 @@ class LatentDiffusionPolicy:
             latents = latents.repeat_interleave(n_per_condition, 0)
         else:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
-        return latents.float() * self.scheduler.init_noise_sigma
+        return latents.float() * self.kernel.init_noise_sigma
 
     # -- protocol: sampling ----------------------------------------------------------------
     @torch.no_grad()
@@ -279,7 +277,7 @@ class LatentDiffusionPolicy:
         latents = randn_tensor((n, *self.backbone.latent_shape()), generator=generator, device=self.device,
                                dtype=embeds["prompt_embeds"].dtype)
         chain = torch.zeros(n, t + 1, *latents.shape[1:], device=self.device)
-        chain[:, 0] = latents.float() * self.scheduler.init_noise_sigma
+        chain[:, 0] = latents.float() * self.kernel.init_noise_sigma
         return self._chain_trajectory(rows, self._groups(len(conditions), n_per_condition), chain,
                                       torch.zeros(n, t, device=self.device),
                                       torch.zeros(n, t, dtype=torch.bool, device=self.device), None, embeds)

@@ -175,6 +175,7 @@ class LCMKernel:
         self.consts = LCMConstants.from_scheduler(self.scheduler, num_steps)  # also sets the timesteps
         self.num_steps = self.consts.num_transitions
         self.timesteps = self.consts.timesteps[: self.num_steps]  # [T]: τ_n of each transition
+        self.init_noise_sigma = float(self.scheduler.init_noise_sigma)  # x_T = noise · this
 
     def step(self, model_output, timesteps, step_ids, sample, generator=None, stochastic=None, noise=None,
              prev_sample=None) -> StepOutput:

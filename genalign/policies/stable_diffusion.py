@@ -83,7 +83,7 @@ class StableDiffusionPolicy(LatentDiffusionPolicy):
             pipeline,
             config,
             self.make_backbone(pipeline, config),
-            DDIMKernel(pipeline.scheduler, config.num_steps, config.eta),
+            self.make_kernel(pipeline, config),
             guidance_scale=config.guidance_scale,
             negative_prompt=config.negative_prompt,
         )
@@ -91,6 +91,10 @@ class StableDiffusionPolicy(LatentDiffusionPolicy):
     @staticmethod
     def make_backbone(pipeline: Any, config: StableDiffusionPolicyConfig) -> ImageLatents:
         return ImageLatents(pipeline, config.height, config.width)
+
+    @staticmethod
+    def make_kernel(pipeline: Any, config: StableDiffusionPolicyConfig) -> DDIMKernel:
+        return DDIMKernel(pipeline.scheduler, config.num_steps, config.eta)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod

@@ -68,13 +68,18 @@ def make_lora_config(rank: int, alpha: float | None, targets: Sequence[str]) -> 
     )
 
 
-class UNetFinetune:
-    """The trainable part of a diffusers pipeline: its UNet's LoRA adapters, or all its weights.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
-    The VAE and text encoder are frozen (in ``weight_dtype``). With LoRA the UNet base is frozen
-    too and the reference policy is the same UNet with adapters disabled; with full fine-tuning
-    the reference is a frozen copy of the starting weights (twice the UNet memory).
-    ``module`` is what forward passes call: the UNet, or its DDP/FSDP wrapper after ``prepare``.
+
+class DenoiserFinetune:
+    """The trainable part of a diffusers pipeline: its denoiser's LoRA adapters, or all its weights.
+
+    The denoiser is the pipeline component named ``denoiser`` (``unet`` for Stable Diffusion,
+    consistency and text-to-video pipelines, ``transformer`` for SD3-family ones). The VAE and
+    text encoders are frozen (in ``weight_dtype``). With LoRA the denoiser's base is frozen too
+    and the reference policy is the same model with adapters disabled; with full fine-tuning the
+    reference is a frozen copy of the starting weights (twice the denoiser's memory).
+    ``module`` is what forward passes call: the denoiser, or its DDP/FSDP wrapper after ``prepare``.
     """
 
     def __init__(
@@ -85,65 +90,68 @@ class UNetFinetune:
         weight_dtype: str,
         gradient_checkpointing: bool = False,
         xformers: bool = False,
+        denoiser: str = "unet",
     ):
-        self.pipe, self.unet, self.finetune, self.lora = pipeline, pipeline.unet, finetune, lora
-        self.module: torch.nn.Module = self.unet
-        self.reference_unet: torch.nn.Module | None = None
+        self.name = denoiser
+        self.pipe, self.model, self.finetune, self.lora = pipeline, getattr(pipeline, denoiser), finetune, lora
+        self.module: torch.nn.Module = self.model
+        self.reference_model: torch.nn.Module | None = None
         dtype = DTYPES[weight_dtype]
-        for frozen in (pipeline.vae, pipeline.text_encoder):
+        encoders = [getattr(pipeline, n, None) for n in TEXT_ENCODERS]
+        for frozen in (pipeline.vae, *(e for e in encoders if e is not None)):
             frozen.requires_grad_(False)
             if frozen.dtype != dtype:
                 frozen.to(dtype=dtype)
         if finetune == "lora":
-            self.unet.requires_grad_(False)
-            if self.unet.dtype != dtype:
-                self.unet.to(dtype=dtype)
-            if "default" not in (getattr(self.unet, "peft_config", None) or {}):
-                if hasattr(self.unet, "add_adapter"):
-                    self.unet.add_adapter(lora)
-                else:  # a UNet without diffusers' peft mixin (UNet3DConditionModel): peft directly
-                    inject_adapter_in_model(lora, self.unet, adapter_name="default")
-            for name, p in self.unet.named_parameters():
+            self.model.requires_grad_(False)
+            if self.model.dtype != dtype:
+                self.model.to(dtype=dtype)
+            if "default" not in (getattr(self.model, "peft_config", None) or {}):
+                if hasattr(self.model, "add_adapter"):
+                    self.model.add_adapter(lora)
+                else:  # a model without diffusers' peft mixin (UNet3DConditionModel): peft directly
+                    inject_adapter_in_model(lora, self.model, adapter_name="default")
+            for name, p in self.model.named_parameters():
                 if "lora_" in name:
                     p.data = p.data.float()
                     p.requires_grad_(True)
         else:
-            self.unet.requires_grad_(True)
-            if self.unet.dtype != torch.float32:
-                self.unet.to(dtype=torch.float32)
-            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            self.model.requires_grad_(True)
+            if self.model.dtype != torch.float32:
+                self.model.to(dtype=torch.float32)
+            self.reference_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.model.enable_gradient_checkpointing()
         if xformers:
-            self.unet.enable_xformers_memory_efficient_attention()
+            self.model.enable_xformers_memory_efficient_attention()
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.unet)
+        return trainable_state(self.model)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(self.unet, state)
+        load_trainable_state(self.model, state)
 
     def prepare(self, accelerator: Any) -> list[torch.nn.Module]:
         self.pipe.to(accelerator.device)
-        if self.reference_unet is not None:
-            self.reference_unet.to(accelerator.device)
-        self.module = accelerator.prepare_model(self.unet)
+        if self.reference_model is not None:
+            self.reference_model.to(accelerator.device)
+        self.module = accelerator.prepare_model(self.model)
         return [self.module]
 
     @contextmanager
     def reference(self) -> Iterator[None]:
         if self.finetune == "lora":
-            set_adapters_enabled(self.unet, False)
+            set_adapters_enabled(self.model, False)
             try:
                 yield
             finally:
-                set_adapters_enabled(self.unet, True)
+                set_adapters_enabled(self.model, True)
             return
         saved = self.module
-        self.module = self.reference_unet
+        self.module = self.reference_model
         try:
             yield
         finally:
@@ -156,8 +164,8 @@ class UNetFinetune:
         if self.finetune == "lora":
             type(self.pipe).save_lora_weights(
                 directory,
-                unet_lora_layers=get_peft_model_state_dict(self.unet),
-                unet_lora_adapter_metadata=self.lora.to_dict(),
+                **{f"{self.name}_lora_layers": get_peft_model_state_dict(self.model),
+                   f"{self.name}_lora_adapter_metadata": self.lora.to_dict()},
                 safe_serialization=True,
             )
         else:
@@ -165,9 +173,11 @@ class UNetFinetune:
 
     def load_lora(self, directory: str) -> None:
         """Load adapters saved by :meth:`save` into the (already added) ``default`` adapter."""
-        state = type(self.pipe).lora_state_dict(directory)[0]
-        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-        result = set_peft_model_state_dict(self.unet, state)
+        state = type(self.pipe).lora_state_dict(directory)
+        state = state[0] if isinstance(state, tuple) else state  # (state, alphas) for UNet pipelines
+        prefix = f"{self.name}."
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(self.model, state)
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if missing:
             raise ValueError(
@@ -190,8 +200,11 @@ def scale_model_input(scheduler: Any, latents: torch.Tensor, timesteps: torch.Te
     Every UNet call of a policy (rollout, one step, log-prob recomputation, x̂0 prediction)
     goes through this, so a recomputed log-prob sees the same model input as the rollout
     that drew the action. ``scale_model_input`` takes one timestep, so rows are grouped by
-    timestep (identity for DDIM and LCM).
+    timestep (identity for DDIM and LCM). A scheduler without one (flow matching) feeds the
+    latents as they are.
     """
+    if not hasattr(scheduler, "scale_model_input"):
+        return latents
     first = timesteps.reshape(-1)[:1]
     if bool((timesteps == first).all()):
         return scheduler.scale_model_input(latents, timesteps[0])
@@ -202,9 +215,16 @@ def scale_model_input(scheduler: Any, latents: torch.Tensor, timesteps: torch.Te
     return out
 
 
+def _shift(vae: Any) -> float:
+    """The VAE's latent shift (SD3-family VAEs centre latents as (z − shift) · scale; SD's have none)."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Latents ``[N, C, h, w]`` -> images ``[N, 3, H, W]`` in [0, 1]."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    shift = _shift(vae)
+    images = vae.decode(scaled + shift if shift else scaled).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -212,7 +232,7 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
 def encode_images(vae: Any, images: torch.Tensor) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in [0, 1] -> scaled latents ``[N, C, h, w]`` (the VAE posterior mean), fp32."""
     pixels = images.to(vae.device, vae.dtype) * 2 - 1
-    return vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor
+    return (vae.encode(pixels).latent_dist.mean.float() - _shift(vae)) * vae.config.scaling_factor
 
 
 def merge_runtime(saved: Any, given: Any, pretrained: str, base_keys: Sequence[str]) -> Any:

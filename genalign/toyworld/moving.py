@@ -300,15 +300,41 @@ class MovingShapesPrompts:
     split: Literal["train", "heldout"] = opt("train", "prompts to train on")
     eval_split: Literal["train", "heldout"] = opt("heldout", "prompts for before/after comparisons and eval")
     frames: int = opt(DEFAULT_FRAMES, f"frames per clip ({MIN_FRAMES}-{MAX_FRAMES}), recorded in each condition")
+    pool_size: int = opt(
+        0, "if > 0, train on a fixed pool of this many prompts per object count, the first object's directions "
+        "in turn (else fresh draws)"
+    )
 
     def validate(self) -> None:
         if not self.objects or any(k not in (1, 2) for k in self.objects):
             raise ValueError(f"'objects' must be a non-empty subset of [1, 2], got {self.objects}")
         if not MIN_FRAMES <= self.frames <= MAX_FRAMES:
             raise ValueError(f"'frames' must be in {MIN_FRAMES}..{MAX_FRAMES}, got {self.frames}")
+        if self.pool_size < 0:
+            raise ValueError(f"'pool_size' must be >= 0, got {self.pool_size}")
+
+    def pool(self, n_objects: int) -> list[dict[str, Any]]:
+        """The fixed training conditions with ``n_objects`` objects when ``pool_size`` > 0 (else
+        empty): a seeded order of the split's prompts, taken so that the first object's direction
+        cycles through every direction (a pool of 5 names each direction once)."""
+        if self.pool_size <= 0:
+            return []
+        order = sample_moving_conditions(n_objects, len(_all_specs(n_objects, self.split)), self.split, 1000 + n_objects,
+                                         self.frames)
+        by_direction = {d: [c for c in order if c["objects"][0]["direction"] == d] for d in DIRECTIONS}
+        picked: list[dict[str, Any]] = []
+        for i in range(self.pool_size):
+            queue = by_direction[DIRECTIONS[i % len(DIRECTIONS)]]
+            if not queue:
+                raise ValueError(f"'pool_size' {self.pool_size} exceeds the {len(order)} {self.split} prompts")
+            picked.append(queue.pop(0))
+        return picked
 
     def sample(self, n: int, seed: int) -> list[dict[str, Any]]:
         rng = random.Random(f"moving-shapes/sample/{self.split}/{seed}")
+        if self.pool_size > 0:
+            pool = [c for k in self.objects for c in self.pool(k)]
+            return [rng.choice(pool) for _ in range(n)]
         out = []
         for _ in range(n):
             specs = _all_specs(rng.choice(self.objects), self.split)
@@ -316,9 +342,25 @@ class MovingShapesPrompts:
         return out
 
     def eval_sets(self, n: int) -> dict[str, list[dict[str, Any]]]:
-        """``n`` fixed conditions of the eval split per object count, as ``"1 object"`` / ``"2 objects"``."""
-        return {f"{k} object{'s' if k > 1 else ''}": sample_moving_conditions(k, n, self.eval_split, 12345, self.frames)
-                for k in self.objects}
+        """``n`` fixed conditions of the eval split per object count, as ``"1 object"`` / ``"2 objects"``.
+
+        When the training pool is drawn from the eval split (``pool_size`` > 0 and
+        ``split == eval_split``), each count's conditions are divided, in order, into
+        ``"1 object (training pool)"`` and ``"1 object (never trained)"``.
+        """
+        sets: dict[str, list[dict[str, Any]]] = {}
+        for k in self.objects:
+            name = f"{k} object{'s' if k > 1 else ''}"
+            conds = sample_moving_conditions(k, n, self.eval_split, 12345, self.frames)
+            if self.pool_size <= 0 or self.split != self.eval_split:
+                sets[name] = conds
+                continue
+            pool = {c["prompt"] for c in self.pool(k)}
+            for part_name, part in ((f"{name} (training pool)", [c for c in conds if c["prompt"] in pool]),
+                                    (f"{name} (never trained)", [c for c in conds if c["prompt"] not in pool])):
+                if part:
+                    sets[part_name] = part
+        return sets
 
     def targets(self, conditions: Sequence[Any], seeds: Sequence[int], like: Any) -> Any:
         """Ground truth of each condition: a fresh render per seed, with the frames and size of
