@@ -1,10 +1,15 @@
-"""Rollout overhead: StableDiffusionPolicy.rollout (with log-probs) vs the plain diffusers call.
+"""Rollout overhead: a policy's rollout (with log-probs) vs the plain diffusers call.
 
-Both run the same pipeline weights, DDIM scheduler, steps, eta, CFG, batch and seeds,
-interleaved (A, B, A, B, …) after a warm-up, so machine noise hits both alike. The ratio
-of medians is the overhead of keeping states, actions and log-probs. Target: ≤ 1.05×.
+Both run the same pipeline weights, steps, CFG, batch and seeds, interleaved (A, B, A, B, …)
+after a warm-up, so machine noise hits both alike. The ratio of medians is the overhead of
+keeping states, actions and log-probs. Stable Diffusion pipelines: StableDiffusionPolicy with
+the DDIM scheduler and eta on both sides (target ≤ 1.05×). SD3-family pipelines
+(``model_index.json`` names StableDiffusion3Pipeline): FlowMatchingPolicy with Flow-GRPO's SDE
+at ``--noise-level`` against the pipeline's own Euler ODE sampler (target ≤ 1.02×); the images
+differ by the SDE's noise, so no image difference is reported for them.
 
     python benchmarks/rollout_overhead.py                       # tiny Shapes World SD, CPU
+    python benchmarks/rollout_overhead.py --model assets/models/tiny-flow --out benchmarks/results/rollout_overhead_flow.json
     python benchmarks/rollout_overhead.py --arch sd15 --device cuda --batch 8 --steps 50
 
 ``--arch sd15`` builds Stable Diffusion 1.5's architecture (UNet 860M, VAE, 12-layer CLIP
@@ -55,6 +60,28 @@ def build_sd15_random(dtype: torch.dtype) -> StableDiffusionPipeline:
     return pipe.to(dtype=dtype)
 
 
+def is_sd3(model: str) -> bool:
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):
+        return False
+    with open(index) as f:
+        return json.load(f).get("_class_name") == "StableDiffusion3Pipeline"
+
+
+def build_flow(args: argparse.Namespace, dtype: torch.dtype) -> tuple:
+    """The SD3 pipeline and a FlowMatchingPolicy on the very same modules."""
+    from genalign.policies import FlowMatchingPolicy, FlowMatchingPolicyConfig
+
+    pipe = FlowMatchingPolicy.load_pipeline(args.model, None).to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
+    height = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    config = FlowMatchingPolicyConfig(pretrained=args.model, num_steps=args.steps, guidance_scale=args.guidance_scale,
+                                      noise_level=args.noise_level, max_sequence_length=args.max_sequence_length,
+                                      weight_dtype=args.dtype)
+    return pipe, FlowMatchingPolicy(pipe, config), height
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="assets/models/tiny-sd", help="diffusers pipeline directory or hub id")
@@ -67,23 +94,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eta", type=float, default=1.0,
                     help="DDIM eta on both sides; below 1 for a zero-terminal-SNR model such as tiny-sd, where "
                          "diffusers' step at eta 1 can round to NaN (tiny-sd's model card)")
+    ap.add_argument("--noise-level", type=float, default=0.7, help="SDE noise level of the flow policy (SD3 pipelines)")
+    ap.add_argument("--max-sequence-length", type=int, default=1, help="T5 tokens per prompt (SD3 pipelines without T5)")
     ap.add_argument("--repeats", type=int, default=7, help="timed calls per side (after one warm-up each)")
     ap.add_argument("--out", default="benchmarks/results/rollout_overhead.json")
     args = ap.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
-    if args.arch == "sd15":
+    flow = args.arch == "pretrained" and is_sd3(args.model)
+    if flow:
+        pipe, policy, height = build_flow(args, dtype)
+    elif args.arch == "sd15":
         pipe = build_sd15_random(dtype)
         height = 512
     else:
         pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False, dtype=dtype)
         height = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(args.device)
-    config = StableDiffusionPolicyConfig(pretrained=args.model, num_steps=args.steps, guidance_scale=args.guidance_scale,
-                                         weight_dtype=args.dtype, height=height, width=height, eta=args.eta)
-    policy = StableDiffusionPolicy(pipe, config)  # shares the very same modules
+    if not flow:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(args.device)
+        config = StableDiffusionPolicyConfig(pretrained=args.model, num_steps=args.steps, guidance_scale=args.guidance_scale,
+                                             weight_dtype=args.dtype, height=height, width=height, eta=args.eta)
+        policy = StableDiffusionPolicy(pipe, config)  # shares the very same modules
     prompts = [f"a red circle {i % 4}" for i in range(args.batch)]
 
     def sync() -> None:
@@ -94,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return [torch.Generator().manual_seed(i) for i in range(args.batch)]
 
     def run_pipeline() -> torch.Tensor:
+        if flow:
+            return pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=gens(),
+                        output_type="pt", height=height, width=height, max_sequence_length=args.max_sequence_length).images
         return pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, generator=gens(),
                     output_type="pt", height=height, width=height).images
 
@@ -119,16 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["genalign rollout"] / med["diffusers pipeline"]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    sampler = f"{args.steps} steps: Flow-GRPO SDE a={args.noise_level} vs the Euler ODE" if flow else f"{args.steps} DDIM steps"
     print(f"rollout overhead — {args.arch} {args.model if args.arch == 'pretrained' else ''} on {args.device} ({device_name}), "
-          f"{args.dtype}, batch {args.batch}, {args.steps} DDIM steps, CFG {args.guidance_scale}, {height}px, {args.repeats} repeats")
+          f"{args.dtype}, batch {args.batch}, {sampler}, CFG {args.guidance_scale}, {height}px, {args.repeats} repeats")
     print(f"{'':22s} {'median s':>10s} {'min s':>10s} {'img/s':>8s}")
     for k, v in times.items():
         print(f"{k:22s} {med[k]:10.3f} {min(v):10.3f} {args.batch / med[k]:8.1f}")
-    print(f"ratio (rollout / pipeline, medians): {ratio:.3f}   max |image difference|: {max_diff:.2e}")
+    diff = "(the SDE's noise: not comparable)" if flow else f"{max_diff:.2e}"
+    print(f"ratio (rollout / pipeline, medians): {ratio:.3f}   max |image difference|: {diff}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "device": device_name, "times": times, "median": med, "ratio": ratio,
-                   "max_image_difference": max_diff, "torch": torch.__version__, "python": sys.version.split()[0]}, f, indent=2)
+                   "max_image_difference": None if flow else max_diff, "torch": torch.__version__, "python": sys.version.split()[0]}, f, indent=2)
     return 0
 
 

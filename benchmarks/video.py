@@ -28,9 +28,7 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -39,6 +37,7 @@ import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from worker_runs import mean_std, peak_rss_mb, run_cells, train_once  # noqa: E402
 
 CONFIG = "configs/video_quickstart.yaml"
 METHODS = ("base", "DDPO", "GRPO", "D3PO")
@@ -87,10 +86,6 @@ def evaluate(policy_dir: str, base: dict, seed: int, samples: int) -> dict:
 
 def one_run(method: str, seed: int, epochs: int, samples: int, out: str) -> dict:
     """Train (unless base) and evaluate one (method, seed) in this process."""
-    from genalign.configs import from_dict
-    from genalign.train_config import TrainConfig
-    from genalign.trainer import train
-
     with open(CONFIG) as f:
         base = yaml.safe_load(f)
     t0 = time.monotonic()
@@ -98,22 +93,13 @@ def one_run(method: str, seed: int, epochs: int, samples: int, out: str) -> dict
         policy_dir, history = base["policy"]["pretrained"], []
     else:
         run_dir = os.path.join(out, "runs", f"{method.lower()}_seed{seed}")
-        cfg = run_config(base, method, seed, epochs, run_dir)
-        if not os.path.isfile(os.path.join(run_dir, "final", "genalign_policy.json")):
-            train(from_dict(TrainConfig, cfg), resume=os.path.isdir(run_dir))
+        history = train_once(run_config(base, method, seed, epochs, run_dir), run_dir)
         policy_dir = os.path.join(run_dir, "final")
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            history = [json.loads(line) for line in f]
     train_s = time.monotonic() - t0
     summary = evaluate(policy_dir, base, seed, samples)
     return {"method": method, "seed": seed, "summary": summary, "train_s": round(train_s, 1),
-            "total_s": round(time.monotonic() - t0, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "total_s": round(time.monotonic() - t0, 1), "peak_rss_mb": peak_rss_mb(),
             "reward_curve": [h.get("reward_mean") for h in history]}
-
-
-def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,31 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(result))
         return 0
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    results: dict = {"runs": {}}
-    if os.path.isfile(path):
-        with open(path) as f:
-            results = json.load(f)
-    for method in args.methods:
-        for seed in args.seeds:
-            key = f"{method} | seed {seed}"
-            if key in results["runs"]:
-                continue
-            cmd = [sys.executable, __file__, "--one", method, str(seed), "--epochs", str(epochs), "--samples",
-                   str(args.samples), "--out", args.out]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-                raise SystemExit(f"{key} failed (exit {proc.returncode})")
-            results["runs"][key] = json.loads(lines[-1][len("RESULT "):])
-            s = results["runs"][key]["summary"]
-            print(f"{key}: direction {s['direction']:.3f}, colour {s['color']:.3f}, shape {s['shape']:.3f}, "
-                  f"{results['runs'][key]['total_s']:.0f} s", file=sys.stderr, flush=True)
-            results["settings"] = {**vars(args), "epochs": epochs}
-            with open(path, "w") as f:
-                json.dump(results, f, indent=1)
 
+    def worker(method: str, seed: int) -> list[str]:
+        return [sys.executable, __file__, "--one", method, str(seed), "--epochs", str(epochs), "--samples",
+                str(args.samples), "--out", args.out]
+
+    def describe(r: dict) -> str:
+        s = r["summary"]
+        return f"direction {s['direction']:.3f}, colour {s['color']:.3f}, shape {s['shape']:.3f}, {r['total_s']:.0f} s"
+
+    results = run_cells(os.path.join(args.out, "results.json"), args.methods, args.seeds, worker,
+                        {**vars(args), "epochs": epochs}, describe)
     runs = [r for r in results["runs"].values() if r["method"] in args.methods and r["seed"] in args.seeds]
     by_method = {m: [r for r in runs if r["method"] == m] for m in args.methods}
     lines = [f"\nHeld-out one-object prompts, {args.samples} clips each (mean ± std over seeds {args.seeds}; "

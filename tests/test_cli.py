@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from genalign.cli import main
 
 
@@ -33,14 +35,18 @@ def test_sample_errors(tiny_sd_dir, tmp_path, capsys):
     assert "no model directory" in capsys.readouterr().err
 
 
-def test_sample_config_with_guidance(tiny_sd_dir, tmp_path, capsys):
-    """A YAML sample config runs SVDD-PM and reports its compute; a bad method names the key."""
+@pytest.mark.parametrize("model, options", [("tiny_sd_dir", {}), ("tiny_sd3_dir", {"max_sequence_length": 4})])
+def test_sample_config_with_guidance(model, options, request, tmp_path, capsys):
+    """A YAML sample config runs SVDD-PM and reports its compute; a bad method names the key.
+    SVDD needs only a policy's ``step`` and ``predict_final``: on the flow policy (an SD3
+    pipeline) it runs with the same compute as on tiny-sd."""
     import json
 
     import yaml
 
-    cfg = {"policy": tiny_sd_dir, "prompts": ["a red circle"], "n": 2, "steps": 3, "reward": "jpeg_compressibility",
-           "method": "svdd_pm", "candidates": 2, "out": str(tmp_path / "svdd")}
+    cfg = {"policy": request.getfixturevalue(model), "prompts": ["a red circle"], "n": 2, "steps": 3,
+           "reward": "jpeg_compressibility", "method": "svdd_pm", "candidates": 2, "out": str(tmp_path / "svdd"),
+           **({"policy_options": options} if options else {})}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["sample", str(path)]) == 0

@@ -214,3 +214,4 @@ def test_saved_lora_loads_in_plain_diffusers(tiny_sd3_dir, tmp_path):
             hidden_states=x, timestep=t, **args).sample
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     assert (ours - base).abs().max() > 1e-3, "the adapters must change the output"
+

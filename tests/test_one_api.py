@@ -27,9 +27,10 @@ from genalign.trainer import Trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLM_JOB = "configs/vlm_grpo.yaml"
 VIDEO_JOB = "configs/video_quickstart.yaml"
-MAIN_JOBS = ["configs/quickstart.yaml", VIDEO_JOB, "configs/text_grpo.yaml", VLM_JOB]
-MODALITY_OF = {"configs/quickstart.yaml": "stable_diffusion", VIDEO_JOB: "video_diffusion", "configs/text_grpo.yaml": "text_lm",
-               VLM_JOB: "vlm"}  # policy types
+FLOW_JOB = "configs/flow_grpo.yaml"
+MAIN_JOBS = ["configs/quickstart.yaml", FLOW_JOB, VIDEO_JOB, "configs/text_grpo.yaml", VLM_JOB]
+MODALITY_OF = {"configs/quickstart.yaml": "stable_diffusion", FLOW_JOB: "flow_matching", VIDEO_JOB: "video_diffusion",
+               "configs/text_grpo.yaml": "text_lm", VLM_JOB: "vlm"}  # policy types
 
 #: tiny sizes, none in the algorithm section. weight_decay 0: a tensor changes only through its
 #: gradient, so "every trainable tensor changed" proves every one got a gradient (a LoRA A matrix
@@ -49,6 +50,7 @@ TINY = [
 #: tiny-vlm is right about half of the time on the job's out-of-domain questions, but whole groups
 #: of a question often tie: with 8 questions an epoch some group (or B²'s branch set) differs
 POLICY_TINY = {"configs/quickstart.yaml": ["policy.num_steps=4", "prompts.tiers=[3]"], "configs/text_grpo.yaml": [],
+               FLOW_JOB: ["policy.num_steps=4", "prompts.tiers=[3]"],
                VIDEO_JOB: ["policy.num_steps=4", "reward.components=[{type: temporal_consistency, weight: 1.05}]"],
                VLM_JOB: ["train.prompts_per_epoch=8", "train.rollout_batch_size=32"]}
 #: B²-DiffuRL on a denoising chain branches late first (stage 1 resamples the last 20% of each
@@ -58,7 +60,7 @@ POLICY_TINY = {"configs/quickstart.yaml": ["policy.num_steps=4", "prompts.tiers=
 #: 5-8: the last 2 of 4 steps; a prefix's branches may still tie). On tokens its default branch
 #: point is the start of the response (a short answer is decided by its first tokens), so the
 #: text run trains from the first epoch. Epochs cost well under a second here.
-EPOCHS = {("b2diffurl", "configs/quickstart.yaml"): 8, ("b2diffurl", VIDEO_JOB): 8}
+EPOCHS = {("b2diffurl", "configs/quickstart.yaml"): 8, ("b2diffurl", FLOW_JOB): 8, ("b2diffurl", VIDEO_JOB): 8}
 
 
 def job_with_algorithm(job: str, name: str, directory) -> str:
@@ -92,7 +94,7 @@ def test_every_algorithm_trains_image_video_text_and_vlm_unchanged(name, job, tm
     assert len(history) == epochs
     for epoch in history:
         assert torch.isfinite(torch.tensor(epoch["loss"])), epoch
-        if name == "b2diffurl" and job in ("configs/quickstart.yaml", VIDEO_JOB) and epoch["trained_rows"] == 0:
+        if name == "b2diffurl" and job in ("configs/quickstart.yaml", FLOW_JOB, VIDEO_JOB) and epoch["trained_rows"] == 0:
             continue  # an early stage of the chain: no branch stood out, no update (see EPOCHS)
         assert epoch["optimizer_steps"] > 0, f"epoch {epoch['epoch']} made no update: {epoch}"
     assert sum(epoch["optimizer_steps"] for epoch in history) >= 2  # LoRA A moves from the second step on

@@ -3,18 +3,23 @@
 State s_j = (x_j, t_j, c), action a_j = x_(j+1), transition = the kernel's stochastic step.
 
 - The **backbone** (:mod:`genalign.policies.backbones`) says what the latents are: their shape
-  (images ``[C, h, w]``, videos ``[C, F, h, w]``), how they cross the VAE, which pipeline class
-  saves LoRA adapters.
+  (images ``[C, h, w]``, videos ``[C, F, h, w]``), how they cross the VAE, which denoiser (a
+  UNet, or an SD3 MMDiT transformer) reads which prompt embeddings, which pipeline class saves
+  LoRA adapters.
 - The **step kernel** says how a step moves them and what its log-density is: DDIM(η)
-  (:class:`genalign.policies.ddim.DDIMKernel`; T = num_steps, the last action is the sample) or
+  (:class:`genalign.policies.ddim.DDIMKernel`; T = num_steps, the last action is the sample),
   multi-step consistency sampling (:class:`genalign.policies.lcm.LCMKernel`; T = N − 1, the
-  sample is f_θ of the last action). Kernels declare their sampling ``capabilities``.
+  sample is f_θ of the last action) or a flow-matching SDE
+  (:class:`genalign.policies.flow_sde.FlowSDEKernel`: Flow-GRPO's, or the coefficient-preserving
+  step). Kernels declare their sampling ``capabilities``.
 - **Guidance** is the policy's: classifier-free guidance ε_u + w (ε_c − ε_u), or a guidance
   embedding fed to a distilled UNet (``timestep_cond``), or none.
 
-No line here depends on the latent rank, so Stable Diffusion, consistency models and video
-diffusion are this one class with different parts (:class:`~genalign.policies.StableDiffusionPolicy`,
-:class:`~genalign.policies.ConsistencyPolicy`, :class:`~genalign.policies.VideoDiffusionPolicy`).
+No line here depends on the latent rank or the denoiser's architecture, so Stable Diffusion,
+consistency models, video diffusion and rectified-flow transformers are this one class with
+different parts (:class:`~genalign.policies.StableDiffusionPolicy`,
+:class:`~genalign.policies.ConsistencyPolicy`, :class:`~genalign.policies.VideoDiffusionPolicy`,
+:class:`~genalign.policies.FlowMatchingPolicy`).
 
 **States and actions are stored once.** Along a sampled chain a_j = s_(j+1), so a rollout keeps
 one ``[B, T+1, ...]`` tensor and ``states``/``actions`` are two views of it

@@ -1,10 +1,12 @@
-"""Glue shared by the diffusers UNet policies (Stable Diffusion, consistency models, video).
+"""Glue shared by the diffusers latent-diffusion policies (Stable Diffusion, consistency
+models, video, SD3-family flow models).
 
 What is the same whichever sampler a policy runs: where a model may come from, how the
-UNet is fine-tuned (LoRA adapters through peft, or all weights), what the frozen
-reference is, how trainable weights are saved and loaded, and how images and latents
-cross the VAE. The step kernels (DDIM, LCM) are in :mod:`genalign.policies.ddim` and
-:mod:`genalign.policies.lcm`, the latent shapes in :mod:`genalign.policies.backbones`. The plain
+denoiser (UNet or transformer) is fine-tuned (LoRA adapters through peft, or all weights), what
+the frozen reference is, how trainable weights are saved and loaded, and how images and latents
+cross the VAE. The step kernels (DDIM, LCM, flow SDE) are in :mod:`genalign.policies.ddim`,
+:mod:`genalign.policies.lcm` and :mod:`genalign.policies.flow_sde`, the latent shapes in
+:mod:`genalign.policies.backbones`. The plain
 functions on model locations and trainable state (``check_model_location``,
 ``portable_location``, ``trainable_state`` …) serve the text LM policy as well.
 """

@@ -55,7 +55,7 @@ from .common import (
     staged_folder,
     versions,
 )
-from .sd_pipeline import GRID_PROMPTS, copy_tokenizer_source, save_tokenizer
+from .sd_pipeline import GRID_PROMPTS, copy_tokenizer_source, labelled_grid, save_tokenizer
 from .sd_training import EMA
 
 PROG = "genalign toyworld pretrain flow"
@@ -189,23 +189,13 @@ def train_transformer(pipe: Any, stream: ShapesStream, args: argparse.Namespace,
 
 @torch.no_grad()
 def sample_grid(pipe: Any, prompts: list[str], seed: int, per_prompt: int = 4, steps: int = 20,
-                guidance: float = 4.0, scale: int = 3) -> Any:
+                guidance: float = 4.0) -> Any:
     """A labelled grid: one row per prompt, ``per_prompt`` samples of plain ``pipe(...)`` (the ODE)."""
-    from PIL import Image, ImageDraw
-
     size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
     images = pipe([p for p in prompts for _ in range(per_prompt)], height=size, width=size, num_inference_steps=steps,
                   guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
                   max_sequence_length=MAX_SEQUENCE_LENGTH).images
-    tile, label_w, pad = size * scale, 240, 2
-    grid = Image.new("RGB", (label_w + per_prompt * (tile + pad), len(prompts) * (tile + pad)), "white")
-    draw = ImageDraw.Draw(grid)
-    for row, p in enumerate(prompts):
-        draw.text((4, row * (tile + pad) + tile // 2 - 5), p, fill="black")
-        for col in range(per_prompt):
-            img = images[row * per_prompt + col].resize((tile, tile), Image.NEAREST)
-            grid.paste(img, (label_w + col * (tile + pad), row * (tile + pad)))
-    return grid
+    return labelled_grid(images, prompts, per_prompt)
 
 
 # --------------------------------------------------------------------------- main

@@ -269,6 +269,11 @@ def sample_grid(
         eta=0.5,
         generator=gen,
     ).images
+    return labelled_grid(images, prompts, per_prompt, scale)
+
+
+def labelled_grid(images: list, prompts: list[str], per_prompt: int, scale: int = 3) -> Image.Image:
+    """PIL ``images`` (``per_prompt`` per prompt, prompt-major) as one row per prompt, labelled."""
     tile, label_w, pad = images[0].width * scale, 240, 2
     grid = Image.new(
         "RGB", (label_w + per_prompt * (tile + pad), len(prompts) * (tile + pad)), "white"
