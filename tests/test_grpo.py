@@ -254,3 +254,21 @@ def test_train_steps_default_all_and_window():
     t = traj(torch.zeros(2, 10))
     assert grpo().train_steps(t, torch.Generator()).tolist() == [list(range(10))] * 2
     assert grpo(step_window=[0.0, 0.5]).train_steps(t, torch.Generator()).tolist() == [list(range(5))] * 2
+
+
+def test_noise_window_plans_windows_and_trains_exactly_their_steps():
+    """MixGRPO / Flow-GRPO-Fast sampling: the plan asks the policy for noise windows, and the
+    steps trained are each row's active (stochastic) steps, not a random draw."""
+    algo = grpo(noise_window=2, noise_window_starts=[0.0, 0.4], shared_noise=True)
+    plan = algo.plan(0, 0, torch.Generator())
+    assert (plan.noise_window, plan.noise_window_starts, plan.shared_noise) == (2, (0.0, 0.4), True)
+    assert algo.config.requires() == {"shared_noise", "noise_window"}
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, 1:3] = True
+    mask[1, 3:5] = True
+    assert algo.train_steps(traj(torch.zeros(2, 10), mask=mask), torch.Generator()).tolist() == [[1, 2], [3, 4]]
+    assert grpo().plan(0, 0, torch.Generator()).noise_window == 0
+    with pytest.raises(ValueError, match="noise_window"):
+        GRPOConfig(noise_window=2, timestep_fraction=0.5).validate()
+    with pytest.raises(ValueError, match="noise_window_starts"):
+        GRPOConfig(noise_window=2, noise_window_starts=[0.4, 0.1]).validate()

@@ -88,6 +88,21 @@ def group_normalize(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return adv
 
 
+def check_noise_window(width: int, starts: Sequence[float], step_window: Sequence[float], timestep_fraction: float) -> None:
+    """Validate a noise-window setting (DDPO, GRPO): width >= 0, starts [lo, hi) in [0, 1], and
+    the step selection left at its defaults, since a window trains exactly its own steps."""
+    if width < 0:
+        raise ValueError(f"'noise_window' must be >= 0, got {width}")
+    lo, hi = (list(starts) + [None, None])[:2]
+    if len(starts) != 2 or not 0 <= lo < hi <= 1:
+        raise ValueError(f"'noise_window_starts' must be [lo, hi) with 0 <= lo < hi <= 1, got {list(starts)}")
+    if width and (list(step_window) != [0.0, 1.0] or timestep_fraction != 1.0):
+        raise ValueError(
+            "'noise_window' trains exactly the window's steps: leave 'step_window' and 'timestep_fraction' at "
+            "their defaults"
+        )
+
+
 def active_steps(mask: torch.Tensor) -> torch.Tensor:
     """The steps each row acts at (``mask`` ``[B, T]`` True) as indices ``[B, K]``, K = the most
     any row has; a row with fewer is padded with its inactive steps, which the loss masks out."""

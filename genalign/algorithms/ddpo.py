@@ -44,6 +44,7 @@ from genalign.algorithms.advantages import (
     PerPromptStats,
     active_steps,
     batch_normalize,
+    check_noise_window,
     group_normalize,
     ppo_clip_loss,
     window_steps,
@@ -110,16 +111,7 @@ class DDPOConfig:
             raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
         if self.clip_range is not None and self.clip_range <= 0:
             raise ValueError(f"'clip_range' must be > 0, got {self.clip_range}")
-        if self.noise_window < 0:
-            raise ValueError(f"'noise_window' must be >= 0, got {self.noise_window}")
-        lo, hi = (list(self.noise_window_starts) + [None, None])[:2]
-        if len(self.noise_window_starts) != 2 or not 0 <= lo < hi <= 1:
-            raise ValueError(f"'noise_window_starts' must be [lo, hi) with 0 <= lo < hi <= 1, got {self.noise_window_starts}")
-        if self.noise_window and (list(self.step_window) != [0.0, 1.0] or self.timestep_fraction != 1.0):
-            raise ValueError(
-                "'noise_window' trains exactly the window's steps: leave 'step_window' and 'timestep_fraction' at "
-                "their defaults"
-            )
+        check_noise_window(self.noise_window, self.noise_window_starts, self.step_window, self.timestep_fraction)
         if self.antithetic and not self.shared_noise:
             raise ValueError("'antithetic' mirrors the noise of rollouts that share x_T: set 'shared_noise: true'")
 

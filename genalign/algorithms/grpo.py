@@ -29,6 +29,9 @@ group whose rewards are all equal has Â = 0 (no gradient from the surrogate); s
 counted every epoch (:meth:`GRPO.epoch_metrics`) and, with ``filter_zero_variance_groups``,
 dropped. On a diffusion policy every denoising step is an action and the same object is
 Flow-GRPO's objective on the policy's SDE (``shared_noise`` starts a group from one x_T).
+``noise_window: k`` samples as MixGRPO (Li et al. 2025) and Flow-GRPO's fast variant do: each
+condition's group takes the kernel's deterministic step except at k consecutive steps whose
+start is drawn per condition from ``noise_window_starts``, and exactly those steps are trained.
 
 Units: the clip ranges depend on what a log-prob is. For tokens (one token's log-prob per
 step) ε = 0.2 is the usual value (DAPO's clip-higher raises ε_high to 0.28); for
@@ -44,7 +47,14 @@ from typing import Any, Literal
 
 import torch
 
-from genalign.algorithms.advantages import clipped_surrogate, group_advantages, k3_kl, window_steps
+from genalign.algorithms.advantages import (
+    active_steps,
+    check_noise_window,
+    clipped_surrogate,
+    group_advantages,
+    k3_kl,
+    window_steps,
+)
 from genalign.algorithms.base import LossTerms, SamplingPlan
 from genalign.configs import opt
 from genalign.trajectory import Trajectory
@@ -100,6 +110,15 @@ class GRPOConfig:
     shared_noise: bool = opt(
         False, "the rollouts of one condition start from the same initial noise (Flow-GRPO; a policy capability)"
     )
+    noise_window: int = opt(
+        0,
+        "0: every step of a denoising rollout draws noise (Flow-GRPO). k > 0: each condition's rollouts draw noise "
+        "at k consecutive steps only and take the kernel's deterministic step elsewhere; exactly those k steps are "
+        "trained (MixGRPO, Flow-GRPO-Fast; a policy capability)",
+    )
+    noise_window_starts: list[float] = opt(
+        [0.0, 1.0], "[lo, hi): each condition's window starts at a chain fraction drawn uniformly from it, per epoch"
+    )
 
     def validate(self) -> None:
         for key in ("clip_range_low", "clip_range_high"):
@@ -118,10 +137,12 @@ class GRPOConfig:
             raise ValueError(f"'timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
         if len(self.step_window) != 2 or not 0 <= self.step_window[0] < self.step_window[1] <= 1:
             raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
+        check_noise_window(self.noise_window, self.noise_window_starts, self.step_window, self.timestep_fraction)
 
     def requires(self) -> frozenset[str]:
         """Policy capabilities this config needs."""
-        return frozenset({"shared_noise"}) if self.shared_noise else frozenset()
+        return frozenset({"shared_noise"} if self.shared_noise else set()) | frozenset(
+            {"noise_window"} if self.noise_window else set())
 
     def resolve_units(self, unit: str) -> None:
         """Fill the clip ranges left None with the defaults for the policy's log-prob ``unit``."""
@@ -147,7 +168,9 @@ class GRPO:
         self.num_steps: int | None = None  # T of the last trajectory given to train_steps ("dr_grpo")
 
     def plan(self, epoch: int, num_snapshots: int, generator: torch.Generator) -> SamplingPlan:
-        return SamplingPlan(kind="rollouts", shared_noise=self.config.shared_noise)
+        c = self.config
+        return SamplingPlan(kind="rollouts", shared_noise=c.shared_noise, noise_window=c.noise_window,
+                            noise_window_starts=tuple(c.noise_window_starts))
 
     def advantages(self, rewards: torch.Tensor, conditions: Sequence[Any], group: torch.Tensor) -> torch.Tensor:
         """Group-relative advantages ``[N]``; NaN for NaN rewards (and filtered flat groups)."""
@@ -169,6 +192,8 @@ class GRPO:
 
     def train_steps(self, traj: Trajectory, generator: torch.Generator) -> torch.Tensor:
         self.num_steps = traj.num_steps
+        if self.config.noise_window:
+            return active_steps(traj.mask)  # [B, k]: the window's steps
         return window_steps(traj.batch_size, traj.num_steps, self.config.step_window, self.config.timestep_fraction, generator)
 
     def _max_steps(self) -> int:

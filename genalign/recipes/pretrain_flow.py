@@ -211,7 +211,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shift", type=float, default=1.0, help="the scheduler's σ shift (SD3 uses 3 at 1024 px)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--steps", type=int, default=20000, help="optimisation steps")
-    p.add_argument("--minutes", type=float, default=45.0, help="wall-clock cap on training")
+    p.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap on training")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="P(caption -> '') for CFG")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the transformer's weights")
