@@ -5,9 +5,10 @@ verifier reward and evaluated on the same held-out prompts with the same samplin
 
 - **Flow-GRPO**: ``configs/flow_grpo.yaml`` as shipped (the GRPO algorithm on the flow policy's
   SDE kernel, ``assets/models/tiny-flow``);
-- **DDPO**: ``configs/quickstart.yaml``'s policy and algorithm (noise windows on tiny-sd) with the
-  flow config's ``prompts``, ``reward``, ``train`` and ``eval`` sections, so the two jobs draw the
-  same conditions and make the same number of reward queries.
+- **DDPO**: ``configs/quickstart.yaml`` (noise windows on tiny-sd, its own optimiser settings)
+  with the flow config's ``prompts``, ``reward`` and ``eval`` sections and its epochs, prompts and
+  samples per epoch, so the two jobs draw the same conditions and make the same number of reward
+  queries.
 
 Each run's ``eval.jsonl`` gives strict (and partial) accuracy per evaluation set before training
 (epoch 0, the base model) and after. Every run is a subprocess, so its wall time and peak resident
@@ -38,7 +39,8 @@ from worker_runs import mean_std, peak_rss_mb, run_cells, train_once  # noqa: E4
 FLOW_CONFIG = "configs/flow_grpo.yaml"
 DDPO_CONFIG = "configs/quickstart.yaml"
 METHODS = ("Flow-GRPO", "DDPO")
-SHARED = ("prompts", "reward", "train", "eval")  # sections the DDPO job takes from the flow config
+SHARED = ("prompts", "reward", "eval")  # sections the DDPO job takes from the flow config
+QUERIES = ("epochs", "prompts_per_epoch", "samples_per_prompt", "rollout_batch_size")  # and these train keys
 
 
 def run_config(method: str, seed: int, epochs: int | None, run_dir: str) -> dict:
@@ -50,6 +52,7 @@ def run_config(method: str, seed: int, epochs: int | None, run_dir: str) -> dict
         with open(DDPO_CONFIG) as f:
             cfg = yaml.safe_load(f)
         cfg.update({k: copy.deepcopy(flow[k]) for k in SHARED})
+        cfg["train"].update({k: flow["train"][k] for k in QUERIES})
     cfg.update(seed=seed, output_dir=run_dir)
     cfg["report"] = {"enabled": False}
     cfg["train"]["checkpoint_every"] = 0
@@ -76,7 +79,7 @@ def one_run(method: str, seed: int, epochs: int | None, out: str) -> dict:
     history = train_once(run_config(method, seed, epochs, run_dir), run_dir)
     return {"method": method, "seed": seed, "eval": read_eval(run_dir), "total_s": round(time.monotonic() - t0, 1),
             "train_s": round(history[-1].get("train_seconds", 0.0), 1),
-            "reward_queries": sum(h.get("reward_queries", 0) for h in history), "peak_rss_mb": peak_rss_mb(),
+            "reward_queries": max(h.get("reward_queries", 0) for h in history), "peak_rss_mb": peak_rss_mb(),
             "reward_curve": [h.get("reward_mean") for h in history]}
 
 

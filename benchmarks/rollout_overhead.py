@@ -72,7 +72,9 @@ def build_flow(args: argparse.Namespace, dtype: torch.dtype) -> tuple:
     """The SD3 pipeline and a FlowMatchingPolicy on the very same modules."""
     from genalign.policies import FlowMatchingPolicy, FlowMatchingPolicyConfig
 
-    pipe = FlowMatchingPolicy.load_pipeline(args.model, None).to(dtype=dtype)
+    pipe = FlowMatchingPolicy.load_pipeline(args.model, None)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
     height = pipe.transformer.config.sample_size * pipe.vae_scale_factor
