@@ -56,7 +56,7 @@ from .common import (
     versions,
 )
 from .sd_pipeline import GRID_PROMPTS, copy_tokenizer_source, labelled_grid, save_tokenizer
-from .sd_training import EMA
+from .sd_training import EMA, drop_captions, optimizer_step
 
 PROG = "genalign toyworld pretrain flow"
 MAX_SEQUENCE_LENGTH = 1  # zero T5 tokens per prompt (the pipeline has no T5 encoder)
@@ -159,8 +159,7 @@ def train_transformer(pipe: Any, stream: ShapesStream, args: argparse.Namespace,
     while not budget.done(step):
         set_lr(opt, args.lr * budget.lr_factor(step))
         x, prompts = stream.batch(args.batch_size)
-        drop = torch.rand(len(prompts), generator=gen) < args.caption_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        prompts = drop_captions(prompts, args.caption_dropout, gen)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=gen)
             x0 = (z - vae.config.shift_factor) * vae.config.scaling_factor  # [B, C, h, w]
@@ -171,11 +170,7 @@ def train_transformer(pipe: Any, stream: ShapesStream, args: argparse.Namespace,
         pred = transformer(hidden_states=(1 - s) * x0 + s * eps, timestep=sigma * 1000, encoder_hidden_states=embeds,
                            pooled_projections=pooled).sample
         loss = F.mse_loss(pred, eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
+        optimizer_step(opt, params, loss, ema)
         step += 1
         row = curve.add(step, dict(loss=loss.item()))
         if row:

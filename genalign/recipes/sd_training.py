@@ -119,6 +119,21 @@ def encode_images(vae, x: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return vae.encode(x).latent_dist.sample(generator=generator) * vae.config.scaling_factor
 
 
+def drop_captions(prompts: list[str], rate: float, generator: torch.Generator) -> list[str]:
+    """Each prompt replaced by "" with probability ``rate`` (the unconditional branch of CFG)."""
+    drop = torch.rand(len(prompts), generator=generator) < rate
+    return ["" if d else p for p, d in zip(prompts, drop.tolist())]
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, ema: EMA) -> None:
+    """Backward, clip the gradient norm at 1, step, and update the EMA weights."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.update()
+
+
 def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_every=25, encode=encode_images) -> dict:
     """Train UNet and text encoder jointly on VAE latents; EMA weights are loaded at the end.
 
@@ -160,8 +175,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
     while not budget.done(step):
         set_lr(opt, args.unet_lr * budget.lr_factor(step))
         x, prompts = stream.batch(args.batch_size)
-        drop = torch.rand(len(prompts), generator=gen) < args.caption_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        prompts = drop_captions(prompts, args.caption_dropout, gen)
         with torch.no_grad():
             latents = encode(vae, x, gen)  # [B, 4, h, w] (images) or [B, 4, F, h, w] (clips)
         if discount > 0:
@@ -176,11 +190,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
         per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(dim=1)  # [B]
         weight = torch.clamp(snr[t], max=args.snr_gamma) / snr[t] if args.snr_gamma else 1.0
         loss = (weight * per_sample).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
+        optimizer_step(opt, params, loss, ema)
         step += 1
         row = curve.add(step, dict(loss=loss.item(), mse=per_sample.mean().item()))
         if row:
