@@ -215,3 +215,21 @@ def test_saved_lora_loads_in_plain_diffusers(tiny_sd3_dir, tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     assert (ours - base).abs().max() > 1e-3, "the adapters must change the output"
 
+
+
+def test_every_adapter_gets_a_gradient(tiny_sd3_dir):
+    """The last SD3 block drops its text tokens' outputs (``context_pre_only``), so a LoRA on its
+    ``add_q_proj`` could never learn: the policy leaves it out, and every adapter it adds gets a
+    nonzero gradient from one step's log-prob."""
+    policy = make_policy(tiny_sd3_dir)
+    names = [n for n, _ in policy.denoiser.named_parameters() if "lora_" in n]
+    assert not any(n.startswith("transformer_blocks.1.attn.add_q_proj") for n in names)
+    assert any(n.startswith("transformer_blocks.0.attn.add_q_proj") for n in names)
+    with torch.no_grad():
+        for n, p in policy.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # B = 0 at the start would leave A without a gradient
+    traj = policy.rollout(PROMPTS, 1, [1, 2])
+    policy.log_prob(traj, torch.tensor([[0, 2], [1, 3]])).sum().backward()
+    silent = [n for n, p in policy.denoiser.named_parameters() if "lora_" in n and (p.grad is None or p.grad.abs().max() == 0)]
+    assert not silent, silent[:3]

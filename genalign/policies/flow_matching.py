@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import StableDiffusion3Pipeline
+from peft import LoraConfig
 
 from genalign.configs import opt
 from genalign.policies.backbones import SD3Latents
@@ -89,6 +90,17 @@ class FlowMatchingPolicy(StableDiffusionPolicy):
     @staticmethod
     def make_backbone(pipeline: Any, config: FlowMatchingPolicyConfig) -> SD3Latents:
         return SD3Latents(pipeline, config.height, config.width, config.max_sequence_length)
+
+    def lora_config(self) -> LoraConfig:
+        """The config's adapters, less the ones that can get no gradient: an SD3 block with
+        ``context_pre_only`` (the last one) drops its text tokens' outputs, so the queries of
+        those tokens (``add_q_proj``) reach nothing."""
+        config = super().lora_config()
+        dead = [f"transformer_blocks.{i}.attn.add_q_proj" for i, block in enumerate(self.denoiser.transformer_blocks)
+                if getattr(block, "context_pre_only", False)]
+        if dead and "add_q_proj" in self.config.lora_targets:
+            config.exclude_modules = dead
+        return config
 
     @classmethod
     def load_pipeline(cls, path_or_id: str, revision: str | None) -> Any:
