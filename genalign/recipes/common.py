@@ -7,6 +7,7 @@ evaluation scenes start at :data:`EVAL_SEED_BASE`, so no evaluation render was e
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -210,6 +211,14 @@ class LossCurve:
 # --------------------------------------------------------------------------- output folders
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def write_training_log(tmp: Path, log: dict, t0: float) -> None:
+    """Close a build: record its total wall time (since ``t0``, a ``time.monotonic()``) and the
+    folder's size in ``log``, and write ``log`` as ``tmp/training_log.json``."""
+    log["total_wall_s"] = round(time.monotonic() - t0, 1)
+    log["folder_bytes"] = folder_bytes(tmp)
+    (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
 
 def publish_folder(tmp: Path, out: Path) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import time
@@ -51,11 +50,11 @@ from .common import (
     ShapesStream,
     command_line,
     count_parameters,
-    folder_bytes,
     seed_everything,
     set_lr,
     staged_folder,
     versions,
+    write_training_log,
 )
 from .sd_pipeline import GRID_PROMPTS
 
@@ -416,9 +415,7 @@ def main(argv=None) -> Path:
                 seeds="seed + column",
             )
             log["samples_wall_s"] = round(time.monotonic() - s0, 1)
-        log["total_wall_s"] = round(time.monotonic() - t0, 1)
-        log["folder_bytes"] = folder_bytes(tmp)
-        (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        write_training_log(tmp, log, t0)
     d = log["distillation"]
     print(
         f"saved {out}: {d['steps']} steps in {d['wall_s'] / 60:.1f} min (stopped on {d['stopped_on']})"

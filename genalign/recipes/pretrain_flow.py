@@ -30,7 +30,6 @@ accuracy comes from ``genalign eval`` (the model card lists the commands).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import time
@@ -49,11 +48,11 @@ from .common import (
     ShapesStream,
     command_line,
     count_parameters,
-    folder_bytes,
     seed_everything,
     set_lr,
     staged_folder,
     versions,
+    write_training_log,
 )
 from .sd_pipeline import GRID_PROMPTS, copy_tokenizer_source, labelled_grid, save_tokenizer
 from .sd_training import EMA, drop_captions, optimizer_step
@@ -247,9 +246,7 @@ def main(argv=None) -> Path:
         shutil.rmtree(tok_src)
         if not args.no_samples:
             sample_grid(pipe, GRID_PROMPTS, args.seed).save(tmp / "samples.png")
-        log["total_wall_s"] = round(time.monotonic() - t0, 1)
-        log["folder_bytes"] = folder_bytes(tmp)
-        (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        write_training_log(tmp, log, t0)
     print(f"saved {out} ({log['folder_bytes'] / 1e6:.1f} MB) in {log['total_wall_s'] / 60:.1f} min")
     return out
 

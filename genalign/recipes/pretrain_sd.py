@@ -36,7 +36,6 @@ training teaches a skill::
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -48,10 +47,10 @@ from .common import (
     ShapesStream,
     command_line,
     count_parameters,
-    folder_bytes,
     seed_everything,
     staged_folder,
     versions,
+    write_training_log,
 )
 from .sd_pipeline import (
     GRID_PROMPTS,
@@ -258,9 +257,7 @@ def main(argv=None) -> Path:
             pipe.set_progress_bar_config(disable=True)
             sample_grid(pipe, GRID_PROMPTS, seed=args.seed).save(tmp / "samples.png")
             log["samples_wall_s"] = round(time.monotonic() - s0, 1)
-        log["total_wall_s"] = round(time.monotonic() - t0, 1)
-        log["folder_bytes"] = folder_bytes(tmp)
-        (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        write_training_log(tmp, log, t0)
     print(f"saved {out} ({log['folder_bytes'] / 1e6:.1f} MB) in {log['total_wall_s'] / 60:.1f} min")
     return out
 

@@ -33,7 +33,6 @@ complete, with ``training_log.json`` (the command, the loss curve and the evalua
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -47,10 +46,10 @@ from PIL import Image, ImageDraw
 from .common import (
     command_line,
     count_parameters,
-    folder_bytes,
     seed_everything,
     staged_folder,
     versions,
+    write_training_log,
 )
 from .sd_pipeline import build_tokenizer, copy_tokenizer_source, save_tokenizer
 from .sd_training import train_unet
@@ -363,9 +362,7 @@ def main(argv=None) -> Path:
         clips = sample_clips(pipe, list(STRIP_PROMPTS) + ["a blue circle moving left"], args.seed, args.frames)
         frame_strip(clips, labels).save(tmp / "samples.png")
         log["eval_wall_s"] = round(time.monotonic() - e0, 1)
-        log["total_wall_s"] = round(time.monotonic() - t0, 1)
-        log["folder_bytes"] = folder_bytes(tmp)
-        (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        write_training_log(tmp, log, t0)
     print(f"saved {out} ({log['folder_bytes'] / 1e6:.1f} MB) in {log['total_wall_s'] / 60:.1f} min")
     return out
 
