@@ -74,12 +74,25 @@ def write_checkpoint(
 
 
 def latest_checkpoint(root: str) -> str | None:
+    """The newest complete checkpoint under ``root`` (None: there is none).
+
+    ``latest`` names it; when that pointer is missing or names a checkpoint that is gone or
+    incomplete, the newest ``epoch_*`` folder with its ``state.json`` (written last) is used.
+    """
     pointer = os.path.join(root, LATEST)
-    if not os.path.isfile(pointer):
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            path = os.path.join(root, f.read().strip())
+        if _complete(path):
+            return path
+    if not os.path.isdir(root):
         return None
-    with open(pointer) as f:
-        path = os.path.join(root, f.read().strip())
-    return path if os.path.isfile(os.path.join(path, "state.json")) else None
+    names = sorted((n for n in os.listdir(root) if n.startswith("epoch_")), reverse=True)
+    return next((os.path.join(root, n) for n in names if _complete(os.path.join(root, n))), None)
+
+
+def _complete(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "trainable.safetensors", "rng.safetensors"))
 
 
 def read_checkpoint(path: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -108,10 +121,9 @@ def read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from genalign.runfiles import write_text
+
+    write_text(path, text)
 
 
 def _prune(root: str, keep: int, protect: str) -> None:

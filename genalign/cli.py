@@ -1,6 +1,6 @@
 """The ``genalign`` command line: train, sample, eval, and the Shapes World tools.
 
-    genalign train CONFIG.yaml [key.sub=value ...] [--resume] [--dry-run]
+    genalign train CONFIG.yaml [key.sub=value ...] [--resume | --overwrite] [--dry-run]
     genalign sample POLICY --prompt "a red circle" [--prompts FILE] [--method svdd_pm] [--out DIR] [--overwrite]
     genalign sample assets/models/tiny-lm --policy-type text_lm --prompt "..." --method self_certainty
     genalign sample CONFIG.yaml [key=value ...]
@@ -9,7 +9,8 @@
     genalign toyworld pretrain {sd,verifier,clip,lm,vlm,video,flow} [args ...]
     genalign toyworld distill lcm [--out DIR] [--minutes M] [--steps N] [--seed S] [args ...]
 
-Every config error is reported as one line naming the bad key, before any model loads.
+Every config error is reported as one line naming the bad key, before any model loads; any other
+error is one line too (``genalign --debug ...`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from genalign.trainer import train
 
-    history = train(config, resume=args.resume)
+    history = train(config, resume=args.resume, overwrite=args.overwrite)
     if history and config.curriculum:
         stages: dict[str, list[dict]] = {}
         for row in history:
@@ -128,12 +129,14 @@ def _judge_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genalign", description="Align generative models with rewards.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a policy from a YAML config", description="Train a policy from a YAML config.")
     p.add_argument("config", nargs="?", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3")
-    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint (same config; only train.epochs and the checkpoint cadence may change)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir (its checkpoints, logs, final/ and report are removed)")
     p.add_argument("--dry-run", action="store_true", help="validate the config and exit")
     p.add_argument("--help-config", action="store_true", help="print every config key with its help and exit")
     p.set_defaults(func=_train)
@@ -209,13 +212,31 @@ def main(argv: list[str] | None = None) -> int:
         quiet_library_bars()
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"genalign: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"genalign: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as e:
+        print(f"genalign: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line per error; --debug shows where it came from
+        if args.debug:
+            raise
+        print(f"genalign: {error_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, (ConfigError, *EXPECTED)) else 1
 
+
+# Errors about the user's input (a path, a value): their message is the whole story, exit status 2.
+EXPECTED = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, ValueError)
+
+
+def error_line(e: BaseException) -> str:
+    """The one-line message for an error: config errors say so, expected errors give their text,
+    anything else its type too (run with --debug for the traceback)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, ConfigError):
+        return f"config error: {text}"
+    if isinstance(e, EXPECTED) and type(e).__module__ == "builtins":
+        return text
+    if isinstance(e, OSError) and getattr(e, "filename", None) and str(e.filename) not in text:
+        text = f"{text} ({e.filename})"
+    return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -27,14 +28,42 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names it."""
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a help line. Mutable defaults may be passed as a ``field``."""
+def opt(default: Any = dataclasses.MISSING, help: str = "", **bounds: Any) -> Any:
+    """A dataclass field with a help line. Mutable defaults may be passed as a ``field``.
+
+    ``bounds`` are checked when a config loads: ``gt``/``ge``/``lt``/``le`` (numbers, or every
+    item of a list of numbers), ``min_items`` (lists). Every float must be finite.
+    """
+    unknown = set(bounds) - set(BOUNDS)
+    if unknown:
+        raise TypeError(f"opt(): unknown bounds {sorted(unknown)}")
+    meta = {"help": help, **bounds}
     if isinstance(default, dataclasses.Field):
-        return dataclasses.field(default=default.default, default_factory=default.default_factory, metadata={"help": help})
+        return dataclasses.field(default=default.default, default_factory=default.default_factory, metadata=meta)
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help, **kwargs})
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+_COMPARE = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
+            "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
+BOUNDS = (*_COMPARE, "min_items")
+
+
+def _check_bounds(meta: Mapping[str, Any], value: Any, path: str) -> None:
+    """The field's declared bounds (``opt(..., gt=0)``) hold for ``value`` (None: unset, skipped)."""
+    if value is None:
+        return
+    if "min_items" in meta and isinstance(value, (list, tuple)) and len(value) < meta["min_items"]:
+        raise ConfigError(f"'{path}' needs at least {meta['min_items']} item(s), got {list(value)}")
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for name, (symbol, ok) in _COMPARE.items():
+        if name not in meta:
+            continue
+        for item in items:
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and not ok(item, meta[name]):
+                raise ConfigError(f"'{path}' must be {symbol} {meta[name]}, got {value!r}")
 
 
 def tagged(choices: Mapping[str, type], tag: str, default: str | list | None = None, help: str = "") -> Any:
@@ -104,6 +133,8 @@ def _check_value(tp: Any, value: Any, path: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{path}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"'{path}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -141,6 +172,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
             values[name] = _from_tagged(f.metadata["choices"], tag, raw, sub)
         else:
             values[name] = _check_value(hints[name], data[name], sub)
+            _check_bounds(f.metadata, values[name], sub)
     obj = cls(**values)
     check = getattr(obj, "validate", None)
     if check is not None:

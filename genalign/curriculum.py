@@ -187,10 +187,11 @@ def _copy_final(src: str, out: str) -> None:
     os.replace(tmp, final)
 
 
-def run_curriculum(config: Any, resume: bool = False) -> list[dict[str, Any]]:
+def run_curriculum(config: Any, resume: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
     """Run every stage of ``config.curriculum`` in order (see the module docstring).
 
     Returns the per-epoch metrics of all stages, each row with its ``stage`` name.
+    ``overwrite``: remove a curriculum run already in ``output_dir`` (its stages, state and final/) first.
     """
     from genalign import checkpoint
     from genalign.trainer import Trainer
@@ -198,6 +199,14 @@ def run_curriculum(config: Any, resume: bool = False) -> list[dict[str, Any]]:
     stages = stage_configs(config)
     out = config.output_dir
     names = [s.name for s, _ in stages]
+    if overwrite and PartialState().is_main_process and os.path.isdir(out):
+        for name in (*names, "final"):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        for name in (STATE_FILE, "config.yaml"):
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    PartialState().wait_for_everyone()
+    resume = resume and not overwrite
     state = _read_state(out)
     if resume:
         done = [c["name"] for c in state["completed"]]

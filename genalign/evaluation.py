@@ -253,8 +253,9 @@ def read_prompts(inline: Sequence[str], path: str | None, source: Any = None, co
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"prompt file not found: {path}")
-        with open(path) as f:
-            from_file = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        from genalign.prompts import read_prompt_lines
+
+        from_file = read_prompt_lines(path)
         if not from_file:
             raise ValueError(f"prompt file {path} has no prompts")
         prompts += from_file

@@ -50,6 +50,17 @@ class ListPrompts:
         return {"eval": self.evaluation(n)}
 
 
+def read_prompt_lines(path: str) -> list[str]:
+    """The prompts of a text file: one per line, blank lines and ``#`` comments skipped; a file
+    that is not UTF-8 text is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 @dataclass
 class FilePrompts:
     source: Literal["file"] = opt("file", "prompts read from a text file, one per line")
@@ -62,9 +73,7 @@ class FilePrompts:
             raise ValueError(f"'path': prompt file {self.path!r} has no prompts")
 
     def load(self) -> list[str]:
-        with open(self.path) as f:
-            lines = [line.strip() for line in f]
-        return [line for line in lines if line and not line.startswith("#")]
+        return read_prompt_lines(self.path)
 
     def sample(self, n: int, seed: int) -> list[str]:
         prompts = self.load()
@@ -85,7 +94,7 @@ class ShapesWorldPrompts:
     tiers: list[int] = opt([1, 2, 3, 4, 5], "difficulty tiers to draw from (1 one object … 5 counting)")
     split: Literal["train", "heldout"] = opt("train", "compositions to train on")
     eval_split: Literal["train", "heldout"] = opt("heldout", "compositions for before/after grids and eval")
-    pool_size: int = opt(0, "if > 0, train on a fixed pool of this many prompts per tier (else fresh draws)")
+    pool_size: int = opt(0, "if > 0, train on a fixed pool of this many prompts per tier (else fresh draws)", ge=0)
 
     def validate(self) -> None:
         bad = [t for t in self.tiers if t not in (1, 2, 3, 4, 5)]

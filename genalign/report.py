@@ -110,7 +110,7 @@ def metric_names(row: dict[str, Any]) -> dict[str, str]:
 
     A top-level component equal to the whole reward (a single reward model) is left out.
     """
-    comps = [k for k, v in row.items() if k not in ("epoch", "set", "prompts", "samples", "reward", "tier")
+    comps = [k for k, v in row.items() if k not in ("epoch", "set", "prompts", "samples", "reward", "tier", "nonfinite")
              and not k.endswith("_se") and isinstance(v, (int, float))]
     tops = [k for k in comps if "/" not in k]
     keys = ["reward"] + [k for k in comps if "/" in k or len(tops) > 1]

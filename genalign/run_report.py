@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from genalign import runfiles
 from genalign.conditions import condition_key, condition_text
 from genalign.progress import write
 from genalign.report import detach_outputs, is_images, metric_names
@@ -66,6 +67,9 @@ def _row(epoch: int, name: str, conditions: Sequence[Any], scores: torch.Tensor,
     if tiers:
         row["tier"] = tiers[0] if len(tiers) == 1 else tiers
     row["reward"], row["reward_se"] = _mean_se(scores)
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:  # left out of the means above
+        row["nonfinite"] = bad
     for k, v in comps.items():
         row[k], row[f"{k}_se"] = _mean_se(v)
     return row
@@ -76,7 +80,8 @@ def format_eval(rows: list[dict[str, Any]]) -> str:
     parts = []
     for r in rows:
         names = metric_names(r)
-        parts.append(f"{r['set']}: " + ", ".join(f"{short} {r[k]:.3f}" for k, short in names.items()))
+        bad = f" ({r['nonfinite']} non-finite rewards left out)" if r.get("nonfinite") else ""
+        parts.append(f"{r['set']}: " + ", ".join(f"{short} {r[k]:.3f}" for k, short in names.items()) + bad)
     return "; ".join(parts)
 
 
@@ -109,8 +114,7 @@ def evaluate(trainer: Any, epoch: int, timings: dict[str, float]) -> list[dict[s
             comps = {k: torch.cat([part[2][k] for part in parts]) for k in parts[0][2]}
             rows.append(_row(epoch, f"{tier} (all)", prompts, scores, comps))
     if trainer.main:
-        with open(os.path.join(trainer.out, "eval.jsonl"), "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        runfiles.append_jsonl(os.path.join(trainer.out, "eval.jsonl"), rows)
         label = "before training" if epoch == 0 else f"after epoch {epoch}"
         write(f"[genalign] eval {label}: {format_eval(rows)}")
     timings["evaluation"] += time.perf_counter() - t0
@@ -208,8 +212,7 @@ def grid(trainer: Any, tag: str) -> dict[str, Any]:
                         image_grid(outputs[i * n + j][None], rows=1, scale=scale, pad=0).save(path)
         grids = load_grids(trainer.out)
         grids[tag] = result
-        with open(os.path.join(trainer.out, "grids.json"), "w") as f:
-            json.dump(grids, f)
+        runfiles.write_json(os.path.join(trainer.out, "grids.json"), grids)
     return result
 
 
@@ -230,9 +233,5 @@ def write_run_report(trainer: Any, grids: dict[str, Any], timings: dict[str, flo
     plot_curves(history, os.path.join(out, "reward_curve.png"), keys, bounds=reward_bounds(trainer.config.reward.components))
     with open(os.path.join(out, "config.yaml")) as f:
         config_yaml = f.read()
-    evals = []
-    path = os.path.join(out, "eval.jsonl")
-    if os.path.isfile(path):
-        with open(path) as f:
-            evals = [json.loads(line) for line in f if line.strip()]
+    evals = runfiles.read_jsonl(os.path.join(out, "eval.jsonl"))
     return write_report(out, config_yaml, history, grids, dict(timings), evals)

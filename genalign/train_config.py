@@ -48,16 +48,28 @@ class TrainLoop:
     train_batch_size: int = opt(8, "rows per forward/backward pass")
     gradient_accumulation_steps: int = opt(1, "minibatches per optimizer step (gradients of all trained steps accumulate too)")
     inner_epochs: int = opt(1, "passes of optimisation over each epoch's rollouts")
-    learning_rate: float = opt(3e-4, "AdamW learning rate")
-    adam_beta1: float = opt(0.9, "AdamW β1")
-    adam_beta2: float = opt(0.999, "AdamW β2")
-    adam_eps: float = opt(1e-8, "AdamW ε")
-    weight_decay: float = opt(1e-4, "AdamW weight decay")
-    max_grad_norm: float = opt(1.0, "gradient norm clip (0 disables)")
+    learning_rate: float = opt(3e-4, "AdamW learning rate", gt=0)
+    adam_beta1: float = opt(0.9, "AdamW β1", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW β2", ge=0, lt=1)
+    adam_eps: float = opt(1e-8, "AdamW ε", gt=0)
+    weight_decay: float = opt(1e-4, "AdamW weight decay", ge=0)
+    max_grad_norm: float = opt(1.0, "gradient norm clip (0 disables)", ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "accelerate mixed precision (GPU); CPU runs use fp32")
-    checkpoint_every: int = opt(1, "write a resumable checkpoint every this many epochs (0: only at the end)")
-    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    checkpoint_every: int = opt(1, "write a resumable checkpoint every this many epochs (0: only at the end)", ge=0)
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", ge=1)
     on_nonfinite_reward: Literal["drop", "error"] = opt("drop", "a NaN/inf reward row is dropped from training (and counted) or stops the run")
+    probe_rows: int = opt(
+        2, "on-policy probe: each epoch, re-score this many fresh rollout rows with the weights that sampled them; "
+        "their log-probs must equal the rollout's (0 disables)", ge=0)
+    probe_tolerance: float = opt(
+        1e-3, "largest |log π_θ − log π_rollout| the probe accepts (the policy's log-prob unit; fp32 on one device "
+        "agrees to ~1e-6, mixed precision needs more)", gt=0)
+    reward_retries: int = opt(2, "a reward call that raises is retried this many times (then its rows are scored one by one "
+                              "and rows still failing count as non-finite)", ge=0)
+    reward_retry_wait: float = opt(1.0, "seconds before the first retry of a failed reward call (doubling)", ge=0)
+    max_nonfinite_fraction: float = opt(
+        0.5, "with on_nonfinite_reward: drop, stop the run when more than this fraction of an epoch's rewards are "
+        "NaN/inf or failed (a broken reward model, not a few bad rows)", ge=0, le=1)
 
     def validate(self) -> None:
         for name in ("epochs", "prompts_per_epoch", "samples_per_prompt", "rollout_batch_size", "train_batch_size", "gradient_accumulation_steps", "inner_epochs"):
@@ -72,17 +84,17 @@ class TrainLoop:
 @dataclass
 class ReportConfig:
     enabled: bool = opt(True, "write report.html with before/after grids and reward curves")
-    num_prompts: int = opt(8, "prompts in the before/after grid (from the prompt source's eval set)")
-    seeds: list[int] = opt([0, 1, 2, 3], "sampling seeds per grid prompt (one grid column each)")
+    num_prompts: int = opt(8, "prompts in the before/after grid (from the prompt source's eval set)", ge=1)
+    seeds: list[int] = opt([0, 1, 2, 3], "sampling seeds per grid prompt (one grid column each)", min_items=1)
 
 
 @dataclass
 class EvalConfig:
     enabled: bool = opt(True, "score fixed eval prompts (fixed seeds) before training, every `every` epochs, and after")
-    prompts_per_set: int = opt(16, "prompts per eval set (Shapes World: per tier of the eval split)")
-    samples_per_prompt: int = opt(2, "samples per eval prompt (seeds seed, seed+1, …)")
+    prompts_per_set: int = opt(16, "prompts per eval set (Shapes World: per tier of the eval split)", ge=1)
+    samples_per_prompt: int = opt(2, "samples per eval prompt (seeds seed, seed+1, …)", ge=1)
     seed: int = opt(1000, "first sampling seed of the eval samples")
-    every: int = opt(0, "also evaluate every this many epochs (0: only before and after)")
+    every: int = opt(0, "also evaluate every this many epochs (0: only before and after)", ge=0)
 
     def validate(self) -> None:
         from genalign.seeds import DERIVED_MIN
@@ -132,6 +144,9 @@ class TrainConfig:
                 f"use prompts.source shapes_world or shapes_qa, or 'algorithm.targets: folder' with a 'targets_path'"
             )
         self._check_prompt_grammar()
+        window, steps = getattr(self.algorithm, "noise_window", 0), getattr(self.policy, "num_steps", None)
+        if window and steps is not None and window > steps:
+            raise ConfigError(f"'algorithm.noise_window' ({window}) is wider than the chain ('policy.num_steps' = {steps})")
         frames, num_frames = getattr(self.prompts, "frames", None), getattr(self.policy, "num_frames", None)
         if frames is not None and num_frames is not None and frames != num_frames:
             raise ConfigError(f"'prompts.frames' ({frames}) and 'policy.num_frames' ({num_frames}) must match: "

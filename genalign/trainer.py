@@ -14,23 +14,25 @@ resumed run reproduces the uninterrupted one exactly on CPU.
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 
-from genalign import checkpoint, run_report
+from genalign import checkpoint, run_report, runfiles
 from genalign import seeds as seeding
 from genalign.algorithms import ALGORITHMS
+from genalign.algorithms.advantages import active_steps
 from genalign.algorithms.base import SamplingPlan
 from genalign.configs import ConfigError, to_dict
 from genalign.optimise import EpochSums, global_count, minibatches, scale_gradients
@@ -40,8 +42,48 @@ from genalign.progress import progress, write
 from genalign.seeds import Stream, derive_seed
 from genalign.train_config import TrainConfig
 from genalign.trajectory import Trajectory, concat_outputs
-from rewards.compose import NonFiniteRewardError, WeightedSum, check_finite
+from rewards.compose import NonFiniteRewardError, Retrying, check_finite
 from rewards.registry import build_reward
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or the trainable weights became NaN/inf; the run stops before saving anything."""
+
+
+class OnPolicyMismatchError(RuntimeError):
+    """The policy being trained does not give the rollout's log-probs for the rollout's own samples."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a run at the end of an epoch, after writing its checkpoint."""
+
+
+@contextlib.contextmanager
+def interrupt_flag():
+    """Within the block, a first SIGINT only sets a flag (read by calling the yielded function),
+    so the run can stop at the end of its epoch with a checkpoint; a second one interrupts at
+    once. Outside the main thread nothing changes."""
+    hit = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if hit[0]:
+            raise KeyboardInterrupt
+        hit[0] = True
+        write("[genalign] interrupted: stopping after this epoch with a checkpoint (Ctrl-C again to stop at once)")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: hit[0]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# Keys a resumed run may change: how long it runs and how often/many checkpoints it keeps.
+RESUMABLE_CHANGES = ("train.epochs", "train.checkpoint_every", "train.keep_checkpoints")
 
 
 class Trainer:
@@ -63,9 +105,18 @@ class Trainer:
         self.main = self.acc.is_main_process
 
         policy_cls = POLICIES[config.policy.type][1]
-        self.policy = policy_cls.from_pretrained(config.policy.pretrained, config.policy)
-        self.reward = build_reward(config.reward.components)
-        self.monitor: WeightedSum | None = build_reward(config.reward.monitor) if config.reward.monitor else None
+        try:
+            self.policy = policy_cls.from_pretrained(config.policy.pretrained, config.policy)
+        except OSError as e:  # a hub id while offline, a folder missing a component
+            first = " ".join(str(e).split())[:300]
+            raise FileNotFoundError(
+                f"'policy.pretrained': cannot load {config.policy.pretrained!r} ({type(e).__name__}: {first}); give a "
+                f"local pipeline directory, or a hub id with network access (HF_HUB_OFFLINE unset)"
+            ) from e
+        t = config.train
+        retrying = lambda reward: Retrying(reward, t.reward_retries, t.reward_retry_wait, warn=self._warn)  # noqa: E731
+        self.reward = retrying(build_reward(config.reward.components))
+        self.monitor: Retrying | None = retrying(build_reward(config.reward.monitor)) if config.reward.monitor else None
         # unit-dependent hyper-parameters left unset take the defaults of the policy's log-prob unit
         self.algorithm = ALGORITHMS[config.algorithm.name][1](config.algorithm, unit=self.policy.log_prob_unit)
         self.prompts = config.prompts
@@ -88,12 +139,18 @@ class Trainer:
         self.snapshots: list[dict[str, torch.Tensor]] = []  # trainable weights per epoch start (algorithms that ask)
 
     # -- public ------------------------------------------------------------------------------
-    def train(self, resume: bool = False, stop: Callable[[list[dict[str, Any]]], bool] | None = None) -> list[dict[str, Any]]:
+    def train(self, resume: bool = False, stop: Callable[[list[dict[str, Any]]], bool] | None = None,
+              overwrite: bool = False) -> list[dict[str, Any]]:
         """Train ``train.epochs`` epochs, or until ``stop(history)`` (the per-epoch metrics so far)
-        is True after an epoch; that epoch is then checkpointed and evaluated like the last one."""
+        is True after an epoch; that epoch is then checkpointed and evaluated like the last one.
+
+        ``output_dir`` must hold no run, or the same run with ``resume`` (its config.yaml may differ
+        only in :data:`RESUMABLE_CHANGES`), or anything with ``overwrite`` (the old run's files
+        are removed first)."""
         ckpt_root = os.path.join(self.out, "checkpoints")
         epochs = self.config.train.epochs
         stop = stop or (lambda history: False)
+        resume = self._claim_output_dir(ckpt_root, resume, overwrite)
         if resume:
             self._resume(ckpt_root)
             finished = self.start_epoch >= epochs or (self.history and stop(self.history))
@@ -103,15 +160,6 @@ class Trainer:
                     f"final/ are left as they are (raise train.epochs to train further)"
                 )
                 return self.history
-        elif checkpoint.latest_checkpoint(ckpt_root) is not None:
-            raise FileExistsError(
-                f"{self.out} already holds a run with checkpoints: continue it with resume=True (command line: "
-                f"--resume), or set output_dir elsewhere"
-            )
-        if self.main:
-            os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, "config.yaml"), "w") as f:
-                yaml.safe_dump(to_dict(self.config), f, sort_keys=False)
         writer = self._tensorboard()
         timings: dict[str, float] = defaultdict(float)
         grids = self._load_grids()
@@ -124,29 +172,21 @@ class Trainer:
 
         start = time.perf_counter()
         bar = progress(range(self.start_epoch, epochs), desc="epochs", disable=not self.main, initial=self.start_epoch, total=epochs)
-        for epoch in bar:
-            if self.history and stop(self.history):
-                break
-            metrics = self._epoch(epoch, timings)
-            metrics["wall_seconds"] = self.wall_before + time.perf_counter() - start
-            # rollouts, rewards and updates only (no evaluation or grids), since this process started
-            metrics["train_seconds"] = timings["rollout + reward"] + timings["optimisation"]
-            self.history.append(metrics)
-            if self.main:
-                with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                if writer is not None:
-                    for k, v in metrics.items():
-                        writer.add_scalar(k, v, epoch + 1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
-            last = epoch + 1 == epochs or stop(self.history)
-            ev = self.config.eval
-            if ev.enabled and (last or (ev.every and (epoch + 1) % ev.every == 0)):
-                self._evaluate(epoch + 1, timings)
-            every = self.config.train.checkpoint_every
-            if (every and (epoch + 1) % every == 0) or last:
-                self._checkpoint(ckpt_root, epoch + 1, metrics["wall_seconds"])
+        with interrupt_flag() as interrupted:
+            for epoch in bar:
+                if self.history and stop(self.history):
+                    break
+                self._train_epoch(epoch, timings, start, writer, bar, stop, ckpt_root)
+                if self._any_process(interrupted()):
+                    every = self.config.train.checkpoint_every
+                    if not (every and (epoch + 1) % every == 0) and epoch + 1 != epochs:
+                        self._checkpoint(ckpt_root, epoch + 1, self.history[-1]["wall_seconds"])
+                    raise TrainingInterrupted(
+                        f"stopped after epoch {epoch + 1} of {epochs}; its checkpoint is in {ckpt_root}: continue "
+                        f"with --resume"
+                    )
         timings["training"] = time.perf_counter() - start
+
 
         self._save_final()
         if self.config.report.enabled:
@@ -159,6 +199,35 @@ class Trainer:
             writer.close()
         self.acc.wait_for_everyone()
         return self.history
+
+    def _train_epoch(self, epoch: int, timings: dict[str, float], start: float, writer: Any, bar: Any,
+                     stop: Callable[[list[dict[str, Any]]], bool], ckpt_root: str) -> None:
+        """One epoch, its log rows, and the evaluation and checkpoint due after it."""
+        epochs = self.config.train.epochs
+        metrics = self._epoch(epoch, timings)
+        metrics["wall_seconds"] = self.wall_before + time.perf_counter() - start
+        # rollouts, rewards and updates only (no evaluation or grids), since this process started
+        metrics["train_seconds"] = timings["rollout + reward"] + timings["optimisation"]
+        self.history.append(metrics)
+        if self.main:
+            runfiles.append_jsonl(os.path.join(self.out, "metrics.jsonl"), [metrics])
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, epoch + 1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
+        last = epoch + 1 == epochs or stop(self.history)
+        ev = self.config.eval
+        if ev.enabled and (last or (ev.every and (epoch + 1) % ev.every == 0)):
+            self._evaluate(epoch + 1, timings)
+        every = self.config.train.checkpoint_every
+        if (every and (epoch + 1) % every == 0) or last:
+            self._checkpoint(ckpt_root, epoch + 1, metrics["wall_seconds"])
+
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is True on any (one all-reduce with several)."""
+        if self.acc.num_processes == 1:
+            return flag
+        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), "sum").item() > 0)
 
     # -- one epoch ---------------------------------------------------------------------------
     def _epoch(self, epoch: int, timings: dict[str, float]) -> dict[str, Any]:
@@ -196,6 +265,7 @@ class Trainer:
             trajs.append(traj)
         traj = Trajectory.cat(trajs)
         timings["rollout + reward"] += time.perf_counter() - t0
+        probe = self._probe(traj) if plan.kind in ("rollouts", "branches") else None
 
         # Gather rewards so that statistics are global and identical on every process.
         rewards_all = acc.gather(traj.rewards.float())  # [N_global]
@@ -209,6 +279,13 @@ class Trainer:
                 for k, v in comps.items():
                     check_finite(k, torch.cat(v), traj.conditions)
                 raise NonFiniteRewardError(f"non-finite rewards in epoch {epoch + 1}")
+            if bad > cfg.train.max_nonfinite_fraction * len(measured):
+                names = ", ".join(f"{k}: {int((~torch.isfinite(torch.cat(v))).sum())}" for k, v in comps.items())
+                raise NonFiniteRewardError(
+                    f"epoch {epoch + 1}: {bad} of {len(measured)} rewards are NaN/inf or failed (per component on this "
+                    f"process: {names}), more than train.max_nonfinite_fraction = {cfg.train.max_nonfinite_fraction}; "
+                    f"the run stops (its last checkpoint is intact)"
+                )
             self._warn(f"epoch {epoch + 1}: {bad} non-finite rewards dropped from training")
         adv_all = self.algorithm.advantages(rewards_all.cpu(), conds_all, group_all.cpu())
         lo = acc.process_index * traj.batch_size
@@ -243,6 +320,8 @@ class Trainer:
             "trained_rows": int(acc.gather(trained.sum().view(1).to(acc.device)).sum()),
             **train_metrics,
         }
+        if probe is not None:
+            metrics["probe_logprob_diff"] = probe
         metrics.update(self.algorithm.epoch_metrics())
         if plan.kind == "branches":
             metrics["branch_step"] = int(traj.extras["branch_step"].min()) if traj.batch_size else -1
@@ -252,6 +331,38 @@ class Trainer:
             for k, v in table.items():
                 metrics[prefix + k] = float(acc.gather(torch.cat(v).to(acc.device)).nanmean())
         return metrics
+
+    @torch.no_grad()
+    def _probe(self, traj: Trajectory) -> float:
+        """The on-policy probe: recompute the log-probs of a few fresh rows (at most 2 of their
+        acting steps each) with the current weights and compare them with the rollout's. The
+        largest difference (over processes) is returned; above ``train.probe_tolerance`` the
+        run stops, because the update would then train on a policy other than the sampler
+        (an adapter not applied, a dtype or device drift, a stale copy of the weights)."""
+        t = self.config.train
+        rows = torch.arange(min(t.probe_rows, traj.batch_size))
+        diff = 0.0
+        if len(rows):
+            sub = traj[rows]
+            steps = active_steps(sub.mask)[:, :2]  # [r, k]
+            with self.acc.autocast():
+                recomputed = self.policy.log_prob(sub, steps).float()  # [r, k]
+            rolled = sub.log_probs.gather(1, steps.to(sub.log_probs.device)).float()
+            acting = sub.mask.gather(1, steps.to(sub.mask.device))
+            gap = (recomputed - rolled.to(recomputed.device)).abs()[acting.to(recomputed.device)]
+            diff = float(gap.max()) if gap.numel() else 0.0
+            if not math.isfinite(diff):
+                diff = math.inf
+        if self.acc.num_processes > 1:
+            diff = float(self.acc.reduce(torch.tensor([diff], device=self.acc.device), "max").item())
+        if diff > t.probe_tolerance:
+            raise OnPolicyMismatchError(
+                f"on-policy probe: re-scoring {len(rows)} fresh rollout rows with the weights that sampled them moved "
+                f"their log-probs by {diff:.3g} (train.probe_tolerance = {t.probe_tolerance:g}): the trained policy is "
+                f"not the one that sampled (an adapter not applied, a dtype or device mismatch, stale weights in the "
+                f"sampler); the run stops before training on it"
+            )
+        return diff
 
     def _collect(
         self, plan: SamplingPlan, chunk_prompts: list[Any], rows: list[int], epoch: int, chunk: list[int]
@@ -397,6 +508,11 @@ class Trainer:
                         normaliser += terms.normaliser
                         sums.add(terms, first_pass=inner == 0 and ci == 0)
                 # one normaliser for the step; DDP already averaged the gradients over processes
+                if acc.num_processes == 1 and not math.isfinite(sums.total):  # several: the weight check below
+                    raise NonFiniteTrainingError(
+                        f"epoch {epoch + 1}: the loss is {sums.total} before optimizer step {sums.steps + 1}; no step was "
+                        f"taken and the last checkpoint is intact (check the rewards, learning rate and clip ranges)"
+                    )
                 n_global = global_count(normaliser, acc)
                 scale_gradients(self.modules, self.params, acc.num_processes / n_global if n_global > 0 else 0.0)
                 if cfg.max_grad_norm > 0:
@@ -404,6 +520,12 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 sums.steps += 1
+                if not all(bool(torch.isfinite(p).all()) for p in self.params):
+                    raise NonFiniteTrainingError(
+                        f"epoch {epoch + 1}: optimizer step {sums.steps} made trainable weights NaN/inf; nothing from "
+                        f"this epoch is saved and the last checkpoint is intact (lower train.learning_rate or set "
+                        f"train.max_grad_norm)"
+                    )
         return sums.reduce(acc)
 
     def _no_sync(self, skip: bool):
@@ -432,6 +554,26 @@ class Trainer:
             )
         self.acc.wait_for_everyone()
 
+    def _claim_output_dir(self, ckpt_root: str, resume: bool, overwrite: bool) -> bool:
+        """Check that ``output_dir`` may take this run (:func:`check_output_dir`) and prepare it;
+        returns whether to resume. Every process decides from the files as they are, then the
+        main process changes them."""
+        out, config_path = self.out, os.path.join(self.out, "config.yaml")
+        mode = check_output_dir(self.config, resume, overwrite)
+        if mode == "restart":
+            self._warn(f"{out} has no complete checkpoint: the run starts again from epoch 0")
+        self.acc.wait_for_everyone()  # every process has read the directory before it changes
+        if self.main:
+            if mode in ("overwrite", "restart"):
+                runfiles.clear_run(out)
+            for path in runfiles.remove_stale_temps(out):
+                self._warn(f"removed {path}, left by an interrupted write")
+            os.makedirs(out, exist_ok=True)
+            if mode == "resume" or not os.path.isfile(config_path):
+                runfiles.write_config(config_path, to_dict(self.config))
+        self.acc.wait_for_everyone()
+        return mode == "resume"
+
     def _resume(self, root: str) -> None:
         path = checkpoint.latest_checkpoint(root)
         if path is None:
@@ -452,16 +594,12 @@ class Trainer:
         self.wall_before = state["wall_seconds"]
         for name in ("metrics.jsonl", "eval.jsonl"):
             path_ = os.path.join(self.out, name)
-            if not os.path.isfile(path_):
-                continue
-            with open(path_) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = runfiles.read_jsonl(path_)
             kept = [r for r in rows if r["epoch"] <= self.start_epoch]
             if name == "metrics.jsonl":
                 self.history = kept
-            if self.main:  # drop what was logged after the checkpoint: it will be redone
-                with open(path_, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in kept)
+            if self.main and os.path.isfile(path_):  # drop what was logged after the checkpoint: it will be redone
+                runfiles.write_jsonl(path_, kept)
         self._warn(f"resumed from {path} (epoch {self.start_epoch})")
 
     def _save_final(self) -> None:
@@ -504,8 +642,48 @@ class Trainer:
             write(f"[genalign] {message}")
 
 
+def check_output_dir(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> str:
+    """Whether ``config.output_dir`` may take this run, decided from the files alone (nothing
+    is changed, no model is loaded): ``"new"`` (no run there), ``"overwrite"``, ``"resume"`` (the
+    same run: its config.yaml differs at most in :data:`RESUMABLE_CHANGES`) or ``"restart"`` (the
+    same run, killed before its first checkpoint). Anything else raises, naming the reason."""
+    out = config.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"'output_dir': {out} is a file, not a directory")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise PermissionError(f"'output_dir': cannot create or write {out} ({parent} is not a writable directory)")
+    present = runfiles.run_contents(out)
+    if overwrite:
+        return "overwrite"
+    if not resume:
+        if present:
+            raise FileExistsError(
+                f"{out} already holds a run ({', '.join(present)}): continue it with --resume, replace it with "
+                f"--overwrite, or set output_dir elsewhere"
+            )
+        return "new"
+    if not present:
+        raise FileNotFoundError(f"--resume: {out} holds no run to continue (no config, no checkpoint)")
+    config_path = os.path.join(out, "config.yaml")
+    if os.path.isfile(config_path):
+        changes = runfiles.config_changes(runfiles.read_config(config_path), to_dict(config))
+        fixed = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+        if fixed:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in fixed.items())
+            raise ConfigError(
+                f"--resume: the config differs from the run's ({config_path}) in {listed}. Resume with the run's "
+                f"config (only {', '.join(RESUMABLE_CHANGES)} may change), or start a new run (another output_dir, "
+                f"or --overwrite)"
+            )
+    return "resume" if checkpoint.latest_checkpoint(os.path.join(out, "checkpoints")) else "restart"
+
+
 def train(
-    config: TrainConfig | str | os.PathLike, overrides: list[str] | None = None, resume: bool = False
+    config: TrainConfig | str | os.PathLike, overrides: list[str] | None = None, resume: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Python API equal to ``genalign train CONFIG [overrides] [--resume]``: returns the per-epoch metrics.
 
@@ -514,7 +692,8 @@ def train(
 
     ``config`` is a YAML path or a :class:`TrainConfig`; ``overrides`` are ``key.sub=value``
     strings as on the command line. The whole config validates before any model loads.
-    ``resume=True`` continues the run in ``output_dir`` from its latest checkpoint.
+    ``resume=True`` continues the run in ``output_dir`` from its latest checkpoint (with the same
+    config); ``overwrite=True`` replaces a run already there.
     """
     from genalign.train_config import resolve_config
 
@@ -522,5 +701,6 @@ def train(
     if config.curriculum:  # ordered stages, each a run of its own (genalign.curriculum)
         from genalign.curriculum import run_curriculum
 
-        return run_curriculum(config, resume=resume)
-    return Trainer(config).train(resume=resume)
+        return run_curriculum(config, resume=resume, overwrite=overwrite)
+    check_output_dir(config, resume, overwrite)  # before any model loads
+    return Trainer(config).train(resume=resume, overwrite=overwrite)

@@ -45,7 +45,7 @@ def load_head(path: str, in_dim: int) -> AestheticHead:
 @dataclass
 class AestheticConfig:
     type: Literal["aesthetic"] = opt("aesthetic", "LAION aesthetic predictor v2 (CLIP ViT-L/14 + linear MLP)")
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
     head: str = opt("", "MLP weights: the published .pth (loaded with weights_only=True) or a .safetensors file")
     model: str = opt("ViT-L-14-quickgelu", "open_clip architecture of the embedding (QuickGELU for OpenAI weights)")
     pretrained: str = opt("openai", "open_clip tag, local checkpoint file, or hf-hub:org/repo")

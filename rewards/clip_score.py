@@ -25,7 +25,7 @@ from rewards.open_clip_backbone import clip_preprocess, load_open_clip
 @dataclass
 class ClipScoreConfig:
     type: Literal["clip_score"] = opt("clip_score", "CLIPScore: max(100·cos(image, text), 0)")
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
     model: str = opt("ViT-L-14-quickgelu", "open_clip architecture name, or a JSON architecture config path")
     pretrained: str = opt("openai", "open_clip tag, local checkpoint file, or hf-hub:org/repo")
     scale: float = opt(100.0, "w in max(w·cos, 0)")

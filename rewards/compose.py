@@ -54,3 +54,68 @@ class WeightedSum:
                 for row, d in zip(details, out.details):
                     row[model.name] = d
         return RewardOutput(scores=total, components=components, details=details)
+
+
+class Retrying:
+    """A reward that survives a failing reward model: a call that raises is retried ``retries``
+    times, waiting ``wait`` seconds and doubling; if it still fails, every row is scored alone
+    (same retries) and the rows that keep failing get a NaN score, which the trainer drops,
+    counts and stops on past ``train.max_nonfinite_fraction``. ``failed_rows`` counts them.
+
+    Errors that no retry can fix (a TypeError or ValueError from the inputs themselves, such as
+    images of the wrong range) are raised at once.
+    """
+
+    def __init__(self, reward: Any, retries: int = 2, wait: float = 1.0, warn: Any = print, sleep: Any = None):
+        import time
+
+        self.reward, self.retries, self.wait, self.warn = reward, retries, wait, warn
+        self.sleep = sleep or time.sleep
+        self.name, self.differentiable = reward.name, getattr(reward, "differentiable", False)
+        self.failed_rows = 0
+        self._keys: list[str] = []  # component names of the last successful call
+
+    def _attempt(self, outputs: Any, conditions: Sequence[Any], what: str) -> RewardOutput | Exception:
+        error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                out = self.reward(outputs, conditions)
+                self._keys = list(out.components)
+                return out
+            except (TypeError, ValueError, NonFiniteRewardError):
+                raise
+            except Exception as e:  # a crashed server, a timeout, an out-of-memory: retry
+                error = e
+                if attempt < self.retries:
+                    delay = self.wait * 2**attempt
+                    self.warn(f"[genalign] reward {self.name!r} failed on {what} ({type(e).__name__}: {e}); "
+                              f"retry {attempt + 1}/{self.retries} in {delay:g} s")
+                    self.sleep(delay)
+        assert error is not None
+        return error
+
+    def __call__(self, outputs: Any, conditions: Sequence[Any]) -> RewardOutput:
+        conditions = list(conditions)
+        result = self._attempt(outputs, conditions, f"a batch of {len(conditions)}")
+        if isinstance(result, RewardOutput):
+            return result
+        if not isinstance(outputs, (torch.Tensor, list, tuple)):
+            raise result
+        self.warn(f"[genalign] reward {self.name!r} keeps failing on the batch ({type(result).__name__}: {result}); "
+                  f"scoring its {len(conditions)} rows one at a time")
+        rows = [self._attempt(outputs[i : i + 1], conditions[i : i + 1], f"row {i}") for i in range(len(conditions))]
+        good = [r for r in rows if isinstance(r, RewardOutput)]
+        keys = list(good[0].components) if good else (self._keys or [self.name])
+        nan = torch.full((1,), float("nan"))
+        scores, components = [], {k: [] for k in keys}
+        for r in rows:
+            ok = isinstance(r, RewardOutput)
+            scores.append(r.scores.detach().float().cpu().view(-1) if ok else nan)
+            for k in keys:
+                components[k].append(r.components[k].detach().float().cpu().view(-1) if ok and k in r.components else nan)
+        failed = len(rows) - len(good)
+        self.failed_rows += failed
+        if failed:
+            self.warn(f"[genalign] reward {self.name!r}: {failed} of {len(rows)} rows failed after {self.retries} "
+                      f"retries and are left out (NaN)")
+        return RewardOutput(scores=torch.cat(scores), components={k: torch.cat(v) for k, v in components.items()})

@@ -48,7 +48,7 @@ EXACT_QTYPES = ("colour", "shape", "count")
 @dataclass
 class CurriculumRewardConfig:
     type: Literal["curr_reft"] = opt("curr_reft", "difficulty-aware QA reward: dispatches on the condition's format and qtype")
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
     format_weight: float = opt(1.0, "weight of the format reward added to the correctness reward (0: correctness only)")
 
 

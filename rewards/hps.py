@@ -28,7 +28,7 @@ from rewards.open_clip_backbone import clip_preprocess_pad, load_open_clip, load
 @dataclass
 class HPSConfig:
     type: Literal["hps"] = opt("hps", "HPSv2/v2.1: plain cosine from a preference-tuned open_clip ViT-H-14")
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
     checkpoint: str = opt("", "the HPS checkpoint file (.pt with a 'state_dict', or .safetensors)")
     version: Literal["v2.0", "v2.1"] = opt("v2.1", "which HPS release the checkpoint is (recorded with each score)")
     model: str = opt("ViT-H-14", "open_clip architecture (HPS uses ViT-H-14), or a JSON architecture config")

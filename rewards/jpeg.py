@@ -24,7 +24,7 @@ class JpegConfig:
     type: Literal["jpeg_compressibility", "jpeg_incompressibility"] = opt(
         "jpeg_compressibility", "compressibility rewards small files (−kB), incompressibility large ones (+kB)"
     )
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
     quality: int = opt(95, "JPEG quality used to measure the size (DDPO uses 95)")
 
 

@@ -137,7 +137,7 @@ def net_displacement(track: torch.Tensor) -> tuple[float, float]:
 @dataclass
 class MotionConfig:
     type: Literal["motion"] = opt("motion", "Moving Shapes motion verifier: object directions from colour-tracked centroids")
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
     score: Literal["strict", "partial", "progress"] = opt(
         "strict", "strict 0/1 (every object right), partial (fraction of objects right) or progress (dense, in [-1, 1]: "
         "distance moved the named way over the full path, -1 for an absent object)"
@@ -198,7 +198,7 @@ class TemporalConsistencyConfig:
     type: Literal["temporal_consistency"] = opt(
         "temporal_consistency", "temporal consistency of a clip: 1 - mean absolute change between consecutive frames"
     )
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
 
 
 class TemporalConsistency:

@@ -25,7 +25,7 @@ from rewards.open_clip_backbone import clip_preprocess
 @dataclass
 class PickScoreConfig:
     type: Literal["pickscore"] = opt("pickscore", "PickScore: logit_scale · cos(image, text) from a preference-tuned CLIP")
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
     model: str = opt("yuvalkirstain/PickScore_v1", "transformers CLIPModel: local directory or hub id")
     processor: str = opt("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "tokenizer and image-processor settings: directory or hub id")
 

@@ -27,7 +27,7 @@ from rewards.vqa import VQAConfig
 @dataclass
 class ShapesVerifierConfig:
     type: Literal["shapes_verifier"] = opt("shapes_verifier", "the Shapes World verifier (a trained detector)")
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
     path: str = opt("assets/models/shapes-verifier", "directory with the verifier's weights and config")
     score: Literal["strict", "partial"] = opt("strict", "strict 0/1 (all clauses hold) or partial credit (mean over clauses)")
 

@@ -33,7 +33,7 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*[-+]?\
 @dataclass
 class RuleConfig:
     type: Literal["rule"] = opt("rule", "a rule verifier for text answers")
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
     rule: Literal["exact", "numeric", "choice", "iou", "format"] = opt("exact", "how the extracted answer is checked")
     answer_pattern: str = opt(r"<answer>(.*?)</answer>", "regex whose last match's group 1 is the answer ('' = whole response)")
     format_pattern: str = opt("", "rule 'format': the whole response must match this regex")

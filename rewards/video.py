@@ -209,7 +209,7 @@ class _ImageRewardConfigs(Mapping):
 @dataclass
 class PerFrameConfig:
     type: Literal["per_frame"] = opt("per_frame", "an image reward applied to sampled frames of each clip, aggregated per clip")
-    weight: float = opt(1.0, "weight of this component in the summed reward (the inner reward's own weight must stay 1)")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward (the inner reward's own weight must stay 1)", gt=0)
     inner: Any = tagged(_ImageRewardConfigs(), "type", help="the image reward scored on each sampled frame, e.g. {type: shapes_verifier}")
     frames: Literal["all", "first_middle_last", "every_k", "segmental"] = opt(
         "all", "frame sampler: every frame, frames 0 / (F-1)//2 / F-1, every k-th from frame 0, or InstructVideo's segments"

@@ -60,7 +60,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class VQAConfig:
     type: Literal["vqa"] = opt("vqa", "VQA verifier: P(yes) of a vision-language model asked about the image (VQAScore / DSG)")
-    weight: float = opt(1.0, "weight of this component in the summed reward")
+    weight: float = opt(1.0, "weight (> 0) of this component in the summed reward; every reward is maximised", gt=0)
     model: str = opt("Qwen/Qwen2-VL-2B-Instruct", "transformers image-text-to-text model with a chat template: local directory or hub id")
     mode: Literal["question", "question_set"] = opt("question", "one templated question per prompt (VQAScore), or a DSG question set per prompt")
     template: str = opt(VQASCORE_TEMPLATE, "mode 'question': the question, with {prompt} replaced by the prompt")

@@ -65,7 +65,7 @@ def test_resume_equals_uninterrupted(tiny_sd_dir, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no run"):
         train(config(tiny_sd_dir, str(tmp_path / "c")), resume=True)
 
 

@@ -18,7 +18,7 @@ import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 
 from genalign.configs import opt
-from genalign.policies.unet_tuning import check_model_location
+from genalign.policies.unet_tuning import check_image_size, check_model_location
 
 #: LatentConsistencyModelPipeline's default guidance scale (for a guidance-embedded UNet)
 PIPELINE_GUIDANCE_SCALE = 8.5
@@ -62,7 +62,7 @@ class ConsistencyPolicyConfig:
     finetune: Literal["lora", "full"] = opt(
         "lora", "train LoRA adapters on the UNet, or all UNet weights"
     )
-    lora_rank: int = opt(4, "LoRA rank r")
+    lora_rank: int = opt(4, "LoRA rank r", ge=1)
     lora_alpha: float | None = opt(
         None, "LoRA alpha (scale = alpha / r); default: equal to the rank"
     )
@@ -92,6 +92,7 @@ class ConsistencyPolicyConfig:
                 f"'num_steps' must be >= 2, got {self.num_steps}: one-step consistency sampling has no stochastic "
                 "transition to score"
             )
+        check_image_size(self)
         local_scheduler = os.path.join(self.pretrained, "scheduler", "scheduler_config.json")
         if self.scheduler == "pretrained" and os.path.isfile(local_scheduler):
             with open(local_scheduler) as f:

@@ -28,7 +28,7 @@ from genalign.configs import opt
 from genalign.policies.backbones import SD3Latents
 from genalign.policies.flow_sde import FlowSDEKernel
 from genalign.policies.stable_diffusion import StableDiffusionPolicy
-from genalign.policies.unet_tuning import check_model_location
+from genalign.policies.unet_tuning import check_image_size, check_model_location
 
 __all__ = ["FlowMatchingPolicy", "FlowMatchingPolicyConfig"]
 
@@ -53,7 +53,7 @@ class FlowMatchingPolicyConfig:
     width: int | None = opt(None, "image width in pixels (default: as height)")
     max_sequence_length: int = opt(256, "T5 tokens per prompt (zero tokens when the pipeline has no T5 encoder)")
     finetune: Literal["lora", "full"] = opt("lora", "train LoRA adapters on the transformer, or all its weights")
-    lora_rank: int = opt(4, "LoRA rank r")
+    lora_rank: int = opt(4, "LoRA rank r", ge=1)
     lora_alpha: float | None = opt(None, "LoRA alpha (scale = alpha / r); default: equal to the rank")
     lora_targets: list[str] = opt(
         field(default_factory=lambda: list(SD3_LORA_TARGETS)),
@@ -77,6 +77,7 @@ class FlowMatchingPolicyConfig:
                              f"log-density), got {self.noise_level}")
         if self.max_sequence_length < 1:
             raise ValueError(f"'max_sequence_length' must be >= 1, got {self.max_sequence_length}")
+        check_image_size(self)
 
 
 class FlowMatchingPolicy(StableDiffusionPolicy):

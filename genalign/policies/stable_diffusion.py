@@ -27,6 +27,7 @@ from genalign.policies.ddim import DDIMKernel
 from genalign.policies.latent_diffusion import LatentDiffusionPolicy
 from genalign.policies.unet_tuning import (
     POLICY_FILE,
+    check_image_size,
     check_model_location,
     merge_runtime,
     portable_location,
@@ -48,7 +49,7 @@ class StableDiffusionPolicyConfig:
     height: int | None = opt(None, "image height in pixels (default: the UNet's sample size × VAE factor)")
     width: int | None = opt(None, "image width in pixels (default: as height)")
     finetune: Literal["lora", "full"] = opt("lora", "train LoRA adapters on the UNet, or all UNet weights")
-    lora_rank: int = opt(4, "LoRA rank r")
+    lora_rank: int = opt(4, "LoRA rank r", ge=1)
     lora_alpha: float | None = opt(None, "LoRA alpha (scale = alpha / r); default: equal to the rank")
     lora_targets: list[str] = opt(
         field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]),
@@ -66,8 +67,10 @@ class StableDiffusionPolicyConfig:
         check_model_location(self.pretrained, "pretrained")
         if not 0 < self.eta <= 1:
             raise ValueError(f"'eta' must be in (0, 1] (eta = 0 has no log-density), got {self.eta}")
-        if self.num_steps < 1:
-            raise ValueError(f"'num_steps' must be >= 1, got {self.num_steps}")
+        if self.num_steps < 2:
+            # DDIM's last step lands on ᾱ ≈ 1, where its std is ≈ 0: a one-step chain has no exploration
+            raise ValueError(f"'num_steps' must be >= 2 (the last DDIM step is nearly noise-free), got {self.num_steps}")
+        check_image_size(self)
 
 
 class StableDiffusionPolicy(LatentDiffusionPolicy):

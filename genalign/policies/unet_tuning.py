@@ -14,6 +14,7 @@ functions on model locations and trainable state (``check_model_location``,
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +37,26 @@ def check_model_location(path_or_id: str, key: str) -> None:
         raise FileNotFoundError(
             f"'{key}': no model directory at {path_or_id!r} (and it is not a hub id like org/name)"
         )
+
+
+def check_image_size(config: Any) -> None:
+    """``height``/``width`` of a latent-diffusion policy config must be whole latent cells: a
+    multiple of the VAE's downsampling factor (times the transformer's patch size), read from the
+    local pipeline's component configs (a hub id is checked when it loads)."""
+    multiple = 8
+    vae = os.path.join(config.pretrained, "vae", "config.json")
+    if os.path.isfile(vae):
+        with open(vae) as f:
+            multiple = 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
+    transformer = os.path.join(config.pretrained, "transformer", "config.json")
+    if os.path.isfile(transformer):
+        with open(transformer) as f:
+            multiple *= int(json.load(f).get("patch_size", 1))
+    for key in ("height", "width"):
+        value = getattr(config, key)
+        if value is not None and (value < multiple or value % multiple):
+            raise ValueError(f"'{key}' must be a positive multiple of {multiple} pixels (the latent grid of "
+                             f"{config.pretrained}), got {value}")
 
 
 def portable_location(location: str, directory: str) -> str:
