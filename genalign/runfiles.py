@@ -19,8 +19,8 @@ import yaml
 
 # What a run writes into its output directory (removed by ``--overwrite``).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "grids.json", "report.html", "reward_curve.png",
-             "grid_before.png", "grid_after.png", "training_log.json")
-RUN_DIRS = ("checkpoints", "final", "tensorboard", "report_images")
+             "samples_before.png", "samples_after.png", "best_monitor.json")
+RUN_DIRS = ("checkpoints", "final", "best_monitor", "tensorboard", "report_images")
 TEMP_PREFIX = ".tmp-"
 
 

@@ -33,10 +33,17 @@ REWARD_CONFIGS = {k: v[0] for k, v in REWARDS.items()}
 class RewardSection:
     components: list[Any] = tagged(REWARD_CONFIGS, "type", default=["jpeg_compressibility"], help="rewards summed with their weights into the trained reward")
     monitor: list[Any] = tagged(REWARD_CONFIGS, "type", default=[], help="held-out rewards only logged (a reward-hacking monitor), never trained")
+    alarm_margin: float = opt(0.0, "reward-hacking alarm: fire when the monitor's moving average falls more than this below its "
+                                   "best while the trained reward's does not fall (0 disables; needs a monitor)", ge=0)
+    alarm_window: int = opt(3, "epochs in the alarm's moving averages", ge=1)
+    alarm_action: Literal["warn", "stop"] = opt("warn", "on the alarm, warn and go on, or stop the run; with a monitor and "
+                                                       "an alarm, best_monitor/ keeps the policy of the monitor's best epoch")
 
     def validate(self) -> None:
         if not self.components:
             raise ValueError("'components' is empty: give at least one reward")
+        if self.alarm_margin > 0 and not self.monitor:
+            raise ValueError("'alarm_margin' > 0 needs a 'monitor' reward to compare the trained reward with")
 
 
 @dataclass

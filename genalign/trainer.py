@@ -26,10 +26,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, gather_object, set_seed
 
-from genalign import checkpoint, run_report, runfiles
+from genalign import checkpoint, monitoring, run_report, runfiles
 from genalign import seeds as seeding
 from genalign.algorithms import ALGORITHMS
 from genalign.algorithms.advantages import active_steps
@@ -149,7 +149,8 @@ class Trainer:
         are removed first)."""
         ckpt_root = os.path.join(self.out, "checkpoints")
         epochs = self.config.train.epochs
-        stop = stop or (lambda history: False)
+        user_stop = stop or (lambda history: False)
+        stop = lambda history: user_stop(history) or self._alarm_stops(history)  # noqa: E731
         resume = self._claim_output_dir(ckpt_root, resume, overwrite)
         if resume:
             self._resume(ckpt_root)
@@ -209,6 +210,7 @@ class Trainer:
         # rollouts, rewards and updates only (no evaluation or grids), since this process started
         metrics["train_seconds"] = timings["rollout + reward"] + timings["optimisation"]
         self.history.append(metrics)
+        self._watch_monitor()
         if self.main:
             runfiles.append_jsonl(os.path.join(self.out, "metrics.jsonl"), [metrics])
             if writer is not None:
@@ -222,6 +224,34 @@ class Trainer:
         every = self.config.train.checkpoint_every
         if (every and (epoch + 1) % every == 0) or last:
             self._checkpoint(ckpt_root, epoch + 1, metrics["wall_seconds"])
+
+    def _alarm(self, history: list[dict[str, Any]]) -> monitoring.Alarm | None:
+        r = self.config.reward
+        if r.alarm_margin <= 0 or not history or "monitor_mean" not in history[-1]:
+            return None
+        return monitoring.check([h["reward_mean"] for h in history], [h["monitor_mean"] for h in history],
+                                r.alarm_window, r.alarm_margin)
+
+    def _alarm_stops(self, history: list[dict[str, Any]]) -> bool:
+        return self.config.reward.alarm_action == "stop" and self._alarm(history) is not None
+
+    def _watch_monitor(self) -> None:
+        """After an epoch: mark and announce the reward-hacking alarm; keep the policy of the
+        monitor's best epoch in ``best_monitor/`` (with ``best_monitor.json``)."""
+        r, metrics = self.config.reward, self.history[-1]
+        if r.alarm_margin <= 0 or "monitor_mean" not in metrics:
+            return
+        alarm = self._alarm(self.history)
+        if alarm is not None:
+            metrics["hacking_alarm"] = 1
+            if len(self.history) < 2 or "hacking_alarm" not in self.history[-2]:
+                self._warn(alarm.message(r.alarm_margin) + ("; the run stops" if r.alarm_action == "stop" else ""))
+        best = monitoring.best_epoch([h["monitor_mean"] for h in self.history], r.alarm_window)
+        if best == metrics["epoch"] and self.main:
+            self._save_policy("best_monitor")
+            runfiles.write_json(os.path.join(self.out, "best_monitor.json"),
+                                {"epoch": best, "monitor_moving_average": monitoring.moving_average(
+                                    [h["monitor_mean"] for h in self.history], r.alarm_window)[-1]})
 
     def _any_process(self, flag: bool) -> bool:
         """True on every process when ``flag`` is True on any (one all-reduce with several)."""
@@ -250,7 +280,9 @@ class Trainer:
             for k, v in scored.components.items():
                 comps[k].append(v.float().cpu())
             if self.monitor is not None:
-                for k, v in self.monitor(outputs, conditions).components.items():
+                watched = self.monitor(outputs, conditions)
+                monitor["_total"].append(watched.scores.float().cpu())
+                for k, v in watched.components.items():
                     monitor[k].append(v.float().cpu())
             scores.append(scored.scores.float().cpu())
             if plan.kind == "off_policy":  # the reward only monitors the reference samples; roles are the labels
@@ -327,6 +359,9 @@ class Trainer:
             metrics["branch_step"] = int(traj.extras["branch_step"].min()) if traj.batch_size else -1
         if plan.kind == "off_policy":
             metrics["reference_snapshot"] = int(plan.reference)
+        total = monitor.pop("_total", None)
+        if total is not None:
+            metrics["monitor_mean"] = float(acc.gather(torch.cat(total).to(acc.device)).nanmean())
         for prefix, table in (("reward/", comps), ("monitor/", monitor)):
             for k, v in table.items():
                 metrics[prefix + k] = float(acc.gather(torch.cat(v).to(acc.device)).nanmean())
@@ -603,10 +638,13 @@ class Trainer:
         self._warn(f"resumed from {path} (epoch {self.start_epoch})")
 
     def _save_final(self) -> None:
-        if not self.main:
-            return
-        final = os.path.join(self.out, "final")
-        tmp = tempfile.mkdtemp(prefix=".tmp-final-", dir=self.out)
+        if self.main:
+            self._save_policy("final")
+
+    def _save_policy(self, name: str) -> None:
+        """The current policy as ``<output_dir>/<name>/``, replaced only once fully written."""
+        final = os.path.join(self.out, name)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.out)
         try:
             self.policy.save_pretrained(tmp)
         except BaseException:
@@ -703,4 +741,5 @@ def train(
 
         return run_curriculum(config, resume=resume, overwrite=overwrite)
     check_output_dir(config, resume, overwrite)  # before any model loads
+    PartialState().wait_for_everyone()  # no process changes the folder before every one has checked it
     return Trainer(config).train(resume=resume, overwrite=overwrite)

@@ -274,3 +274,19 @@ def test_cli_prints_one_line_for_any_error(tiny_sd_dir, tmp_path, capsys, monkey
         main(["--debug", "train", str(cfg)])
     assert main(["train", str(cfg), "train.learning_rate=-1"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_rollouts_do_not_depend_on_how_they_are_batched(tiny_sd_dir, tmp_path):
+    """The same epoch sampled 1, 2 or 4 prompts per rollout call gives the same samples, rewards
+    and update, with and without a noise window."""
+    for window in ("algorithm.noise_window=0", "algorithm.noise_window=1"):
+        runs = []
+        for batch in (2, 4, 8):
+            runs.append(train(config(
+                tiny_sd_dir, str(tmp_path / f"{window[-1]}-{batch}"), window, "algorithm.shared_noise=true",
+                "algorithm.timestep_fraction=1.0", "train.prompts_per_epoch=4", f"train.rollout_batch_size={batch}",
+                "eval.enabled=false",
+            ))[0])
+        for other in runs[1:]:
+            for key in ("reward_mean", "reward_std", "loss"):
+                assert other[key] == pytest.approx(runs[0][key], rel=1e-4, abs=1e-6), (window, key)
