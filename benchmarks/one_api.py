@@ -34,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from genalign.configs import from_dict  # noqa: E402
+from genalign.runfiles import run_contents
 from genalign.train_config import TrainConfig  # noqa: E402
 from genalign.trainer import train  # noqa: E402
 
@@ -86,7 +87,7 @@ def run_one(base: dict, algorithm: dict | None, seed: int, run_dir: str, overrid
         for p in path:
             node = node.setdefault(p, {})
         node[last] = value
-    train(from_dict(TrainConfig, cfg), resume=os.path.isdir(os.path.join(run_dir, "checkpoints")))
+    train(from_dict(TrainConfig, cfg), resume=bool(run_contents(run_dir)))
 
 
 def main(argv: list[str] | None = None) -> int:

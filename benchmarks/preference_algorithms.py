@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from genalign.configs import load_config  # noqa: E402
+from genalign.runfiles import run_contents
 from genalign.train_config import TrainConfig  # noqa: E402
 from genalign.trainer import train  # noqa: E402
 
@@ -58,7 +59,7 @@ def run(name: str, seed: int, args) -> dict:
                      "eval.every=0", *args.overrides]
         cfg = load_config(TrainConfig, config, overrides)
         t0 = time.perf_counter()
-        train(cfg, resume=os.path.isdir(os.path.join(out, "checkpoints")))
+        train(cfg, resume=bool(run_contents(out)))
         print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     evals = read_jsonl(os.path.join(out, "eval.jsonl"))
     metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))

@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from genalign.configs import load_config  # noqa: E402
+from genalign.runfiles import run_contents
 from genalign.train_config import TrainConfig  # noqa: E402
 from genalign.trainer import train  # noqa: E402
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(os.path.join(run_dir, "final", "genalign_policy.json")):
             cfg = load_config(TrainConfig, args.config, [f"seed={seed}", f"output_dir={run_dir}", *args.overrides])
             t0 = time.perf_counter()
-            train(cfg, resume=os.path.isdir(os.path.join(run_dir, "checkpoints")))
+            train(cfg, resume=bool(run_contents(run_dir)))
             print(f"seed {seed}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
         ev = read_eval(run_dir)
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from genalign.configs import load_config  # noqa: E402
 from genalign.policies import POLICIES  # noqa: E402
+from genalign.runfiles import run_contents
 from genalign.train_config import TrainConfig  # noqa: E402
 from genalign.trainer import Trainer  # noqa: E402
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                          "report.enabled=false", *args.overrides, *extra]
             cfg = load_config(TrainConfig, config, overrides)
             if not os.path.isfile(os.path.join(run_dir, "final", "genalign_policy.json")):
-                Trainer(cfg).train(resume=os.path.isdir(os.path.join(run_dir, "checkpoints")))
+                Trainer(cfg).train(resume=bool(run_contents(run_dir)))
             curves[arm][seed] = curve(run_dir, args.metric)
             run_dirs[arm][seed] = run_dir
             if arm not in costs:

@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from genalign.configs import from_dict  # noqa: E402
 from genalign.policies.vlm import VLMPolicy, VLMPolicyConfig  # noqa: E402
+from genalign.runfiles import run_contents
 from genalign.toyworld.vqa import FORMATS, QTYPES, sample_vqa_conditions  # noqa: E402
 from genalign.train_config import TrainConfig  # noqa: E402
 from genalign.trainer import train  # noqa: E402
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = os.path.join(args.out, "runs", method.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus") + f"_seed{seed}")
                 cfg = method_config(base, method, seed, args.epochs, args.rs_epochs, run_dir)
                 if not os.path.isfile(os.path.join(run_dir, "final", "genalign_policy.json")):
-                    train(from_dict(TrainConfig, cfg), resume=os.path.isdir(run_dir))
+                    train(from_dict(TrainConfig, cfg), resume=bool(run_contents(run_dir)))
                 policy_dir = os.path.join(run_dir, "final")
             # the base model and the trained ones answer under the config's sampling settings alike
             sampling = {k: base["policy"][k] for k in ("max_new_tokens", "temperature") if k in base["policy"]}

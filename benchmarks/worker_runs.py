@@ -56,7 +56,9 @@ def train_once(cfg: dict, run_dir: str) -> list[dict]:
     from genalign.trainer import train
 
     if not os.path.isfile(os.path.join(run_dir, "final", "genalign_policy.json")):
-        train(from_dict(TrainConfig, cfg), resume=os.path.isdir(run_dir))
+        from genalign.runfiles import run_contents
+
+        train(from_dict(TrainConfig, cfg), resume=bool(run_contents(run_dir)))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 

@@ -46,6 +46,25 @@ from rewards.compose import NonFiniteRewardError, Retrying, check_finite
 from rewards.registry import build_reward
 
 
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send this process ``sig`` when its parent dies (``prctl(PR_SET_PDEATHSIG)``),
+    so workers of a killed ``accelerate launch`` stop instead of training on unattended.
+    Returns False where the call is not available (not Linux)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return False
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
+        return False
+    return os.getppid() != 1  # the parent may already be gone: then nothing will be sent
+
+
 class NonFiniteTrainingError(RuntimeError):
     """The loss or the trainable weights became NaN/inf; the run stops before saving anything."""
 
@@ -93,6 +112,8 @@ class Trainer:
         self.config = config
         # Several processes without CUDA (accelerate launch on CPUs) need cpu=True for gloo DDP.
         multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            die_with_parent()  # a killed launcher must not leave its workers training and writing
         self.acc = accelerator or Accelerator(mixed_precision=config.train.mixed_precision, cpu=multi_cpu)
         if self.acc.distributed_type == DistributedType.DEEPSPEED:
             # the update scales accumulated .grad once per optimiser step; DeepSpeed keeps its own buffers

@@ -11,7 +11,8 @@ from genalign.configs import ConfigError, apply_overrides, load_config
 from genalign.train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+                 if os.sep + "accelerate" + os.sep not in p)  # accelerate launch configs: their own test
 #: assets a project command builds and that the repository may not hold yet -> that command
 BUILT_BY_COMMAND = {"assets/models/tiny-lcm": "genalign toyworld distill lcm --out assets/models/tiny-lcm"}
 
@@ -125,3 +126,19 @@ def test_cli_reports_config_error_before_loading(tmp_path, capsys):
     assert "unknown key 'trian'" in err and "did you mean 'train'" in err
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_accelerate_launch_configs_load():
+    """The launch configs in configs/accelerate/ parse as accelerate's own config files."""
+    import pathlib
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    folder = pathlib.Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    kinds = {p.stem: load_config_from_file(str(p)) for p in sorted(folder.glob("*.yaml"))}
+    assert kinds["ddp"].distributed_type == DistributedType.MULTI_GPU
+    assert kinds["fsdp"].distributed_type == DistributedType.FSDP and kinds["fsdp"].fsdp_config
+    assert kinds["multi_node"].num_machines == 2 and kinds["multi_node"].main_process_ip
+    assert kinds["cpu_2proc"].use_cpu and kinds["cpu_2proc"].num_processes == 2
+    assert not any(c.distributed_type == DistributedType.DEEPSPEED for c in kinds.values())

@@ -290,3 +290,35 @@ def test_rollouts_do_not_depend_on_how_they_are_batched(tiny_sd_dir, tmp_path):
         for other in runs[1:]:
             for key in ("reward_mean", "reward_std", "loss"):
                 assert other[key] == pytest.approx(runs[0][key], rel=1e-4, abs=1e-6), (window, key)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux (prctl, /proc)")
+def test_workers_die_with_a_killed_launcher(tmp_path):
+    """A worker (grandchild) that called die_with_parent stops when its launcher (child) is killed."""
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    worker = (f"import os, time; from genalign.trainer import die_with_parent; assert die_with_parent(); "
+              f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    launcher = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(120)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", launcher], env={**os.environ, "PYTHONPATH": root})
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the worker never started"
+        time.sleep(0.2)
+    pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for _ in range(100):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                state = next(line for line in f if line.startswith("State:"))
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            return  # gone
+        if "Z" in state.split()[1]:
+            return  # dead, waiting to be reaped by whoever adopted it
+        time.sleep(0.1)
+    pytest.fail("the worker outlived its killed launcher")
