@@ -720,8 +720,8 @@ def check_output_dir(config: TrainConfig, resume: bool = False, overwrite: bool 
     if not resume:
         if present:
             raise FileExistsError(
-                f"{out} already holds a run ({', '.join(present)}): continue it with --resume, replace it with "
-                f"--overwrite, or set output_dir elsewhere"
+                f"{out} already holds a run ({', '.join(present)}): continue it with --resume (Python: resume=True), "
+                f"replace it with --overwrite (overwrite=True), or set output_dir elsewhere"
             )
         return "new"
     if not present:
