@@ -68,9 +68,10 @@ class TrainLoop:
     probe_rows: int = opt(
         2, "on-policy probe: each epoch, re-score this many fresh rollout rows with the weights that sampled them; "
         "their log-probs must equal the rollout's (0 disables)", ge=0)
-    probe_tolerance: float = opt(
-        1e-3, "largest |log π_θ − log π_rollout| the probe accepts (the policy's log-prob unit; fp32 on one device "
-        "agrees to ~1e-6, mixed precision needs more)", gt=0)
+    probe_tolerance: float | None = opt(
+        None, "largest |log π_θ − log π_rollout| the probe accepts, in the policy's log-prob unit (default: 1e-3 in "
+        "fp32, where one device agrees to ~1e-6; 5e-2 with mixed precision, whose rounding depends on batch shapes)",
+        gt=0)
     reward_retries: int = opt(2, "a reward call that raises is retried this many times (then its rows are scored one by one "
                               "and rows still failing count as non-finite)", ge=0)
     reward_retry_wait: float = opt(1.0, "seconds before the first retry of a failed reward call (doubling)", ge=0)

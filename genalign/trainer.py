@@ -199,16 +199,16 @@ class Trainer:
                 if self.history and stop(self.history):
                     break
                 self._train_epoch(epoch, timings, start, writer, bar, stop, ckpt_root)
-                if self._any_process(interrupted()):
+                last = epoch + 1 == epochs or stop(self.history)  # then the run finishes as usual
+                if self._any_process(interrupted()) and not last:
                     every = self.config.train.checkpoint_every
-                    if not (every and (epoch + 1) % every == 0) and epoch + 1 != epochs:
+                    if not (every and (epoch + 1) % every == 0):
                         self._checkpoint(ckpt_root, epoch + 1, self.history[-1]["wall_seconds"])
                     raise TrainingInterrupted(
                         f"stopped after epoch {epoch + 1} of {epochs}; its checkpoint is in {ckpt_root}: continue "
                         f"with --resume"
                     )
         timings["training"] = time.perf_counter() - start
-
 
         self._save_final()
         if self.config.report.enabled:
@@ -411,10 +411,11 @@ class Trainer:
                 diff = math.inf
         if self.acc.num_processes > 1:
             diff = float(self.acc.reduce(torch.tensor([diff], device=self.acc.device), "max").item())
-        if diff > t.probe_tolerance:
+        tolerance = t.probe_tolerance or (1e-3 if t.mixed_precision == "no" else 5e-2)
+        if diff > tolerance:
             raise OnPolicyMismatchError(
                 f"on-policy probe: re-scoring {len(rows)} fresh rollout rows with the weights that sampled them moved "
-                f"their log-probs by {diff:.3g} (train.probe_tolerance = {t.probe_tolerance:g}): the trained policy is "
+                f"their log-probs by {diff:.3g} (train.probe_tolerance = {tolerance:g}): the trained policy is "
                 f"not the one that sampled (an adapter not applied, a dtype or device mismatch, stale weights in the "
                 f"sampler); the run stops before training on it"
             )
