@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 
 from genalign import checkpoint, monitoring, run_report, runfiles
@@ -762,6 +762,7 @@ def train(
         from genalign.curriculum import run_curriculum
 
         return run_curriculum(config, resume=resume, overwrite=overwrite)
-    check_output_dir(config, resume, overwrite)  # before any model loads
-    PartialState().wait_for_everyone()  # no process changes the folder before every one has checked it
+    # Before any model loads. No process writes to the folder before every process has passed
+    # the same check again in Trainer.train (behind a barrier), so the checks cannot race.
+    check_output_dir(config, resume, overwrite)
     return Trainer(config).train(resume=resume, overwrite=overwrite)

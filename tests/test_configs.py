@@ -140,5 +140,5 @@ def test_accelerate_launch_configs_load():
     assert kinds["ddp"].distributed_type == DistributedType.MULTI_GPU
     assert kinds["fsdp"].distributed_type == DistributedType.FSDP and kinds["fsdp"].fsdp_config
     assert kinds["multi_node"].num_machines == 2 and kinds["multi_node"].main_process_ip
-    assert kinds["cpu_2proc"].use_cpu and kinds["cpu_2proc"].num_processes == 2
+    assert kinds["cpu_2proc"].num_processes == 2 and kinds["cpu_2proc"].num_machines == 1
     assert not any(c.distributed_type == DistributedType.DEEPSPEED for c in kinds.values())

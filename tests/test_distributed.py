@@ -34,7 +34,8 @@ def test_two_process_ddp_training(tiny_sd_dir, tmp_path, algorithm):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "genalign.cli", "train", str(path)]
+    launch = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "accelerate", "cpu_2proc.yaml")
+    cmd = ["accelerate", "launch", "--config_file", launch, "-m", "genalign.cli", "train", str(path)]  # the shipped config
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
