@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from genalign.runfiles import write_text
+
 LATEST = "latest"
 
 
@@ -68,7 +70,7 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_write_text(os.path.join(root, LATEST), name)
+    write_text(os.path.join(root, LATEST), name)
     _prune(root, keep, protect=name)
     return final
 
@@ -118,12 +120,6 @@ def read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"checkpoint {path} has no {name}.safetensors")
     return load_file(file)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    from genalign.runfiles import write_text
-
-    write_text(path, text)
 
 
 def _prune(root: str, keep: int, protect: str) -> None:

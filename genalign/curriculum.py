@@ -148,10 +148,9 @@ def _read_state(out: str) -> dict[str, Any]:
 
 
 def _write_state(out: str, state: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-curriculum-", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(tmp, os.path.join(out, STATE_FILE))
+    from genalign.runfiles import write_text
+
+    write_text(os.path.join(out, STATE_FILE), json.dumps(state, indent=2))
 
 
 def _last_trainable(run_dir: str) -> dict[str, Any]:

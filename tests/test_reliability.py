@@ -153,8 +153,7 @@ def test_weights_that_become_nonfinite_stop_the_run(tiny_sd_dir, tmp_path):
 
 
 class _Broken:
-    """Raises on every call whose batch holds a row of index in ``bad`` (by its mean), or
-    everywhere; counts calls."""
+    """A reward server that fails its first ``fail_times`` calls (or every call); counts calls."""
 
     differentiable = False
 
