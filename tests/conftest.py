@@ -17,6 +17,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from genalign.configs import load_config
+from genalign.train_config import TrainConfig
+
 
 def build_tiny_tokenizer(directory) -> CLIPTokenizer:
     """A character-level CLIP tokenizer (no merges): enough for any lowercase prompt."""
@@ -63,6 +66,23 @@ def tiny_sd_dir(tmp_path_factory):
     tok_dir = tmp_path_factory.mktemp("tok")
     build_tiny_pipeline(tok_dir).save_pretrained(d, safe_serialization=True)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def sd_run_config(tiny_sd_dir):
+    """Builds the TrainConfig of a tiny DDPO run on tiny_sd_dir (3 steps, 2 prompts × 2 samples
+    an epoch): ``sd_run_config(output_dir, *overrides)``, later overrides winning."""
+
+    def build(out, *extra) -> TrainConfig:
+        return load_config(TrainConfig, None, [
+            "policy.type=stable_diffusion", f"policy.pretrained={tiny_sd_dir}", "policy.num_steps=3",
+            "prompts.source=list", "prompts.prompts=[a red circle, a blue square, a green triangle]",
+            "train.prompts_per_epoch=2", "train.samples_per_prompt=2", "train.rollout_batch_size=4",
+            "train.train_batch_size=2", "train.learning_rate=1e-2", "eval.prompts_per_set=2", "eval.samples_per_prompt=1",
+            f"output_dir={out}", *extra,
+        ])
+
+    return build
 
 
 def build_tiny_lcm_pipeline(tmp_dir, guidance_dim: int = 32) -> LatentConsistencyModelPipeline:

@@ -11,7 +11,6 @@ from genalign import monitoring
 from genalign.trainer import Trainer
 from rewards.base import RewardOutput
 from rewards.compose import WeightedSum
-from tests.test_reliability import config
 
 
 def test_moving_average_and_best_epoch():
@@ -65,9 +64,9 @@ class _Rising:
 
 
 @pytest.mark.parametrize("action", ["warn", "stop"])
-def test_alarm_in_a_run(tiny_sd_dir, tmp_path, action):
+def test_alarm_in_a_run(sd_run_config, tmp_path, action):
     out = tmp_path / action
-    trainer = Trainer(config(tiny_sd_dir, str(out), "train.epochs=6", "reward.monitor=[{type: jpeg_compressibility}]",
+    trainer = Trainer(sd_run_config(str(out), "report.enabled=false", "train.epochs=6", "reward.monitor=[{type: jpeg_compressibility}]",
                              "reward.alarm_margin=0.15", "reward.alarm_window=1", f"reward.alarm_action={action}",
                              "eval.enabled=false"))
     trainer.reward = WeightedSum([_Rising()], [1.0])

@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from genalign import checkpoint, runfiles
 from genalign.cli import main
-from genalign.configs import ConfigError, load_config
-from genalign.train_config import TrainConfig
+from genalign.configs import ConfigError
 from genalign.trainer import (
     NonFiniteTrainingError,
     OnPolicyMismatchError,
@@ -24,63 +23,59 @@ from rewards.base import RewardOutput
 from rewards.compose import NonFiniteRewardError, Retrying, WeightedSum
 
 
-def config(tiny_sd_dir, out, *extra):
-    return load_config(TrainConfig, None, [
-        "policy.type=stable_diffusion", f"policy.pretrained={tiny_sd_dir}", "policy.num_steps=3",
-        "prompts.source=list", "prompts.prompts=[a red circle, a blue square, a green triangle]",
-        "train.epochs=1", "train.prompts_per_epoch=2", "train.samples_per_prompt=2", "train.rollout_batch_size=4",
-        "train.train_batch_size=2", "train.learning_rate=1e-2", "train.reward_retry_wait=0",
-        "report.enabled=false", "eval.prompts_per_set=2", "eval.samples_per_prompt=1", f"output_dir={out}", *extra,
-    ])
+@pytest.fixture
+def config(sd_run_config):
+    """This file's tiny run: ``config(output_dir, *overrides)``."""
+    return lambda out, *extra: sd_run_config(out, "train.epochs=1", "train.reward_retry_wait=0", "report.enabled=false", *extra)
 
 
 def epochs_logged(out, name="metrics.jsonl"):
     return [r["epoch"] for r in runfiles.read_jsonl(os.path.join(out, name))]
 
 
-def test_resume_refuses_a_changed_config_and_keeps_the_run(tiny_sd_dir, tmp_path):
+def test_resume_refuses_a_changed_config_and_keeps_the_run(config, tmp_path):
     out = str(tmp_path / "run")
-    train(config(tiny_sd_dir, out))
+    train(config(out))
     saved = (tmp_path / "run" / "config.yaml").read_text()
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     for change in ("seed=1", "train.learning_rate=5e-3", "reward.components=[{type: jpeg_incompressibility}]"):
         with pytest.raises(ConfigError) as err:
-            train(config(tiny_sd_dir, out, "train.epochs=2", change), resume=True)
+            train(config(out, "train.epochs=2", change), resume=True)
         key = change.split("=")[0].replace("reward.components", "reward.components.0.type")
         assert key in str(err.value) and "config.yaml" in str(err.value)
         assert "train.epochs" not in str(err.value).split("Resume with")[0], "an allowed change is not listed"
     assert (tmp_path / "run" / "config.yaml").read_text() == saved, "the run's config is never overwritten"
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
     # more epochs is the one change a resume takes; the stored config then says so
-    history = train(config(tiny_sd_dir, out, "train.epochs=2"), resume=True)
+    history = train(config(out, "train.epochs=2"), resume=True)
     assert [r["epoch"] for r in history] == [1, 2]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["epochs"] == 2
 
 
-def test_output_dir_with_a_run_but_no_checkpoint(tiny_sd_dir, tmp_path):
+def test_output_dir_with_a_run_but_no_checkpoint(config, tmp_path):
     """Killed before its first checkpoint: a new run is refused, --resume starts it again from
     epoch 0 without mixing logs, --overwrite replaces it."""
     out = str(tmp_path / "run")
-    train(config(tiny_sd_dir, out))
+    train(config(out))
     import shutil
 
     shutil.rmtree(os.path.join(out, "checkpoints"))
     shutil.rmtree(os.path.join(out, "final"))
     with pytest.raises(FileExistsError, match="--overwrite") as err:
-        train(config(tiny_sd_dir, out))
+        train(config(out))
     assert "metrics.jsonl" in str(err.value)
-    history = train(config(tiny_sd_dir, out), resume=True)
+    history = train(config(out), resume=True)
     assert [r["epoch"] for r in history] == [1]
     assert epochs_logged(out) == [1]
     assert epochs_logged(out, "eval.jsonl") == [0, 1]
     # a finished run is replaced only on request
     with pytest.raises(FileExistsError):
-        train(config(tiny_sd_dir, out, "seed=3"))
-    train(config(tiny_sd_dir, out, "seed=3"), overwrite=True)
+        train(config(out, "seed=3"))
+    train(config(out, "seed=3"), overwrite=True)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["seed"] == 3
     assert epochs_logged(out) == [1]
     with pytest.raises(FileNotFoundError, match="no run"):
-        train(config(tiny_sd_dir, str(tmp_path / "empty")), resume=True)
+        train(config(str(tmp_path / "empty")), resume=True)
 
 
 def test_latest_pointer_to_a_missing_checkpoint_falls_back(tmp_path):
@@ -94,12 +89,12 @@ def test_latest_pointer_to_a_missing_checkpoint_falls_back(tmp_path):
     assert checkpoint.latest_checkpoint(root).endswith("epoch_00001")
 
 
-def test_stale_temporary_files_are_removed(tiny_sd_dir, tmp_path):
+def test_stale_temporary_files_are_removed(config, tmp_path):
     out = tmp_path / "run"
-    train(config(tiny_sd_dir, str(out)))
+    train(config(str(out)))
     (out / "checkpoints" / ".tmp-epoch_00002-abc").mkdir()
     (out / ".tmp-xyz").write_text("half")
-    train(config(tiny_sd_dir, str(out), "train.epochs=2"), resume=True)
+    train(config(str(out), "train.epochs=2"), resume=True)
     assert not [n for n in os.listdir(out) + os.listdir(out / "checkpoints") if n.startswith(".tmp-")]
 
 
@@ -115,9 +110,9 @@ def test_jsonl_torn_last_line_dropped_damaged_line_named(tmp_path):
     assert (tmp_path / "new.jsonl").read_text() == '{"a": 1}\n{"a": 2}\n'
 
 
-def test_nonfinite_loss_stops_before_any_step_is_saved(tiny_sd_dir, tmp_path):
+def test_nonfinite_loss_stops_before_any_step_is_saved(config, tmp_path):
     out = str(tmp_path / "run")
-    trainer = Trainer(config(tiny_sd_dir, out, "train.epochs=2"))
+    trainer = Trainer(config(out, "train.epochs=2"))
     loss = trainer.algorithm.loss
     calls = []
 
@@ -137,8 +132,8 @@ def test_nonfinite_loss_stops_before_any_step_is_saved(tiny_sd_dir, tmp_path):
     assert epochs_logged(out) == [1]
 
 
-def test_weights_that_become_nonfinite_stop_the_run(tiny_sd_dir, tmp_path):
-    trainer = Trainer(config(tiny_sd_dir, str(tmp_path / "run")))
+def test_weights_that_become_nonfinite_stop_the_run(config, tmp_path):
+    trainer = Trainer(config(str(tmp_path / "run")))
     step = trainer.optimizer.step
 
     def overflow(*args, **kwargs):
@@ -167,7 +162,7 @@ class _Broken:
         return RewardOutput(scores=outputs.float().mean(dim=(1, 2, 3)))
 
 
-def test_reward_failures_retried_then_masked_then_stop(tiny_sd_dir, tmp_path):
+def test_reward_failures_retried_then_masked_then_stop(config, tmp_path):
     waits = []
     flaky = _Broken(fail_times=2)
     wrapped = Retrying(WeightedSum([flaky], [1.0]), retries=2, wait=0.5, warn=lambda m: None, sleep=waits.append)
@@ -195,32 +190,32 @@ def test_reward_failures_retried_then_masked_then_stop(tiny_sd_dir, tmp_path):
     assert slept == []
 
     # a reward that never answers stops the run with a message naming the fraction
-    trainer = Trainer(config(tiny_sd_dir, str(tmp_path / "run"), "train.reward_retries=1"))
+    trainer = Trainer(config(str(tmp_path / "run"), "train.reward_retries=1"))
     trainer.reward = Retrying(WeightedSum([_Broken(always=True)], [1.0]), retries=1, wait=0, warn=lambda m: None)
     with pytest.raises(NonFiniteRewardError, match="max_nonfinite_fraction"):
         trainer.train()
 
 
-def test_all_nan_rewards_stop_the_run(tiny_sd_dir, tmp_path):
+def test_all_nan_rewards_stop_the_run(config, tmp_path):
     class AllNaN:
         name, differentiable = "nan", False
 
         def __call__(self, outputs, conditions):
             return RewardOutput(scores=torch.full((len(conditions),), float("nan")))
 
-    trainer = Trainer(config(tiny_sd_dir, str(tmp_path / "run")))
+    trainer = Trainer(config(str(tmp_path / "run")))
     trainer.reward = WeightedSum([AllNaN()], [1.0])
     with pytest.raises(NonFiniteRewardError, match="4 of 4 rewards"):
         trainer.train()
     assert not os.path.exists(tmp_path / "run" / "final")
 
 
-def test_on_policy_probe_passes_and_catches_an_unbound_adapter(tiny_sd_dir, tmp_path):
-    history = train(config(tiny_sd_dir, str(tmp_path / "ok"), "train.epochs=2"))
+def test_on_policy_probe_passes_and_catches_an_unbound_adapter(config, tmp_path):
+    history = train(config(str(tmp_path / "ok"), "train.epochs=2"))
     assert all(0 <= r["probe_logprob_diff"] <= 1e-5 for r in history)
 
     # a sampler that runs without the trained adapter (a LoRA not bound to the rollout engine)
-    trainer = Trainer(config(tiny_sd_dir, str(tmp_path / "bad"), "train.epochs=2"))
+    trainer = Trainer(config(str(tmp_path / "bad"), "train.epochs=2"))
     rollout = trainer.policy.rollout
 
     def unbound(*args, **kwargs):
@@ -233,9 +228,9 @@ def test_on_policy_probe_passes_and_catches_an_unbound_adapter(tiny_sd_dir, tmp_
     assert epochs_logged(str(tmp_path / "bad")) == [1], "epoch 1 (adapter still zero) passes, epoch 2 stops"
 
 
-def test_ctrl_c_checkpoints_at_the_end_of_the_epoch(tiny_sd_dir, tmp_path):
+def test_ctrl_c_checkpoints_at_the_end_of_the_epoch(config, tmp_path):
     out = str(tmp_path / "run")
-    trainer = Trainer(config(tiny_sd_dir, out, "train.epochs=3", "train.checkpoint_every=0"))
+    trainer = Trainer(config(out, "train.epochs=3", "train.checkpoint_every=0"))
     epoch = trainer._epoch
 
     def interrupted(e, timings):
@@ -250,7 +245,7 @@ def test_ctrl_c_checkpoints_at_the_end_of_the_epoch(tiny_sd_dir, tmp_path):
     assert checkpoint.latest_checkpoint(os.path.join(out, "checkpoints")).endswith("epoch_00001")
     assert epochs_logged(out) == [1]
     assert signal.getsignal(signal.SIGINT) is handler, "the handler is restored"
-    history = train(config(tiny_sd_dir, out, "train.epochs=3", "train.checkpoint_every=0"), resume=True)
+    history = train(config(out, "train.epochs=3", "train.checkpoint_every=0"), resume=True)
     assert [r["epoch"] for r in history] == [1, 2, 3]
 
 
@@ -275,14 +270,14 @@ def test_cli_prints_one_line_for_any_error(tiny_sd_dir, tmp_path, capsys, monkey
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_rollouts_do_not_depend_on_how_they_are_batched(tiny_sd_dir, tmp_path):
+def test_rollouts_do_not_depend_on_how_they_are_batched(config, tmp_path):
     """The same epoch sampled 1, 2 or 4 prompts per rollout call gives the same samples, rewards
     and update, with and without a noise window."""
     for window in ("algorithm.noise_window=0", "algorithm.noise_window=1"):
         runs = []
         for batch in (2, 4, 8):
             runs.append(train(config(
-                tiny_sd_dir, str(tmp_path / f"{window[-1]}-{batch}"), window, "algorithm.shared_noise=true",
+                str(tmp_path / f"{window[-1]}-{batch}"), window, "algorithm.shared_noise=true",
                 "algorithm.timestep_fraction=1.0", "train.prompts_per_epoch=4", f"train.rollout_batch_size={batch}",
                 "eval.enabled=false",
             ))[0])

@@ -9,27 +9,21 @@ import torch
 from safetensors.torch import load_file
 
 from genalign import checkpoint
-from genalign.configs import load_config
-from genalign.train_config import TrainConfig
 from genalign.trainer import Trainer, train
 from rewards.base import RewardOutput
 from rewards.compose import NonFiniteRewardError, WeightedSum
 
 
-def config(tiny_sd_dir, out, *extra):
-    return load_config(TrainConfig, None, [
-        "policy.type=stable_diffusion", f"policy.pretrained={tiny_sd_dir}", "policy.num_steps=3",
-        "prompts.source=list", "prompts.prompts=[a red circle, a blue square, a green triangle]",
-        "train.epochs=2", "train.prompts_per_epoch=2", "train.samples_per_prompt=2", "train.rollout_batch_size=4",
-        "train.train_batch_size=2", "train.learning_rate=1e-2", "algorithm.timestep_fraction=0.67",
-        "report.num_prompts=2", "report.seeds=[0, 1]", "eval.prompts_per_set=2", "eval.samples_per_prompt=1",
-        f"output_dir={out}", *extra,
-    ])
+@pytest.fixture
+def config(sd_run_config):
+    """This file's tiny run: ``config(output_dir, *overrides)``."""
+    return lambda out, *extra: sd_run_config(out, "train.epochs=2", "algorithm.timestep_fraction=0.67", "report.num_prompts=2",
+                                               "report.seeds=[0, 1]", *extra)
 
 
-def test_run_directory_contract(tiny_sd_dir, tmp_path):
+def test_run_directory_contract(config, tmp_path):
     out = tmp_path / "run"
-    history = train(config(tiny_sd_dir, str(out), "train.gradient_accumulation_steps=2"))
+    history = train(config(str(out), "train.gradient_accumulation_steps=2"))
     assert len(history) == 2
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["set"], r["samples"]) for r in evals] == [(0, "eval", 2), (2, "eval", 2)]
@@ -49,13 +43,13 @@ def test_run_directory_contract(tiny_sd_dir, tmp_path):
         assert (out / src).is_file(), src
     # an existing run is never overwritten without --resume
     with pytest.raises(FileExistsError, match="--resume"):
-        train(config(tiny_sd_dir, str(out)))
+        train(config(str(out)))
 
 
-def test_resume_equals_uninterrupted(tiny_sd_dir, tmp_path):
-    full = train(config(tiny_sd_dir, str(tmp_path / "a"), "train.epochs=3", "report.enabled=false"))
-    train(config(tiny_sd_dir, str(tmp_path / "b"), "train.epochs=1", "report.enabled=false"))
-    resumed = train(config(tiny_sd_dir, str(tmp_path / "b"), "train.epochs=3", "report.enabled=false"), resume=True)
+def test_resume_equals_uninterrupted(config, tmp_path):
+    full = train(config(str(tmp_path / "a"), "train.epochs=3", "report.enabled=false"))
+    train(config(str(tmp_path / "b"), "train.epochs=1", "report.enabled=false"))
+    resumed = train(config(str(tmp_path / "b"), "train.epochs=3", "report.enabled=false"), resume=True)
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
     for a, b in zip(full, resumed):
         for key in ("reward_mean", "loss", "approx_kl", "samples"):
@@ -66,7 +60,7 @@ def test_resume_equals_uninterrupted(tiny_sd_dir, tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="no run"):
-        train(config(tiny_sd_dir, str(tmp_path / "c")), resume=True)
+        train(config(str(tmp_path / "c")), resume=True)
 
 
 def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
@@ -98,8 +92,8 @@ class _NaNEvery2nd:
         return RewardOutput(scores=scores)
 
 
-def test_nonfinite_rewards_dropped_or_reported(tiny_sd_dir, tmp_path):
-    trainer = Trainer(config(tiny_sd_dir, str(tmp_path / "d"), "train.epochs=1", "report.enabled=false"))
+def test_nonfinite_rewards_dropped_or_reported(config, tmp_path):
+    trainer = Trainer(config(str(tmp_path / "d"), "train.epochs=1", "report.enabled=false"))
     trainer.reward = WeightedSum([_NaNEvery2nd()], [1.0])
     before = {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()}
     history = trainer.train()
@@ -108,24 +102,23 @@ def test_nonfinite_rewards_dropped_or_reported(tiny_sd_dir, tmp_path):
     after = trainer.policy.trainable_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "finite rows still train"
 
-    strict = Trainer(config(tiny_sd_dir, str(tmp_path / "e"), "train.epochs=1", "report.enabled=false", "train.on_nonfinite_reward=error"))
+    strict = Trainer(config(str(tmp_path / "e"), "train.epochs=1", "report.enabled=false", "train.on_nonfinite_reward=error"))
     strict.reward = WeightedSum([_NaNEvery2nd()], [1.0])
     with pytest.raises(NonFiniteRewardError, match="flaky"):
         strict.train()
 
 
-def seppo_config(tiny_sd_dir, out, *extra):
-    return load_config(TrainConfig, None, [
-        "policy.type=stable_diffusion", f"policy.pretrained={tiny_sd_dir}", "policy.num_steps=3",
-        "prompts.source=list", "prompts.prompts=[a red circle, a blue square, a green triangle]",
-        "algorithm.name=seppo", "algorithm.steps_per_sample=2", "algorithm.targets=shapes_world", "reward.components=[{type: jpeg_compressibility}]",
-        "train.epochs=3", "train.prompts_per_epoch=2", "train.samples_per_prompt=2", "train.rollout_batch_size=4",
-        "train.train_batch_size=4", "train.learning_rate=1e-2", "report.enabled=false", "eval.enabled=false",
-        f"output_dir={out}", *extra,
-    ])
+@pytest.fixture
+def seppo_config(sd_run_config):
+    """A tiny SePPO run: ``seppo_config(output_dir, *overrides)``."""
+    return lambda out, *extra: sd_run_config(
+        out, "algorithm.name=seppo", "algorithm.steps_per_sample=2", "algorithm.targets=shapes_world",
+        "reward.components=[{type: jpeg_compressibility}]", "train.epochs=3", "train.train_batch_size=4",
+        "report.enabled=false", "eval.enabled=false", *extra,
+    )
 
 
-def test_seppo_forward_noise_is_not_the_rollout_noise(tiny_sd_dir, tmp_path, monkeypatch):
+def test_seppo_forward_noise_is_not_the_rollout_noise(seppo_config, tmp_path, monkeypatch):
     """The forward process of an off-policy pair draws its own noise: seeding it with the
     reference sample's rollout seeds made its first draw that rollout's x_T."""
     from genalign.policies.stable_diffusion import StableDiffusionPolicy
@@ -143,7 +136,7 @@ def test_seppo_forward_noise_is_not_the_rollout_noise(tiny_sd_dir, tmp_path, mon
 
     monkeypatch.setattr(StableDiffusionPolicy, "rollout", record_rollout)
     monkeypatch.setattr(StableDiffusionPolicy, "forward_process", record_forward)
-    train(seppo_config(tiny_sd_dir, str(tmp_path / "run"), "train.epochs=1"))
+    train(seppo_config(str(tmp_path / "run"), "train.epochs=1"))
     assert len(seen["rollout"]) == 4 and len(seen["forward"]) == 8  # 4 pairs: winner and reference
     assert seen["forward"][:4] == seen["forward"][4:], "a pair shares its forward noise"
     assert not set(seen["forward"]) & set(seen["rollout"])
@@ -157,7 +150,7 @@ def _global_rng():
     return torch.get_rng_state().clone(), random.getstate(), np.random.get_state()[1].copy()
 
 
-def test_seppo_resume_equals_uninterrupted_with_global_rng(tiny_sd_dir, tmp_path, monkeypatch):
+def test_seppo_resume_equals_uninterrupted_with_global_rng(seppo_config, tmp_path, monkeypatch):
     """SePPO draws references from weight snapshots: they travel in the checkpoint, so a resumed
     run ends bit-exact on CPU. The global RNG states are restored too: the test consumes them at
     every checkpoint, and the state right after resume equals the uninterrupted run's there."""
@@ -180,9 +173,9 @@ def test_seppo_resume_equals_uninterrupted_with_global_rng(tiny_sd_dir, tmp_path
     monkeypatch.setattr(Trainer, "_checkpoint", checkpoint_)
     monkeypatch.setattr(Trainer, "_resume", resume_)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    full = train(seppo_config(tiny_sd_dir, a))
-    train(seppo_config(tiny_sd_dir, b, "train.epochs=1"))
-    resumed = train(seppo_config(tiny_sd_dir, b), resume=True)
+    full = train(seppo_config(a))
+    train(seppo_config(b, "train.epochs=1"))
+    resumed = train(seppo_config(b), resume=True)
     assert [r["reference_snapshot"] for r in full] == [r["reference_snapshot"] for r in resumed]
     pool = checkpoint.read_tensors(checkpoint.latest_checkpoint(os.path.join(b, "checkpoints")), "snapshots")
     assert {k.split("/")[0] for k in pool} == {"0", "1", "2"}, "the pool: the weights at the start of each epoch"
