@@ -75,6 +75,8 @@ class TrainLoop:
     reward_retries: int = opt(2, "a reward call that raises is retried this many times (then its rows are scored one by one "
                               "and rows still failing count as non-finite)", ge=0)
     reward_retry_wait: float = opt(1.0, "seconds before the first retry of a failed reward call (doubling)", ge=0)
+    reward_timeout: float = opt(0.0, "seconds a reward call may take before it counts as failed and is retried (0: no "
+                                "limit; for reward servers or models that can hang)", ge=0)
     max_nonfinite_fraction: float = opt(
         0.5, "with on_nonfinite_reward: drop, stop the run when more than this fraction of an epoch's rewards are "
         "NaN/inf or failed (a broken reward model, not a few bad rows)", ge=0, le=1)

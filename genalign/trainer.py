@@ -135,7 +135,10 @@ class Trainer:
                 f"local pipeline directory, or a hub id with network access (HF_HUB_OFFLINE unset)"
             ) from e
         t = config.train
-        retrying = lambda reward: Retrying(reward, t.reward_retries, t.reward_retry_wait, warn=self._warn)  # noqa: E731
+
+        def retrying(reward: Any) -> Retrying:
+            return Retrying(reward, t.reward_retries, t.reward_retry_wait, warn=self._warn, timeout=t.reward_timeout)
+
         self.reward = retrying(build_reward(config.reward.components))
         self.monitor: Retrying | None = retrying(build_reward(config.reward.monitor)) if config.reward.monitor else None
         # unit-dependent hyper-parameters left unset take the defaults of the policy's log-prob unit

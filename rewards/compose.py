@@ -7,6 +7,8 @@ drop those rows or stop, and :func:`check_finite` names the component and rows.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,20 +58,49 @@ class WeightedSum:
         return RewardOutput(scores=total, components=components, details=details)
 
 
+class RewardTimeout(TimeoutError):
+    """A reward call did not return within its time limit."""
+
+
+def call_with_timeout(fn: Any, timeout: float, *args: Any) -> Any:
+    """``fn(*args)``, or :class:`RewardTimeout` after ``timeout`` seconds (0: no limit).
+
+    The call runs in a daemon thread; one that hangs cannot be stopped from Python and is left
+    running in the background (it holds no lock of the trainer, and its result is discarded)."""
+    if timeout <= 0:
+        return fn(*args)
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=target, name="genalign-reward", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise RewardTimeout(f"no answer within {timeout:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 class Retrying:
-    """A reward that survives a failing reward model: a call that raises is retried ``retries``
-    times, waiting ``wait`` seconds and doubling; if it still fails, every row is scored alone
-    (same retries) and the rows that keep failing get a NaN score, which the trainer drops,
-    counts and stops on past ``train.max_nonfinite_fraction``. ``failed_rows`` counts them.
+    """A reward that survives a failing reward model: a call that raises, or that does not
+    return within ``timeout`` seconds (0: no limit), is retried ``retries`` times, waiting
+    ``wait`` seconds and doubling; if it still fails, every row is scored alone (same retries)
+    and the rows that keep failing get a NaN score, which the trainer drops, counts and stops on
+    past ``train.max_nonfinite_fraction``. ``failed_rows`` counts them.
 
     Errors that no retry can fix (a TypeError or ValueError from the inputs themselves, such as
     images of the wrong range) are raised at once.
     """
 
-    def __init__(self, reward: Any, retries: int = 2, wait: float = 1.0, warn: Any = print, sleep: Any = None):
-        import time
-
-        self.reward, self.retries, self.wait, self.warn = reward, retries, wait, warn
+    def __init__(self, reward: Any, retries: int = 2, wait: float = 1.0, warn: Any = print, sleep: Any = None,
+                 timeout: float = 0.0):
+        self.reward, self.retries, self.wait, self.warn, self.timeout = reward, retries, wait, warn, timeout
         self.sleep = sleep or time.sleep
         self.name, self.differentiable = reward.name, getattr(reward, "differentiable", False)
         self.failed_rows = 0
@@ -79,7 +110,7 @@ class Retrying:
         error: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
-                out = self.reward(outputs, conditions)
+                out = call_with_timeout(self.reward, self.timeout, outputs, conditions)
                 self._keys = list(out.components)
                 return out
             except (TypeError, ValueError, NonFiniteRewardError):

@@ -196,6 +196,43 @@ def test_reward_failures_retried_then_masked_then_stop(config, tmp_path):
         trainer.train()
 
 
+def test_a_hanging_reward_times_out_and_is_retried(config, tmp_path):
+    """A reward that hangs on its first call (a stuck server) counts as failed after
+    ``train.reward_timeout`` and the retry answers; one that hangs on a row leaves that row NaN."""
+    import threading
+
+    release = threading.Event()
+
+    class Hangs(_Broken):
+        def __init__(self, hang_calls=(1,), hang_on=None):
+            super().__init__()
+            self.hang_calls, self.hang_on = hang_calls, hang_on
+
+        def __call__(self, outputs, conditions):
+            self.calls += 1
+            if self.calls in self.hang_calls or (self.hang_on is not None and self.hang_on in conditions):
+                release.wait(30)  # "forever" for the test; released at the end so no thread outlives it
+            return RewardOutput(scores=outputs.float().mean(dim=(1, 2, 3)))
+
+    messages = []
+    try:
+        stuck = Hangs()
+        out = Retrying(stuck, retries=1, wait=0, warn=messages.append, sleep=lambda s: None, timeout=0.2)(
+            torch.rand(3, 3, 8, 8), ["a", "b", "c"])
+        assert stuck.calls == 2 and torch.isfinite(out.scores).all()
+        assert "RewardTimeout" in messages[0] and "0.2 s" in messages[0]
+
+        one_row = Hangs(hang_calls=(), hang_on="b")
+        wrapped = Retrying(one_row, retries=0, wait=0, warn=messages.append, sleep=lambda s: None, timeout=0.2)
+        out = wrapped(torch.rand(3, 3, 8, 8), ["a", "b", "c"])
+        assert torch.isnan(out.scores).tolist() == [False, True, False] and wrapped.failed_rows == 1
+    finally:
+        release.set()
+    # the config key reaches the trainer's wrapper
+    trainer = Trainer(config(str(tmp_path / "run"), "train.reward_timeout=2.5"))
+    assert trainer.reward.timeout == 2.5
+
+
 def test_all_nan_rewards_stop_the_run(config, tmp_path):
     class AllNaN:
         name, differentiable = "nan", False
