@@ -104,6 +104,24 @@ def plot_curves(
     plt.close(fig)
 
 
+def plot_time_split(seconds: dict[str, float], path: str) -> None:
+    """A horizontal bar per phase (seconds and share of the run), longest first."""
+    if not seconds:
+        return
+    items = sorted(seconds.items(), key=lambda kv: kv[1])
+    total = sum(v for _, v in items)
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(items) + 1.0), dpi=110)
+    ax.barh([k for k, _ in items], [v for _, v in items], color="#4c72b0")
+    for i, (_, v) in enumerate(items):
+        ax.text(v, i, f" {v:.1f} s ({100 * v / total:.0f}%)", va="center", fontsize=8)
+    ax.set_xlabel("wall seconds")
+    ax.set_xlim(0, max(v for _, v in items) * 1.35)
+    ax.set_title(f"where the run's {total:.0f} s went", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def metric_names(row: dict[str, Any]) -> dict[str, str]:
     """Eval-row key -> short display name: the reward, then sub-components (``strict``, ``partial``,
     ``correct``, ``format``).
@@ -246,7 +264,7 @@ def write_report(
     """Write ``report.html`` referencing PNGs in ``run_dir`` (no network needed to view it).
 
     Order: the headline eval metrics (before → after per eval set), the labelled before/after
-    samples, the reward curve, the eval table, timings; the per-epoch metrics and the config
+    samples, the reward curve, the eval table, seconds per phase; the per-epoch metrics and the config
     sit in collapsed sections at the end.
 
     grids: tag -> {"png" (images only), "prompts" (condition texts), "sets", "seeds", "rewards",
@@ -259,7 +277,10 @@ def write_report(
         head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
         body = "".join("<tr>" + "".join(f"<td>{h.get(k, float('nan')):.4g}</td>" for k in keys) + "</tr>" for h in history)
         metric_rows = f"<table class='metrics'><tr>{head}</tr>{body}</table>"
-    timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.items())
+    total = sum(timings.values()) or 1.0
+    timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td><td>{100 * v / total:.0f}%</td></tr>"
+                          for k, v in timings.items())
+    split = "<img src='time_split.png'>" if os.path.isfile(os.path.join(run_dir, "time_split.png")) else ""
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>genalign run report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}} pre{{background:#f6f6f6;padding:1em}}
@@ -272,7 +293,7 @@ summary{{cursor:pointer;font-size:1.2em;margin:1em 0}}</style></head><body>
 {_grids(grids)}
 <h2>Training reward</h2><img src='reward_curve.png'>
 {_eval_table(evals)}
-<h2>Timings</h2><table>{timing_rows}</table>
+<h2>Time per phase</h2>{split}<table>{timing_rows}</table>
 <details><summary>Metrics per epoch ({len(history)} rows; raw: metrics.jsonl)</summary>{metric_rows}</details>
 <details><summary>Config (config.yaml)</summary><pre>{html.escape(config_yaml)}</pre></details>
 </body></html>"""

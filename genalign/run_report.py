@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from genalign import runfiles
 from genalign.conditions import condition_key, condition_text
 from genalign.progress import write
 from genalign.report import detach_outputs, is_images, metric_names
+from genalign.timing import PHASES
 from genalign.trajectory import concat_outputs
 
 #: The value range a reward type declares (so a mean ± std band never leaves it).
@@ -86,7 +86,7 @@ def format_eval(rows: list[dict[str, Any]]) -> str:
 
 
 @torch.no_grad()
-def evaluate(trainer: Any, epoch: int, timings: dict[str, float]) -> list[dict[str, Any]]:
+def evaluate(trainer: Any, epoch: int) -> list[dict[str, Any]]:
     """Score fixed prompts with fixed seeds; rows go to eval.jsonl (epoch 0 = before training).
 
     A tier whose training pool is part of the eval split gets its two parts as separate sets
@@ -96,7 +96,6 @@ def evaluate(trainer: Any, epoch: int, timings: dict[str, float]) -> list[dict[s
 
     cfg = trainer.config
     ev = cfg.eval
-    t0 = time.perf_counter()
     rows, tier_parts = [], {}
     for name, prompts in trainer.prompts.eval_sets(ev.prompts_per_set).items():
         with trainer.acc.autocast():
@@ -117,7 +116,6 @@ def evaluate(trainer: Any, epoch: int, timings: dict[str, float]) -> list[dict[s
         runfiles.append_jsonl(os.path.join(trainer.out, "eval.jsonl"), rows)
         label = "before training" if epoch == 0 else f"after epoch {epoch}"
         write(f"[genalign] eval {label}: {format_eval(rows)}")
-    timings["evaluation"] += time.perf_counter() - t0
     return rows
 
 
@@ -224,14 +222,30 @@ def load_grids(out: str) -> dict[str, Any]:
     return {}
 
 
-def write_run_report(trainer: Any, grids: dict[str, Any], timings: dict[str, float]) -> str:
-    """report.html (and reward_curve.png) from the run directory's config, metrics and evals."""
-    from genalign.report import plot_curves, write_report
+def phase_totals(history: list[dict[str, Any]], unlogged: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase over the whole run: the rows' ``time/<phase>`` (a resumed run's rows
+    included) plus what came after the last row; phases that took no time are left out."""
+    totals = dict.fromkeys(PHASES, 0.0)
+    for row in history:
+        for key, value in row.items():
+            if key.startswith("time/"):
+                totals[key[5:]] = totals.get(key[5:], 0.0) + float(value)
+    for key, value in unlogged.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+    return {k: v for k, v in totals.items() if v > 0}
+
+
+def write_run_report(trainer: Any, grids: dict[str, Any], unlogged: dict[str, float]) -> str:
+    """report.html (with reward_curve.png and time_split.png) from the run directory's config,
+    metrics and evals; ``unlogged``: phase seconds after the last metrics row."""
+    from genalign.report import plot_curves, plot_time_split, write_report
 
     out, history = trainer.out, trainer.history
     keys = ["reward_mean"] + [k for k in (history[-1] if history else {}) if k.startswith("monitor/")]
     plot_curves(history, os.path.join(out, "reward_curve.png"), keys, bounds=reward_bounds(trainer.config.reward.components))
+    totals = phase_totals(history, unlogged)
+    plot_time_split(totals, os.path.join(out, "time_split.png"))
     with open(os.path.join(out, "config.yaml")) as f:
         config_yaml = f.read()
     evals = runfiles.read_jsonl(os.path.join(out, "eval.jsonl"))
-    return write_report(out, config_yaml, history, grids, dict(timings), evals)
+    return write_report(out, config_yaml, history, grids, totals, evals)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 # What a run writes into its output directory (removed by ``--overwrite``).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "grids.json", "report.html", "reward_curve.png",
+RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "grids.json", "report.html", "reward_curve.png", "time_split.png",
              "samples_before.png", "samples_after.png", "best_monitor.json")
 RUN_DIRS = ("checkpoints", "final", "best_monitor", "tensorboard", "report_images")
 TEMP_PREFIX = ".tmp-"

@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 
-from genalign import checkpoint, monitoring, run_report, runfiles
+from genalign import checkpoint, monitoring, run_report, runfiles, timing
 from genalign import seeds as seeding
 from genalign.algorithms import ALGORITHMS
 from genalign.algorithms.advantages import active_steps
@@ -186,14 +186,13 @@ class Trainer:
                 )
                 return self.history
         writer = self._tensorboard()
-        timings: dict[str, float] = defaultdict(float)
+        timing.CLOCK.take()  # row 1 counts from here: the samples and evaluation before training
         grids = self._load_grids()
         if self.config.report.enabled and "before" not in grids:
-            t0 = time.perf_counter()
-            grids["before"] = self._grid("before")
-            timings["report grids"] += time.perf_counter() - t0
+            with timing.phase("report", whole=True):
+                grids["before"] = self._grid("before")
         if self.config.eval.enabled and self.start_epoch == 0:
-            self._evaluate(0, timings)
+            self._evaluate(0)
 
         start = time.perf_counter()
         bar = progress(range(self.start_epoch, epochs), desc="epochs", disable=not self.main, initial=self.start_epoch, total=epochs)
@@ -201,7 +200,7 @@ class Trainer:
             for epoch in bar:
                 if self.history and stop(self.history):
                     break
-                self._train_epoch(epoch, timings, start, writer, bar, stop, ckpt_root)
+                self._train_epoch(epoch, start, writer, bar, stop, ckpt_root)
                 last = epoch + 1 == epochs or stop(self.history)  # then the run finishes as usual
                 if self._any_process(interrupted()) and not last:
                     every = self.config.train.checkpoint_every
@@ -211,40 +210,48 @@ class Trainer:
                         f"stopped after epoch {epoch + 1} of {epochs}; its checkpoint is in {ckpt_root}: continue "
                         f"with --resume"
                     )
-        timings["training"] = time.perf_counter() - start
-
-        self._save_final()
+        with timing.phase("checkpoint"):
+            self._save_final()
         if self.config.report.enabled:
-            t0 = time.perf_counter()
-            grids["after"] = self._grid("after")
-            timings["report grids"] += time.perf_counter() - t0
+            with timing.phase("report", whole=True):
+                grids["after"] = self._grid("after")
             if self.main:
-                self._write_report(grids, timings)
+                self._write_report(grids, timing.CLOCK.take())
         if writer is not None:
             writer.close()
         self.acc.wait_for_everyone()
         return self.history
 
-    def _train_epoch(self, epoch: int, timings: dict[str, float], start: float, writer: Any, bar: Any,
+    def _train_epoch(self, epoch: int, start: float, writer: Any, bar: Any,
                      stop: Callable[[list[dict[str, Any]]], bool], ckpt_root: str) -> None:
-        """One epoch, its log rows, and the evaluation and checkpoint due after it."""
+        """One epoch, the evaluation due after it, its log row, and its checkpoint.
+
+        The row's ``time/<phase>`` are the seconds each phase took since the previous row (row 1
+        includes the evaluation before training; a checkpoint's write counts in the next row);
+        ``samples_per_second`` is the epoch's samples over its training phases' seconds."""
         epochs = self.config.train.epochs
-        metrics = self._epoch(epoch, timings)
-        metrics["wall_seconds"] = self.wall_before + time.perf_counter() - start
-        # rollouts, rewards and updates only (no evaluation or grids), since this process started
-        metrics["train_seconds"] = timings["rollout + reward"] + timings["optimisation"]
+        samples_before = self.samples
+        metrics = self._epoch(epoch)
         self.history.append(metrics)
         self._watch_monitor()
+        last = epoch + 1 == epochs or stop(self.history)
+        ev = self.config.eval
+        if ev.enabled and (last or (ev.every and (epoch + 1) % ev.every == 0)):
+            self._evaluate(epoch + 1)
+        seconds = timing.CLOCK.take()
+        metrics.update({f"time/{k}": v for k, v in seconds.items()})
+        working = sum(seconds[k] for k in timing.TRAINING_PHASES)
+        metrics["samples_per_second"] = (self.samples - samples_before) / working if working > 0 else 0.0
+        metrics["wall_seconds"] = self.wall_before + time.perf_counter() - start
+        # rollouts, rewards and updates only (no evaluation, checkpoints or grids), over the whole run
+        metrics["train_seconds"] = (self.history[-2]["train_seconds"] if len(self.history) > 1 else 0.0) + working
         if self.main:
             runfiles.append_jsonl(os.path.join(self.out, "metrics.jsonl"), [metrics])
             if writer is not None:
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, epoch + 1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}")
-        last = epoch + 1 == epochs or stop(self.history)
-        ev = self.config.eval
-        if ev.enabled and (last or (ev.every and (epoch + 1) % ev.every == 0)):
-            self._evaluate(epoch + 1, timings)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3g}",
+                            samples_s=f"{metrics['samples_per_second']:.3g}")
         every = self.config.train.checkpoint_every
         if (every and (epoch + 1) % every == 0) or last:
             self._checkpoint(ckpt_root, epoch + 1, metrics["wall_seconds"])
@@ -284,7 +291,7 @@ class Trainer:
         return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), "sum").item() > 0)
 
     # -- one epoch ---------------------------------------------------------------------------
-    def _epoch(self, epoch: int, timings: dict[str, float]) -> dict[str, Any]:
+    def _epoch(self, epoch: int) -> dict[str, Any]:
         cfg, acc = self.config, self.acc
         n = cfg.train.samples_per_prompt
         prompts = self.prompts.sample(cfg.train.prompts_per_epoch, seed=derive_seed(cfg.seed, Stream.PROMPTS, epoch))
@@ -294,17 +301,18 @@ class Trainer:
             self.snapshots.append(self.policy.trainable_state_dict())  # index e = weights at the start of epoch e
         plan = self.algorithm.plan(epoch, len(self.snapshots), seeding.generator(cfg.seed, Stream.PLAN, epoch))
 
-        t0 = time.perf_counter()
         trajs, comps, monitor, scores = [], defaultdict(list), defaultdict(list), []
         chunks = [local[i : i + per_call] for i in range(0, len(local), per_call)]
         for chunk in progress(chunks, desc=f"epoch {epoch + 1} rollouts", leave=False, disable=not self.main):
             rows = [p * n + j for p in chunk for j in range(n)]  # the rows' numbers within the epoch
-            traj, outputs, conditions = self._collect(plan, [prompts[p] for p in chunk], rows, epoch, chunk)
-            scored = self.reward(outputs, conditions)
+            with timing.phase("rollout"):
+                traj, outputs, conditions = self._collect(plan, [prompts[p] for p in chunk], rows, epoch, chunk)
+            with timing.phase("reward"):
+                scored = self.reward(outputs, conditions)
+                watched = self.monitor(outputs, conditions) if self.monitor is not None else None
             for k, v in scored.components.items():
                 comps[k].append(v.float().cpu())
-            if self.monitor is not None:
-                watched = self.monitor(outputs, conditions)
+            if watched is not None:
                 monitor["_total"].append(watched.scores.float().cpu())
                 for k, v in watched.components.items():
                     monitor[k].append(v.float().cpu())
@@ -320,8 +328,8 @@ class Trainer:
             traj.extras["sample_id"] = ids * 2 if plan.kind == "off_policy" else ids  # off-policy: winners, then references
             trajs.append(traj)
         traj = Trajectory.cat(trajs)
-        timings["rollout + reward"] += time.perf_counter() - t0
-        probe = self._probe(traj) if plan.kind in ("rollouts", "branches") else None
+        with timing.phase("probe"):
+            probe = self._probe(traj) if plan.kind in ("rollouts", "branches") else None
 
         # Gather rewards so that statistics are global and identical on every process.
         rewards_all = acc.gather(traj.rewards.float())  # [N_global]
@@ -354,14 +362,15 @@ class Trainer:
             kept = trained.nonzero().view(-1)
             traj, trained, rows = traj[kept], trained[kept], rows[kept.cpu()]  # skip untrained rows (DDP keeps shapes)
         if plan.teacher_forced and traj.batch_size:
-            traj = self._teacher_forced(traj, trained, rows.tolist(), epoch)
+            with timing.phase("rollout"):  # the forward process re-encodes the samples as training data
+                traj = self._teacher_forced(traj, trained, rows.tolist(), epoch)
         if self.algorithm.needs_reference and plan.reference != "initial":
-            traj.extras["ref_log_probs"] = self._snapshot_log_probs(traj, int(plan.reference))
+            with timing.phase("reference"):
+                traj.extras["ref_log_probs"] = self._snapshot_log_probs(traj, int(plan.reference))
 
-        t0 = time.perf_counter()
         # An epoch may select no row at all (B²-DiffuRL when no branch stands out): no update.
-        train_metrics = self._optimise(traj, epoch, plan) if traj.batch_size else {"loss": 0.0, "optimizer_steps": 0.0}
-        timings["optimisation"] += time.perf_counter() - t0
+        with timing.phase("train"):
+            train_metrics = self._optimise(traj, epoch, plan) if traj.batch_size else {"loss": 0.0, "optimizer_steps": 0.0}
 
         self.samples += len(prompts) * n
         self.reward_queries += len(measured)
@@ -561,7 +570,7 @@ class Trainer:
                             if "ref_log_probs" in mb.extras:
                                 ref = mb.extras["ref_log_probs"].to(log_probs.device).gather(1, sub_steps.to(log_probs.device))
                             elif self.algorithm.needs_reference:
-                                with torch.no_grad(), self.policy.reference():
+                                with torch.no_grad(), self.policy.reference(), timing.phase("reference"):
                                     ref = self.policy.log_prob(mb, sub_steps)
                             terms = self.algorithm.loss(sub, log_probs, ref)
                             acc.backward(terms.total)
@@ -598,21 +607,22 @@ class Trainer:
 
     # -- checkpoints, final policy, report ----------------------------------------------------
     def _checkpoint(self, root: str, epoch: int, wall: float) -> None:
-        if self.main:
-            state = {
-                "samples": self.samples,
-                "reward_queries": self.reward_queries,
-                "wall_seconds": wall,
-                "algorithm": self.algorithm.state_dict(),
-                "snapshots": len(self.snapshots),
-            }
-            # the weight snapshots an algorithm draws references from (index e: start of epoch e)
-            tensors = {"snapshots": {f"{i}/{k}": v for i, snap in enumerate(self.snapshots) for k, v in snap.items()}}
-            checkpoint.write_checkpoint(
-                root, epoch, self.policy.trainable_state_dict(), self.optimizer, state,
-                keep=self.config.train.keep_checkpoints, tensors=tensors if self.snapshots else None,
-            )
-        self.acc.wait_for_everyone()
+        with timing.phase("checkpoint"):
+            if self.main:
+                state = {
+                    "samples": self.samples,
+                    "reward_queries": self.reward_queries,
+                    "wall_seconds": wall,
+                    "algorithm": self.algorithm.state_dict(),
+                    "snapshots": len(self.snapshots),
+                }
+                # the weight snapshots an algorithm draws references from (index e: start of epoch e)
+                tensors = {"snapshots": {f"{i}/{k}": v for i, snap in enumerate(self.snapshots) for k, v in snap.items()}}
+                checkpoint.write_checkpoint(
+                    root, epoch, self.policy.trainable_state_dict(), self.optimizer, state,
+                    keep=self.config.train.keep_checkpoints, tensors=tensors if self.snapshots else None,
+                )
+            self.acc.wait_for_everyone()
 
     def _claim_output_dir(self, ckpt_root: str, resume: bool, overwrite: bool) -> bool:
         """Check that ``output_dir`` may take this run (:func:`check_output_dir`) and prepare it;
@@ -679,9 +689,10 @@ class Trainer:
             shutil.rmtree(final)
         os.replace(tmp, final)
 
-    def _evaluate(self, epoch: int, timings: dict[str, float]) -> list[dict[str, Any]]:
+    def _evaluate(self, epoch: int) -> list[dict[str, Any]]:
         """Score fixed prompts with fixed seeds; rows go to eval.jsonl (epoch 0 = before training)."""
-        return run_report.evaluate(self, epoch, timings)
+        with timing.phase("evaluation", whole=True):
+            return run_report.evaluate(self, epoch)
 
     def _grid(self, tag: str) -> dict[str, Any]:
         """Before/after samples of eval prompts at their eval seeds, labelled with their verdicts."""
@@ -690,8 +701,9 @@ class Trainer:
     def _load_grids(self) -> dict[str, Any]:
         return run_report.load_grids(self.out)
 
-    def _write_report(self, grids: dict[str, Any], timings: dict[str, float]) -> None:
-        run_report.write_run_report(self, grids, timings)
+    def _write_report(self, grids: dict[str, Any], unlogged: dict[str, float]) -> None:
+        """report.html; ``unlogged``: phase seconds after the last row (final save, grids)."""
+        run_report.write_run_report(self, grids, unlogged)
 
     def _tensorboard(self):
         if not self.main:

@@ -125,7 +125,7 @@ def test_reward_threshold_stops_a_stage_with_a_moving_mean(tiny_lm_dir, tmp_path
     state_file.write_text(json.dumps({**state, "completed": []}))
     started = []
     original = Trainer._epoch
-    monkeypatch.setattr(Trainer, "_epoch", lambda self, epoch, timings: started.append(epoch) or original(self, epoch, timings))
+    monkeypatch.setattr(Trainer, "_epoch", lambda self, epoch: started.append(epoch) or original(self, epoch))
     again = train(write_config(tiny_lm_dir, tmp_path, stages), resume=True)
     assert started == [] and [(r["stage"], r["epoch"]) for r in again] == [(r["stage"], r["epoch"]) for r in history]
     assert json.loads(state_file.read_text())["completed"] == state["completed"]
@@ -141,11 +141,11 @@ def test_resume_continues_the_unfinished_stage_and_matches_an_uninterrupted_run(
     calls = []
     original = Trainer._epoch
 
-    def dies_in_stage_two(self, epoch, timings):
+    def dies_in_stage_two(self, epoch):
         calls.append(epoch)
         if len(calls) == 4:  # stage 1: 2 epochs; stage 2: epoch 1 checkpointed, killed in epoch 2
             raise Killed("killed")
-        return original(self, epoch, timings)
+        return original(self, epoch)
 
     monkeypatch.setattr(Trainer, "_epoch", dies_in_stage_two)
     path = write_config(tiny_lm_dir, tmp_path, TWO_STAGES, out="b")
@@ -159,7 +159,7 @@ def test_resume_continues_the_unfinished_stage_and_matches_an_uninterrupted_run(
         train(path)
 
     started = []
-    monkeypatch.setattr(Trainer, "_epoch", lambda self, epoch, timings: started.append(epoch) or original(self, epoch, timings))
+    monkeypatch.setattr(Trainer, "_epoch", lambda self, epoch: started.append(epoch) or original(self, epoch))
     resumed = train(path, resume=True)
     assert started == [1]  # only stage 2's second epoch is trained again
     assert [(r["stage"], r["epoch"]) for r in resumed] == [(r["stage"], r["epoch"]) for r in full]

@@ -270,10 +270,10 @@ def test_ctrl_c_checkpoints_at_the_end_of_the_epoch(config, tmp_path):
     trainer = Trainer(config(out, "train.epochs=3", "train.checkpoint_every=0"))
     epoch = trainer._epoch
 
-    def interrupted(e, timings):
+    def interrupted(e):
         if e == 0:
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-epoch
-        return epoch(e, timings)
+        return epoch(e)
 
     trainer._epoch = interrupted
     handler = signal.getsignal(signal.SIGINT)

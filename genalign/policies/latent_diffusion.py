@@ -41,6 +41,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 
+from genalign import timing
 from genalign.conditions import condition_text
 from genalign.distributions import gaussian_log_prob
 from genalign.policies.base import check_options
@@ -148,7 +149,8 @@ class LatentDiffusionPolicy:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents ``[N, ...]`` -> outputs (images ``[N, 3, H, W]``, clips ``[N, F, 3, H, W]``)."""
-        return self.backbone.decode(latents)
+        with timing.phase("decode"):
+            return self.backbone.decode(latents)
 
     def _finish(self, latents: torch.Tensor, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """The sample's clean latents from the last action ``[N, ...]``."""
