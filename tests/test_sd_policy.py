@@ -310,3 +310,18 @@ def test_saved_policy_records_its_base_relative_to_itself(tiny_sd_dir, tmp_path)
     assert resolve_location("org/model", str(final)) == "org/model"
     (final / "sub").mkdir()
     assert portable_location(str(final / "sub"), str(final)) == "./sub"  # not mistaken for a hub id
+
+
+def test_negative_prompt_encoded_once_equals_the_pipelines(tiny_sd_dir):
+    """With CFG the negative prompt is encoded once and broadcast; the embeddings equal the
+    pipeline's per-row encoding, and a changed negative prompt is encoded afresh."""
+    policy = make_policy(tiny_sd_dir, guidance_scale=4.0)
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    ours = policy.encode(prompts)
+    cond, uncond = policy.pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[""] * 3)
+    assert torch.allclose(ours["prompt_embeds"], cond, atol=1e-6)
+    assert ours["negative_prompt_embeds"].shape == uncond.shape
+    assert torch.allclose(ours["negative_prompt_embeds"], uncond, atol=1e-6)
+    policy.negative_prompt = "a red circle"
+    again = policy.encode(prompts)["negative_prompt_embeds"]
+    assert torch.allclose(again[1], cond[0], atol=1e-6) and not torch.allclose(again[1], uncond[1], atol=1e-3)

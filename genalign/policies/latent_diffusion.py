@@ -82,6 +82,9 @@ class LatentDiffusionPolicy:
         self.tuning = DenoiserFinetune(pipeline, config.finetune, self.lora_config(), config.weight_dtype,
                                        config.gradient_checkpointing, config.xformers, backbone.denoiser_name)
         self.pipe.set_progress_bar_config(disable=True)
+        # the denoiser's weight dtype, read once: diffusers' ``.dtype`` walks every submodule, and
+        # the model is called once per step (fine-tuning never changes the dtype)
+        self.model_dtype = self.denoiser.dtype
 
     def lora_config(self) -> LoraConfig:
         """The adapters of ``finetune: lora`` from the config's ``lora_rank``, ``lora_alpha``, ``lora_targets``."""
@@ -123,7 +126,19 @@ class LatentDiffusionPolicy:
         """Prompt embeddings as the pipeline computes them (``[B, L, D]``, with an SD3 backbone
         also pooled ``[B, D']``), and the negative prompt's with CFG (keys ``negative_*``)."""
         prompts = list(prompts)
-        return self.backbone.encode_prompt(prompts, [self.negative_prompt] * len(prompts) if self.cfg else None)
+        embeds = self.backbone.encode_prompt(prompts, None)
+        if self.cfg:  # the negative prompt is the same for every row: encoded once, then broadcast
+            for key, value in self._negative_embeds().items():
+                embeds[f"negative_{key}"] = value.expand(len(prompts), *value.shape[1:])
+        return embeds
+
+    def _negative_embeds(self) -> dict[str, torch.Tensor]:
+        """The negative prompt's embeddings ``[1, ...]`` per embed key, encoded on first use (the
+        text encoders are never trained; a changed ``negative_prompt`` or device is re-encoded)."""
+        key = (self.negative_prompt, str(self.device))
+        if getattr(self, "_negative_cache", (None,))[0] != key:
+            self._negative_cache = (key, self.backbone.encode_prompt([self.negative_prompt], None))
+        return self._negative_cache[1]
 
     def _model_output(self, latents: torch.Tensor, t: torch.Tensor, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """Guided denoiser output (fp32) for latents ``[N, ...]`` at timesteps ``[N]``.
@@ -132,7 +147,7 @@ class LatentDiffusionPolicy:
         rollouts, single steps, recomputed log-probs and x̂0 predictions all see the same input.
         """
         latents = scale_model_input(self.scheduler, latents, t)
-        module, dtype = self.tuning.module, self.denoiser.dtype
+        module, dtype = self.tuning.module, self.model_dtype
         keys = self.backbone.embed_keys
         cond = {k: embeds[k].to(dtype) for k in keys}
         forward = self.backbone.forward
