@@ -34,8 +34,11 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from genalign.policies import StableDiffusionPolicy, StableDiffusionPolicyConfig
 
 
-def build_sd15_random(dtype: torch.dtype) -> StableDiffusionPipeline:
-    """SD-1.5's component configs with random weights and a character-level tokenizer."""
+def build_sd15_random(dtype: torch.dtype, tiny: bool = False) -> StableDiffusionPipeline:
+    """SD-1.5's component configs with random weights and a character-level tokenizer.
+
+    ``tiny``: the same classes and layout with narrow layers at 64×64 pixels, for a CPU dry run
+    of scripts meant for the full size."""
     import string
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -48,11 +51,15 @@ def build_sd15_random(dtype: torch.dtype) -> StableDiffusionPipeline:
     with open(os.path.join(tmp, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
     tokenizer = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=77, pad_token="<|endoftext|>")
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokens), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                num_attention_heads=12, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+    width, layers, blocks = (64, 2, (32, 64, 64, 64)) if tiny else (768, 12, (320, 640, 1280, 1280))
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokens), hidden_size=width, intermediate_size=4 * width,
+                                                num_hidden_layers=layers, num_attention_heads=width // 64, max_position_embeddings=77,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(sample_size=8 if tiny else 64, cross_attention_dim=width, attention_head_dim=8,
+                                block_out_channels=blocks)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32) if tiny else (128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1 if tiny else 2, latent_channels=4, sample_size=64 if tiny else 512)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -87,7 +94,8 @@ def build_flow(args: argparse.Namespace, dtype: torch.dtype) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="assets/models/tiny-sd", help="diffusers pipeline directory or hub id")
-    ap.add_argument("--arch", choices=["pretrained", "sd15"], default="pretrained", help="sd15: SD-1.5 architecture, random weights")
+    ap.add_argument("--arch", choices=["pretrained", "sd15", "sd15-tiny"], default="pretrained",
+                    help="sd15: SD-1.5 architecture, random weights (sd15-tiny: narrow, 64 px, for a CPU dry run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ap.add_argument("--batch", type=int, default=32, help="images per call")
@@ -106,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     flow = args.arch == "pretrained" and is_sd3(args.model)
     if flow:
         pipe, policy, height = build_flow(args, dtype)
-    elif args.arch == "sd15":
-        pipe = build_sd15_random(dtype)
-        height = 512
+    elif args.arch in ("sd15", "sd15-tiny"):
+        pipe = build_sd15_random(dtype, tiny=args.arch == "sd15-tiny")
+        height = 64 if args.arch == "sd15-tiny" else 512
     else:
         pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False, dtype=dtype)
         height = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -59,6 +59,7 @@ class Loop:
         self.final_alpha = float(self.sched.final_alpha_cumprod)
         self.v_pred = self.sched.config.prediction_type == "v_prediction"
         self.max_grad_norm = trainer.config.train.max_grad_norm
+        self.autocast = trainer.acc.autocast  # the trainer's mixed precision, for a like-for-like loop
         self.negative = None  # the negative prompt's embedding, computed once
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +69,9 @@ class Loop:
         return cond, self.negative.expand(len(prompts), -1, -1)
 
     def guided(self, latents, t, cond, neg):
-        both = self.unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([neg, cond])).sample
-        uncond, text = both.chunk(2)
+        with self.autocast():
+            both = self.unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([neg, cond])).sample
+        uncond, text = both.float().chunk(2)
         return uncond + self.guidance * (text - uncond)
 
     def step_with_logprob(self, out, t, latents, prev=None, generator=None):
@@ -87,20 +89,21 @@ class Loop:
         std = self.eta * var.sqrt()
         mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
         if prev is None:
-            prev = mean + std * torch.randn(latents.shape, generator=generator, device=latents.device)
+            prev = mean + std * torch.randn(latents.shape, generator=generator).to(latents.device)
         lp = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - HALF_LOG_2PI
         return prev, lp.flatten(1).mean(1)
 
     @torch.no_grad()
     def rollout(self, prompts: list[str], generator: torch.Generator):
         cond, neg = self.encode(prompts)
-        latents = torch.randn((len(prompts), *self.latent_shape), generator=generator)
+        latents = torch.randn((len(prompts), *self.latent_shape), generator=generator).to(self.device)
         chain, log_probs = [latents], []
         for t in self.timesteps:
             latents, lp = self.step_with_logprob(self.guided(latents, t, cond, neg), t, latents, generator=generator)
             chain.append(latents)
             log_probs.append(lp)
-        images = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor).sample
+        vae = self.pipe.vae
+        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
         return torch.stack(chain, 1), torch.stack(log_probs, 1), (images / 2 + 0.5).clamp(0, 1), cond, neg
 
     def loss(self, chain, old_lp, adv, cond, neg, j):
@@ -115,10 +118,10 @@ class Loop:
     def epoch(self, prompts: list[str], n: int, optimizer, batch: int, generator: torch.Generator, seed: int) -> float:
         rows = [p for p in prompts for _ in range(n)]
         chain, old_lp, images, cond, neg = self.rollout(rows, generator)
-        rewards = self.reward(images, rows).scores.float()
+        rewards = self.reward(images, rows).scores.float().to(self.device)
         groups = rewards.view(len(prompts), n)
         adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).to(self.device)
         minibatches = [order[i : i + batch] for i in range(0, len(rows), batch)]
         total_calls = len(minibatches) * len(self.timesteps)
         losses = []
@@ -151,8 +154,8 @@ def build_trainer(args, out: str) -> Trainer:
         f"train.gradient_accumulation_steps={-(-n_rows // args.batch)}", "train.probe_rows=0",
         "train.learning_rate=1e-4", "eval.enabled=false", "report.enabled=false", f"output_dir={out}", f"seed={args.seed}",
     ]
-    if args.device == "cuda":
-        overrides.append("train.mixed_precision=no")
+    if args.mixed_precision != "no":
+        overrides.append(f"train.mixed_precision={args.mixed_precision}")
     return Trainer(load_config(TrainConfig, None, overrides))
 
 
@@ -169,12 +172,12 @@ def shared_loss_check(trainer: Trainer, loop: Loop, prompts: list[str], n: int) 
     sampler = {k: v.clone() for k, v in policy.trainable_state_dict().items()}
     seeds = [derive_seed(0, Stream.ROLLOUT, 0, r) for r in range(len(prompts) * n)]
     traj = policy.rollout(prompts, n, seeds)
-    rewards = trainer.reward(traj.outputs, traj.conditions).scores.float()
-    traj = traj.with_rewards(rewards)
-    traj.advantages = trainer.algorithm.advantages(rewards, list(traj.conditions), traj.group)
-    steps = torch.arange(traj.num_steps).unsqueeze(0).expand(traj.batch_size, -1)
+    rewards = trainer.reward(traj.outputs, traj.conditions).scores.float().cpu()
+    traj = traj.with_rewards(rewards.to(policy.device))
+    traj.advantages = trainer.algorithm.advantages(rewards, list(traj.conditions), traj.group.cpu()).to(policy.device)
+    steps = torch.arange(traj.num_steps, device=policy.device).unsqueeze(0).expand(traj.batch_size, -1)
     g = torch.Generator().manual_seed(1)
-    policy.load_trainable_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sampler.items()})
+    policy.load_trainable_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g).to(v) for k, v in sampler.items()})
     with torch.no_grad():
         terms = trainer.algorithm.loss(traj, policy.log_prob(traj, steps), None)
         ours = float(terms.total) / float(terms.normaliser)
@@ -186,7 +189,7 @@ def shared_loss_check(trainer: Trainer, loop: Loop, prompts: list[str], n: int) 
     return {"genalign": ours, "loop": theirs, "abs_diff": abs(ours - theirs)}
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="assets/models/tiny-sd")
     ap.add_argument("--prompts", type=int, default=4)
@@ -199,13 +202,14 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5, help="timed epochs per arm (after one warm-up each)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="weight dtype of the frozen model")
+    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast of both arms")
     ap.add_argument("--out", default="benchmarks/results/train_epoch.json")
-    args = ap.parse_args()
-    if args.device != "cpu":
-        raise SystemExit("this script runs the CPU comparison; the GPU check is benchmarks/gpu_check.py")
+    return ap.parse_args(argv)
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the comparison (on CUDA when accelerate picks it); returns the result written to --out."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(args, os.path.join(tmp, "run"))
         policy = trainer.policy
@@ -224,9 +228,15 @@ def main() -> None:
             return torch.optim.AdamW(policy.trainable_parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                      eps=t.adam_eps, weight_decay=t.weight_decay)
 
+        cuda = policy.device.type == "cuda"
+        peak: dict[str, int] = {}
+
         def run(arm: str, epoch: int) -> tuple[float, int]:
             policy.load_trainable_state_dict(start)
             calls[0] = 0
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             if arm == "genalign":
                 trainer.optimizer = fresh_optimizer()
@@ -234,6 +244,9 @@ def main() -> None:
             else:
                 gen = torch.Generator().manual_seed(derive_seed(args.seed, Stream.ROLLOUT, epoch, 0))
                 loop.epoch(prompts, args.per_prompt, fresh_optimizer(), args.batch, gen, epoch)
+            if cuda:
+                torch.cuda.synchronize()
+                peak[arm] = max(peak.get(arm, 0), torch.cuda.max_memory_allocated())
             return time.perf_counter() - t0, calls[0]
 
         times: dict[str, list[float]] = {"genalign": [], "loop": []}
@@ -250,7 +263,10 @@ def main() -> None:
 
     med = {arm: statistics.median(v) for arm, v in times.items()}
     result = {
-        "model": args.model, "device": args.device, "threads": torch.get_num_threads(), "dtype": args.dtype,
+        "model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu", "threads": torch.get_num_threads(),
+        "dtype": args.dtype, "mixed_precision": args.mixed_precision,
+        "peak_allocated_mb": {k: v / 2**20 for k, v in peak.items()},
+        "images_per_second": {arm: args.prompts * args.per_prompt / m for arm, m in med.items()},
         "rows": args.prompts * args.per_prompt, "steps": args.steps, "guidance": args.guidance, "batch": args.batch,
         "lora_rank": args.lora_rank, "repeats": args.repeats, "unet_calls_per_epoch": unet_calls["loop"],
         "loss_check": check, "seconds": times, "median": med, "ratio": med["genalign"] / med["loop"],
@@ -264,7 +280,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    measure(parse())
