@@ -25,7 +25,7 @@ from genalign.timing import PHASES
 from genalign.trajectory import concat_outputs
 
 #: The value range a reward type declares (so a mean ± std band never leaves it).
-DECLARED_RANGES: dict[str, tuple[float, float]] = {"shapes_verifier": (0.0, 1.0), "rule": (0.0, 1.0)}
+DECLARED_RANGES: dict[str, tuple[float, float]] = {"shapes_verifier": (0.0, 1.0), "rule": (0.0, 1.0), "color_coverage": (0.0, 1.0)}
 
 
 def reward_bounds(components: Sequence[Any]) -> tuple[float, float] | None:

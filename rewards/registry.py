@@ -8,6 +8,7 @@ from typing import Any, Literal
 from genalign.configs import opt
 from rewards.aesthetic import AestheticConfig
 from rewards.clip_score import ClipScoreConfig
+from rewards.color_coverage import ColorCoverage, ColorCoverageConfig
 from rewards.compose import WeightedSum
 from rewards.curriculum_rewards import CurriculumReward, CurriculumRewardConfig
 from rewards.hps import HPSConfig
@@ -94,6 +95,7 @@ REWARDS = {
     "motion": (MotionConfig, MotionReward),
     "temporal_consistency": (TemporalConsistencyConfig, TemporalConsistency),
     "per_frame": (PerFrameConfig, _per_frame),
+    "color_coverage": (ColorCoverageConfig, ColorCoverage),
 }
 
 

@@ -65,3 +65,24 @@ def test_check_finite_names_model_and_rows():
     check_finite("ok", torch.tensor([1.0, 2.0]), ["x", "y"])
     with pytest.raises(NonFiniteRewardError, match=r"'aesthetic'.*row 1 \('y'\)"):
         check_finite("aesthetic", torch.tensor([1.0, float("nan")]), ["x", "y"])
+
+
+def test_color_coverage_is_won_by_a_flat_image():
+    """The hackable rule: a render of the prompt covers a small fraction with its colour, a
+    flat image of that colour scores 1, other colours and the background score 0."""
+    import numpy as np
+
+    from genalign.toyworld.render import render_scene
+    from genalign.toyworld.spec import COLORS, parse_prompt
+    from rewards.color_coverage import ColorCoverage
+
+    reward = ColorCoverage()
+    prompt = "two red circles"
+    image, _ = render_scene(parse_prompt(prompt), seed=3, size=64)
+    render = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float().unsqueeze(0) / 255
+    flat = (torch.tensor(COLORS["red"]).float() / 255).view(1, 3, 1, 1).expand(1, 3, 64, 64)
+    scores = reward(torch.cat([render, flat]), [prompt, prompt]).scores
+    assert 0.01 < float(scores[0]) < 0.5 and float(scores[1]) == 1.0
+    assert float(reward(flat, ["a blue square"]).scores[0]) == 0.0
+    two = reward(torch.cat([render, render]), ["two red circles and a blue square", "a green triangle"]).scores
+    assert float(two[0]) == float(scores[0]) and float(two[1]) == 0.0, "only the prompt's colours count"
