@@ -79,7 +79,7 @@ def test_color_coverage_is_won_by_a_flat_image():
     reward = ColorCoverage()
     prompt = "two red circles"
     image, _ = render_scene(parse_prompt(prompt), seed=3, size=64)
-    render = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float().unsqueeze(0) / 255
+    render = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float().unsqueeze(0) / 255
     flat = (torch.tensor(COLORS["red"]).float() / 255).view(1, 3, 1, 1).expand(1, 3, 64, 64)
     scores = reward(torch.cat([render, flat]), [prompt, prompt]).scores
     assert 0.01 < float(scores[0]) < 0.5 and float(scores[1]) == 1.0
