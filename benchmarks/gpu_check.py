@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --dry-run for the CPU check")
     device = "cpu" if dry else "cuda"
     os.makedirs(args.out_dir, exist_ok=True)
-    out = lambda name: os.path.join(args.out_dir, f"{name}.json")  # noqa: E731
+
+    def out(name: str) -> str:
+        return os.path.join(args.out_dir, f"{name}.json")
+
     summary: dict = {"dry_run": dry, "device": torch.cuda.get_device_name() if not dry else "cpu", "seconds": {}}
     t_all = time.perf_counter()
 

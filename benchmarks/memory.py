@@ -25,7 +25,6 @@ import contextlib
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -63,6 +62,9 @@ def build_model(out: str) -> None:
 
 def run_arm(arm: str, model: str, out: str) -> dict:
     """One epoch of ``arm`` in this process; returns its measurements."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from worker_runs import peak_rss_mb
+
     from genalign.configs import load_config
     from genalign.policies.unet_tuning import set_adapters_enabled
     from genalign.train_config import TrainConfig
@@ -99,7 +101,7 @@ def run_arm(arm: str, model: str, out: str) -> dict:
     seconds = time.perf_counter() - t0
     unet = sum(p.numel() for p in tuning.model.parameters())
     trainable = sum(p.numel() for p in trainer.policy.trainable_parameters())
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     return {"arm": arm, "peak_mb": peak, "before_model_mb": 0.0 if cuda else before, "epoch_seconds": seconds,
             "unet_parameters": unet, "trainable_parameters": trainable, "device": "cuda" if cuda else "cpu"}
 

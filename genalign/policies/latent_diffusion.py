@@ -85,6 +85,7 @@ class LatentDiffusionPolicy:
         # the denoiser's weight dtype, read once: diffusers' ``.dtype`` walks every submodule, and
         # the model is called once per step (fine-tuning never changes the dtype)
         self.model_dtype = self.denoiser.dtype
+        self._negative_cache: tuple[Any, dict[str, torch.Tensor]] | None = None  # (prompt, device), embeddings
 
     def lora_config(self) -> LoraConfig:
         """The adapters of ``finetune: lora`` from the config's ``lora_rank``, ``lora_alpha``, ``lora_targets``."""
@@ -136,7 +137,7 @@ class LatentDiffusionPolicy:
         """The negative prompt's embeddings ``[1, ...]`` per embed key, encoded on first use (the
         text encoders are never trained; a changed ``negative_prompt`` or device is re-encoded)."""
         key = (self.negative_prompt, str(self.device))
-        if getattr(self, "_negative_cache", (None,))[0] != key:
+        if self._negative_cache is None or self._negative_cache[0] != key:
             self._negative_cache = (key, self.backbone.encode_prompt([self.negative_prompt], None))
         return self._negative_cache[1]
 
