@@ -48,32 +48,7 @@ def final_weights(out):
     return load_file(os.path.join(out, "final", "pytorch_lora_weights.safetensors"))
 
 
-def kill_loop(tmp_path, tiny_sd_dir, algorithm, kills, seed):
-    ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
-    write_config(tmp_path / "ref.yaml", tiny_sd_dir, ref_out, algorithm)
-    write_config(tmp_path / "run.yaml", tiny_sd_dir, out, algorithm)
-    t0 = time.monotonic()
-    proc = launch(tmp_path / "ref.yaml", resume=False)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
-    duration = time.monotonic() - t0
-    rng = random.Random(seed)
-    killed = 0
-    for _ in range(kills + 20):
-        proc = launch(tmp_path / "run.yaml", resume=bool(runfiles.run_contents(str(out))))
-        if killed < kills:
-            try:
-                proc.wait(timeout=rng.uniform(0.2, 0.9) * duration)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                killed += 1
-                continue
-        rc = proc.wait(timeout=600)
-        err = proc.stderr.read()
-        assert rc == 0, err
-        if os.path.isdir(out / "final"):
-            break
-    assert killed == kills
+def check_chain(out, ref_out, kills):
     epochs = [r["epoch"] for r in runfiles.read_jsonl(str(out / "metrics.jsonl"))]
     assert epochs == [1, 2, 3, 4], "each epoch logged once, in order"
     a, b = final_weights(ref_out), final_weights(out)
@@ -82,6 +57,47 @@ def kill_loop(tmp_path, tiny_sd_dir, algorithm, kills, seed):
         assert torch.equal(a[k], b[k]), f"{k} differs after {kills} kills"
     leftovers = [n for d in (out, out / "checkpoints") for n in os.listdir(d) if n.startswith(".tmp-")]
     assert not leftovers
+
+
+def kill_loop(tmp_path, tiny_sd_dir, algorithm, kills, seed):
+    """Kill chains of resumed runs until `kills` kills have landed in all.
+
+    A kill is drawn at a random moment within the uninterrupted run's duration; a resumed run has
+    less left to do, so it may finish first. Each chain therefore runs to the end and is checked
+    against the uninterrupted weights, and a fresh chain starts until enough kills have landed.
+    """
+    ref_out = tmp_path / "uninterrupted"
+    write_config(tmp_path / "ref.yaml", tiny_sd_dir, ref_out, algorithm)
+    t0 = time.monotonic()
+    proc = launch(tmp_path / "ref.yaml", resume=False)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    duration = time.monotonic() - t0
+    rng = random.Random(seed)
+    killed, chains = 0, 0
+    while killed < kills:
+        assert chains < kills + 3, f"only {killed} of {kills} kills landed in {chains} chains"
+        out = tmp_path / f"killed-{chains}"
+        write_config(tmp_path / "run.yaml", tiny_sd_dir, out, algorithm)
+        in_chain = 0
+        for _ in range(kills + 20):
+            proc = launch(tmp_path / "run.yaml", resume=bool(runfiles.run_contents(str(out))))
+            if killed < kills:
+                try:
+                    proc.wait(timeout=rng.uniform(0.2, 0.9) * duration)
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    killed += 1
+                    in_chain += 1
+                    continue
+            rc = proc.wait(timeout=600)
+            err = proc.stderr.read()
+            assert rc == 0, err
+            if os.path.isdir(out / "final"):
+                break
+        assert os.path.isdir(out / "final")
+        check_chain(out, ref_out, in_chain)
+        chains += 1
 
 
 def test_kill_9_loop_resumes_to_the_same_weights(tmp_path, tiny_sd_dir):
