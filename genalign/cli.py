@@ -6,6 +6,7 @@
     genalign sample CONFIG.yaml [key=value ...]
     genalign eval POLICY_OR_RUN_DIR [--split heldout] [--tiers 1 2 3] [--json FILE]
     genalign list
+    genalign label new CONFIG.yaml [--out DIR] | serve DIR [--port N] | train CONFIG.yaml | status DIR | export DIR --out FILE
     genalign toyworld pretrain {sd,verifier,clip,lm,vlm,video,flow} [args ...]
     genalign toyworld distill lcm [--out DIR] [--minutes M] [--steps N] [--seed S] [args ...]
 
@@ -16,6 +17,7 @@ error is one line too (``genalign --debug ...`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from genalign.configs import ConfigError
@@ -113,6 +115,31 @@ def _toyworld(args: argparse.Namespace) -> int:
     return train_verifier(args.rest) or 0
 
 
+def _label(args: argparse.Namespace) -> int:
+    from genalign import labelling
+
+    what = args.label_command
+    if what == "new":
+        r = labelling.new_round(args.config, args.overrides, args.out)
+        print(f"round {r.round} (epoch {r.epoch}): {r.samples} samples, {r.comparisons} comparisons in {r.folder}; "
+              f"label them with: genalign label serve {os.path.dirname(r.folder)}")
+    elif what == "serve":
+        from genalign.label_server import serve
+
+        serve(args.dir, args.host, args.port)
+    elif what == "train":
+        history = labelling.train_round(args.config, args.overrides, args.out)
+        last = history[-1] if history else {}
+        print(f"trained epoch {last.get('epoch')}: {last.get('pairs', 0):.0f} labelled pairs, "
+              f"{last.get('unlabelled_pairs', 0):.0f} ties or unlabelled; sample the next round with genalign label new")
+    elif what == "status":
+        print(labelling.format_status(labelling.status(args.dir)))
+    else:
+        n = labelling.export(args.dir, args.out, args.round)
+        print(f"{n} preference pairs written to {args.out}")
+    return 0
+
+
 def _value(args: argparse.Namespace) -> int:
     from genalign.configs import load_config
     from genalign.guidance.train_value import ValueTrainConfig, run
@@ -187,6 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the table as JSON to this file")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("label", help="human feedback rounds for D3PO: sample, label in the browser, train",
+                       description="Human feedback for D3PO: sample the run's next epoch, label its pairs in a local web page, train that epoch on the labels, repeat.")
+    lab = p.add_subparsers(dest="label_command", required=True)
+    q = lab.add_parser("new", help="sample the run's next epoch and queue its pairs for labelling")
+    q.add_argument("config", help="training YAML with algorithm.preference: store (e.g. configs/label_shapes.yaml)")
+    q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    q.add_argument("--out", default=None, help="labels folder (default and required value: the folder of algorithm.store_path)")
+    q = lab.add_parser("serve", help="serve the labelling page over a labels folder")
+    q.add_argument("dir", help="labels folder (holds labels.sqlite)")
+    q.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other prints a warning: there is no login)")
+    q = lab.add_parser("train", help="train the latest round's epoch on its labels (resumes the run)")
+    q.add_argument("config", help="the same training YAML as for label new")
+    q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    q.add_argument("--out", default=None, help="labels folder (default: the folder of algorithm.store_path)")
+    q = lab.add_parser("status", help="per round: pairs, labels, annotators and their agreement")
+    q.add_argument("dir", help="labels folder")
+    q = lab.add_parser("export", help="write the decided pairs as JSON lines (prompt, chosen, rejected)")
+    q.add_argument("dir", help="labels folder")
+    q.add_argument("--out", required=True, help="JSONL file to write")
+    q.add_argument("--round", type=int, default=None, help="only this round (default: all)")
+    for q in lab.choices.values():
+        q.set_defaults(func=_label)
+
     p = sub.add_parser("list", help="the registered policies, algorithms, rewards and sampling methods",
                        description="Print the registered policies, algorithms, rewards and sampling methods, one line of help each.")
     p.set_defaults(func=_list)
@@ -206,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.func in (_train, _sample, _eval, _toyworld, _value) and not getattr(args, "dry_run", False):
+    if args.func in (_train, _sample, _eval, _toyworld, _value, _label) and not getattr(args, "dry_run", False):
         from genalign.progress import quiet_library_bars
 
         quiet_library_bars()

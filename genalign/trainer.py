@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from genalign.configs import ConfigError, to_dict
 from genalign.optimise import EpochSums, global_count, minibatches, scale_gradients
 from genalign.policies import POLICIES
 from genalign.policies.window import NoiseWindow
+from genalign.preference_store import sample_digests
 from genalign.progress import progress, write
 from genalign.seeds import Stream, derive_seed
 from genalign.train_config import TrainConfig
@@ -294,19 +295,13 @@ class Trainer:
     def _epoch(self, epoch: int) -> dict[str, Any]:
         cfg, acc = self.config, self.acc
         n = cfg.train.samples_per_prompt
-        prompts = self.prompts.sample(cfg.train.prompts_per_epoch, seed=derive_seed(cfg.seed, Stream.PROMPTS, epoch))
-        local = list(range(acc.process_index, len(prompts), acc.num_processes))
-        per_call = max(1, cfg.train.rollout_batch_size // n)
         if self.algorithm.needs_snapshots:
             self.snapshots.append(self.policy.trainable_state_dict())  # index e = weights at the start of epoch e
-        plan = self.algorithm.plan(epoch, len(self.snapshots), seeding.generator(cfg.seed, Stream.PLAN, epoch))
+        plan = self.epoch_plan(epoch)
+        prompts, local = self.epoch_prompts(epoch)
 
         trajs, comps, monitor, scores = [], defaultdict(list), defaultdict(list), []
-        chunks = [local[i : i + per_call] for i in range(0, len(local), per_call)]
-        for chunk in progress(chunks, desc=f"epoch {epoch + 1} rollouts", leave=False, disable=not self.main):
-            rows = [p * n + j for p in chunk for j in range(n)]  # the rows' numbers within the epoch
-            with timing.phase("rollout"):
-                traj, outputs, conditions = self._collect(plan, [prompts[p] for p in chunk], rows, epoch, chunk)
+        for _chunk, ids, traj, outputs, conditions in self.epoch_rollouts(epoch, plan):
             with timing.phase("reward"):
                 scored = self.reward(outputs, conditions)
                 watched = self.monitor(outputs, conditions) if self.monitor is not None else None
@@ -324,8 +319,9 @@ class Trainer:
                 traj.extras["reward_components"] = torch.stack([v.float() for v in scored.components.values()], 1).to(
                     traj.log_probs.device
                 )  # [n, C]
-            ids = [f"s{cfg.seed}-e{epoch + 1}-r{p * n + j}" for p in chunk for j in range(n)]
             traj.extras["sample_id"] = ids * 2 if plan.kind == "off_policy" else ids  # off-policy: winners, then references
+            if plan.kind != "off_policy":  # what an annotator of these samples saw (genalign.labelling)
+                traj.extras["sample_digest"] = sample_digests(outputs)
             trajs.append(traj)
         traj = Trajectory.cat(trajs)
         with timing.phase("probe"):
@@ -399,6 +395,31 @@ class Trainer:
             for k, v in table.items():
                 metrics[prefix + k] = float(acc.gather(torch.cat(v).to(acc.device)).nanmean())
         return metrics
+
+    def epoch_plan(self, epoch: int) -> SamplingPlan:
+        """How epoch ``epoch`` (0-based) samples: drawn by the algorithm from the epoch's stream."""
+        return self.algorithm.plan(epoch, len(self.snapshots), seeding.generator(self.config.seed, Stream.PLAN, epoch))
+
+    def epoch_prompts(self, epoch: int) -> tuple[list[Any], list[int]]:
+        """The epoch's prompts (from its own stream) and the numbers of those this process samples."""
+        cfg, acc = self.config, self.acc
+        prompts = self.prompts.sample(cfg.train.prompts_per_epoch, seed=derive_seed(cfg.seed, Stream.PROMPTS, epoch))
+        return prompts, list(range(acc.process_index, len(prompts), acc.num_processes))
+
+    def epoch_rollouts(self, epoch: int, plan: SamplingPlan) -> Iterator[tuple[list[int], list[str], Trajectory, Any, list[Any]]]:
+        """This process's rollouts of epoch ``epoch``, one call per ``rollout_batch_size`` rows:
+        (prompt numbers, sample ids ``s{seed}-e{epoch+1}-r{row}``, trajectory, outputs to
+        score, their conditions). The same weights give the same samples bit-for-bit: labelling
+        rounds (genalign.labelling) sample an epoch with this before the trainer trains it."""
+        n, seed = self.config.train.samples_per_prompt, self.config.seed
+        prompts, local = self.epoch_prompts(epoch)
+        per_call = max(1, self.config.train.rollout_batch_size // n)
+        chunks = [local[i : i + per_call] for i in range(0, len(local), per_call)]
+        for chunk in progress(chunks, desc=f"epoch {epoch + 1} rollouts", leave=False, disable=not self.main):
+            rows = [p * n + j for p in chunk for j in range(n)]  # the rows' numbers within the epoch
+            with timing.phase("rollout"):
+                traj, outputs, conditions = self._collect(plan, [prompts[p] for p in chunk], rows, epoch, chunk)
+            yield chunk, [f"s{seed}-e{epoch + 1}-r{r}" for r in rows], traj, outputs, conditions
 
     @torch.no_grad()
     def _probe(self, traj: Trajectory) -> float:
@@ -648,6 +669,20 @@ class Trainer:
         path = checkpoint.latest_checkpoint(root)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {root}")
+        self.load_checkpoint(path)
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            path_ = os.path.join(self.out, name)
+            rows = runfiles.read_jsonl(path_)
+            kept = [r for r in rows if r["epoch"] <= self.start_epoch]
+            if name == "metrics.jsonl":
+                self.history = kept
+            if self.main and os.path.isfile(path_):  # drop what was logged after the checkpoint: it will be redone
+                runfiles.write_jsonl(path_, kept)
+        self._warn(f"resumed from {path} (epoch {self.start_epoch})")
+
+    def load_checkpoint(self, path: str) -> None:
+        """Weights, optimiser, algorithm state and counters from a checkpoint folder (nothing is
+        written: the run's logs are left as they are)."""
         trainable, state = checkpoint.read_checkpoint(path, self.optimizer)
         self.policy.load_trainable_state_dict(trainable)
         self.algorithm.load_state_dict(state["algorithm"])
@@ -662,15 +697,6 @@ class Trainer:
         self.start_epoch = state["epoch"]
         self.samples, self.reward_queries = state["samples"], state["reward_queries"]
         self.wall_before = state["wall_seconds"]
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            path_ = os.path.join(self.out, name)
-            rows = runfiles.read_jsonl(path_)
-            kept = [r for r in rows if r["epoch"] <= self.start_epoch]
-            if name == "metrics.jsonl":
-                self.history = kept
-            if self.main and os.path.isfile(path_):  # drop what was logged after the checkpoint: it will be redone
-                runfiles.write_jsonl(path_, kept)
-        self._warn(f"resumed from {path} (epoch {self.start_epoch})")
 
     def _save_final(self) -> None:
         if self.main:

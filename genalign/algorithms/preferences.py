@@ -47,9 +47,17 @@ class ParetoPreference:
         return torch.where(torch.isfinite(d).all(1), labels, torch.zeros_like(labels))
 
 
+class LabelledSampleMismatch(ValueError):
+    """A rollout's output differs from the sample that was labelled under its id."""
+
+
 class StoredPreference:
     """Labels looked up in a :class:`~genalign.preference_store.PreferenceStore` by
-    (prompt, sample ids); unlabelled pairs count as ties and are reported as missing."""
+    (prompt, sample ids); unlabelled pairs count as ties and are reported as missing.
+
+    When the store holds a labelling round's samples and the batch carries
+    ``extras['sample_digest']`` (set by the trainer), each labelled row's output must be the one
+    the annotators saw: otherwise the labels would train on other samples, and the run stops."""
 
     def __init__(self, path: str):
         self.store = PreferenceStore(path)
@@ -59,9 +67,22 @@ class StoredPreference:
         if "sample_id" not in batch.extras:
             raise KeyError("stored preferences need extras['sample_id'] (set by the trainer)")
         ids, prompts = batch.extras["sample_id"], batch.conditions
+        if "sample_digest" in batch.extras:
+            self._check_digests(list(ids), list(batch.extras["sample_digest"]))
         labels = []
         for i, j in pairs.tolist():
             label = self.store.label(condition_key(prompts[i]), ids[i], ids[j])
             self.missing += label is None
             labels.append(label or 0)
         return torch.tensor(labels, dtype=torch.float32)
+
+    def _check_digests(self, ids: list[str], digests: list[str]) -> None:
+        stored = self.store.samples(ids)
+        for sample_id, digest in zip(ids, digests):
+            s = stored.get(sample_id)
+            if s is not None and s.digest != digest:
+                raise LabelledSampleMismatch(
+                    f"sample {sample_id} differs from the one labelled in round {s.round} of {self.store.path}: the "
+                    f"config, the base model or the run's weights changed since `genalign label new` sampled it, so "
+                    f"its labels would train on other samples; sample a new round instead"
+                )
