@@ -17,7 +17,8 @@ import json
 from typing import Any
 
 
-def _jsonable(value: Any) -> bool:
+def jsonable(value: Any) -> bool:
+    """Whether ``value`` serialises to JSON as it is."""
     try:
         json.dumps(value)
     except (TypeError, ValueError):
@@ -37,7 +38,7 @@ def condition_key(condition: Any) -> str:
     if isinstance(condition, dict):
         if "key" in condition:
             return str(condition["key"])
-        items = {str(k): v for k, v in condition.items() if _jsonable(v)}
+        items = {str(k): v for k, v in condition.items() if jsonable(v)}
         return json.dumps(items, sort_keys=True)
     key = getattr(condition, "key", None)
     if key is not None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from genalign import checkpoint, runfiles
-from genalign.conditions import condition_key, condition_text
+from genalign.conditions import condition_key, condition_text, jsonable
 from genalign.configs import ConfigError
 from genalign.preference_store import PreferenceStore, Sample, sample_digests
 from genalign.train_config import TrainConfig, resolve_config
@@ -154,11 +154,16 @@ def _sample_round(trainer: Any, epoch: int, plan: Any, folder: str, number: int)
             for g, p in enumerate(chunk):
                 cond = conditions[g * n]
                 key, display = condition_key(cond), _display(cond)
-                cond_file = None
-                image = cond.get("image") if isinstance(cond, dict) else None
-                if isinstance(image, torch.Tensor) and image.dim() == 3:  # a VLM's question image [3, H, W]
-                    cond_file = f"round-{number:03d}/prompt-{p}.png"
-                    _save_output(image, "image", os.path.join(folder, f"prompt-{p}.png"))
+                cond_file, fields = None, None
+                if isinstance(cond, dict):
+                    fields = json.dumps({k: v for k, v in cond.items() if jsonable(v)}, sort_keys=True)
+                    image = cond.get("image")
+                    if image is not None and (hasattr(image, "save") or isinstance(image, torch.Tensor)):
+                        cond_file = f"round-{number:03d}/prompt-{p}.png"  # a VLM's question image
+                        if isinstance(image, torch.Tensor):  # [3, H, W] in [0, 1]
+                            _save_output(image, "image", os.path.join(folder, f"prompt-{p}.png"))
+                        else:
+                            image.convert("RGB").save(os.path.join(folder, f"prompt-{p}.png"))
                 rows = list(range(g * n, (g + 1) * n))
                 for r in rows:
                     file = text = None
@@ -167,7 +172,7 @@ def _sample_round(trainer: Any, epoch: int, plan: Any, folder: str, number: int)
                     else:
                         file = f"round-{number:03d}/{ids[r]}.{'png' if kind == 'image' else 'gif'}"
                         _save_output(outputs[r], kind, os.path.join(folder, os.path.basename(file)))
-                    samples.append(Sample(ids[r], number, key, display, kind, digests[r], file, text, cond_file))
+                    samples.append(Sample(ids[r], number, key, display, kind, digests[r], file, text, cond_file, fields))
                 pairs += [(key, ids[i], ids[j]) for i in rows for j in rows if i < j]
     return samples, pairs
 
@@ -243,7 +248,8 @@ def label_with_reward(root: str, reward: Any, annotator: str, round: int | None 
     ``annotator`` has not answered, preferring the output ``reward`` scores higher (equal: a
     tie), through the same store calls as the web page. ``flip``: the probability of giving the
     opposite answer (a careless annotator). The reward sees the saved outputs (8-bit images,
-    GIF frames, texts) with the displayed prompt as the condition. Returns the answers written."""
+    GIF frames, texts) and the conditions as stored: a prompt string, or a dict condition's
+    JSON-serialisable fields (its prompt and answer, not its image). Returns the answers written."""
     import random
 
     from PIL import Image
@@ -268,7 +274,8 @@ def label_with_reward(root: str, reward: Any, annotator: str, round: int | None 
             a, b = samples[q["sample_a"]], samples[q["sample_b"]]
             outputs = [load(a), load(b)]
             batch = outputs if a.kind == "text" else torch.stack(outputs)
-            scores = reward(batch, [a.display, b.display]).scores.float()
+            conditions = [json.loads(s.condition) if s.condition else s.display for s in (a, b)]
+            scores = reward(batch, conditions).scores.float()
             action = "tie" if scores[0] == scores[1] else ("a" if scores[0] > scores[1] else "b")
             if action != "tie" and rng.random() < flip:
                 action = "b" if action == "a" else "a"

@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS samples (
     file      TEXT,
     text      TEXT,
     digest    TEXT NOT NULL,
-    condition_file TEXT
+    condition_file TEXT,
+    condition TEXT
 );
 CREATE TABLE IF NOT EXISTS queue (
     id        INTEGER PRIMARY KEY,
@@ -91,6 +92,8 @@ CREATE TABLE IF NOT EXISTS journal (
 CREATE INDEX IF NOT EXISTS journal_annotator ON journal (annotator, queue_id);
 """
 
+# Columns added after a table first shipped: (table, column definition).
+ADDED_COLUMNS = (("comparisons", "queue_id INTEGER"), ("samples", "condition TEXT"))
 CHOICES = ("a", "b", "tie")
 ACTIONS = CHOICES + ("skip",)
 
@@ -118,6 +121,7 @@ class Sample:
     file: str | None = None
     text: str | None = None
     condition_file: str | None = None
+    condition: str | None = None  # a dict condition's JSON-serialisable fields (prompt, answer, ...)
 
 
 class UnknownComparisonError(KeyError):
@@ -151,14 +155,18 @@ class PreferenceStore:
         try:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.executescript(SCHEMA)  # each statement is idempotent
-            columns = [r[1] for r in self.conn.execute("PRAGMA table_info(comparisons)")]
-            if "queue_id" not in columns:  # a store written before labelling rounds existed
-                with self._write() as c:
-                    if "queue_id" not in [r[1] for r in c.execute("PRAGMA table_info(comparisons)")]:
-                        c.execute("ALTER TABLE comparisons ADD COLUMN queue_id INTEGER")
+            for table, column in ADDED_COLUMNS:  # a store written by an earlier release
+                name = column.split()[0]
+                if name not in self._columns(table):
+                    with self._write() as c:
+                        if name not in self._columns(table):
+                            c.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         except sqlite3.DatabaseError as e:
             self.conn.close()
             raise ValueError(f"{path} is not a preference store ({e})") from e
+
+    def _columns(self, table: str) -> list[str]:
+        return [r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")]
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -227,9 +235,10 @@ class PreferenceStore:
             c.execute("INSERT INTO rounds (round, epoch, created, info) VALUES (?, ?, ?, ?)",
                       (number, epoch, _now(), json.dumps(info or {}, sort_keys=True)))
             c.executemany(
-                "INSERT INTO samples (id, round, prompt, display, kind, file, text, digest, condition_file) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(s.id, number, s.prompt, s.display, s.kind, s.file, s.text, s.digest, s.condition_file) for s in samples],
+                "INSERT INTO samples (id, round, prompt, display, kind, file, text, digest, condition_file, condition) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(s.id, number, s.prompt, s.display, s.kind, s.file, s.text, s.digest, s.condition_file, s.condition)
+                 for s in samples],
             )
             c.executemany("INSERT INTO queue (round, prompt, sample_a, sample_b) VALUES (?, ?, ?, ?)",
                           [(number, p, a, b) for p, a, b in pairs])
@@ -249,7 +258,7 @@ class PreferenceStore:
 
     def samples(self, ids: Sequence[str] | None = None) -> dict[str, Sample]:
         """Samples by id (all of them, or those of ``ids`` that exist)."""
-        cols = "id, round, prompt, display, kind, digest, file, text, condition_file"
+        cols = "id, round, prompt, display, kind, digest, file, text, condition_file, condition"
         if ids is None:
             rows = self.conn.execute(f"SELECT {cols} FROM samples").fetchall()
         else:

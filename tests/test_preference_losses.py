@@ -240,3 +240,18 @@ def test_b2_threshold_keeps_only_branches_that_stand_out():
     assert adv[0].item() == pytest.approx(-5.05 / sigma, rel=1e-5)
     assert adv[1].item() == pytest.approx(4.95 / sigma, rel=1e-5)
     assert torch.isnan(adv[2:]).all(), "a group below the threshold trains no row"
+
+
+def test_d3po_noise_window_plans_it_and_trains_only_its_steps():
+    algo = D3PO(D3POConfig(noise_window=2, noise_window_starts=[0.0, 0.4]))
+    plan = algo.plan(0, 0, torch.Generator())
+    assert (plan.noise_window, plan.noise_window_starts, plan.shared_noise) == (2, (0.0, 0.4), True)
+    assert algo.config.requires() == {"shared_noise", "noise_window"}
+    b = traj([0, 0, 1, 1], k=6)
+    b.mask = torch.zeros(4, 6, dtype=torch.bool)
+    b.mask[:2, 1:3] = True  # group 0's window
+    b.mask[2:, 3:5] = True  # group 1's window
+    assert algo.train_steps(b, torch.Generator()).tolist() == [[1, 2], [1, 2], [3, 4], [3, 4]]
+    assert D3PO().plan(0, 0, torch.Generator()).noise_window == 0 and D3POConfig().requires() == {"shared_noise"}
+    with pytest.raises(ValueError, match="noise_window"):
+        D3POConfig(noise_window=2, timestep_fraction=0.5).validate()

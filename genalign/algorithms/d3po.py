@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from genalign.algorithms.advantages import window_steps
+from genalign.algorithms.advantages import active_steps, check_noise_window, window_steps
 from genalign.algorithms.base import LossTerms, SamplingPlan
 from genalign.algorithms.pairs import group_pairs, pair_dpo_loss
 from genalign.algorithms.preferences import ParetoPreference, RewardPreference, StoredPreference
@@ -52,9 +52,19 @@ class D3POConfig:
     tie_tolerance: float = opt(0.0, "reward differences at or below this are ties (no loss)")
     timestep_fraction: float = opt(1.0, "fraction of the window's steps trained per pair (same steps for both rows)")
     step_window: list[float] = opt([0.0, 1.0], "[start, end) of the chain, as fractions, that is trained")
+    noise_window: int = opt(
+        0,
+        "0: every step draws noise and is trained (the paper). k > 0: each prompt's rollouts share a deterministic "
+        "chain (η = 0) up to a window of k noisy steps, then continue deterministically; only those k steps are "
+        "trained, so a pair's preference is credited to the only steps where the two rows differ",
+    )
+    noise_window_starts: list[float] = opt(
+        [0.0, 1.0], "[lo, hi): each prompt's window starts at a chain fraction drawn uniformly from it, per epoch"
+    )
 
     def requires(self) -> frozenset[str]:
-        return frozenset({"shared_noise"})  # the two rows of a pair start from the same state
+        needed = {"shared_noise"}  # the two rows of a pair start from the same state
+        return frozenset(needed | ({"noise_window"} if self.noise_window else set()))
 
     def resolve_units(self, unit: str) -> None:
         self.clip_eps = unit_default(self.clip_eps, unit, {"dimension_mean": 0.1, "token": 0.0}, "clip_eps")
@@ -70,6 +80,7 @@ class D3POConfig:
             raise ValueError(f"'timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
         if len(self.step_window) != 2 or not 0 <= self.step_window[0] < self.step_window[1] <= 1:
             raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
+        check_noise_window(self.noise_window, self.noise_window_starts, self.step_window, self.timestep_fraction)
 
 
 def build_preference(config: D3POConfig):
@@ -91,7 +102,9 @@ class D3PO:
         self.preference = build_preference(self.config)
 
     def plan(self, epoch: int, num_snapshots: int, generator: torch.Generator) -> SamplingPlan:
-        return SamplingPlan(kind="rollouts", shared_noise=True, whole_groups=True)
+        c = self.config
+        return SamplingPlan(kind="rollouts", shared_noise=True, whole_groups=True, noise_window=c.noise_window,
+                            noise_window_starts=tuple(c.noise_window_starts))
 
     def advantages(self, rewards: torch.Tensor, conditions: Sequence[Any], group: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(rewards, dtype=torch.float32)  # labels come from pairs, not advantages
@@ -100,6 +113,8 @@ class D3PO:
         """One draw of steps per group, shared by its rows: ``[B, K]`` (unaligned rows: all steps)."""
         if not traj.aligned:
             return torch.arange(traj.num_steps).unsqueeze(0).expand(traj.batch_size, -1).clone()
+        if self.config.noise_window:
+            return active_steps(traj.mask)  # [B, k]: the window's steps, the same for a group's rows
         groups = traj.group.cpu()
         uniq = groups.unique()
         drawn = window_steps(len(uniq), traj.num_steps, self.config.step_window, self.config.timestep_fraction, generator)
