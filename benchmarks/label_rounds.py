@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from genalign import labelling, runfiles  # noqa: E402
+from genalign.progress import quiet_library_bars  # noqa: E402
 from genalign.train_config import resolve_config  # noqa: E402
 from rewards.registry import build_reward  # noqa: E402
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--screenshot", default="", help="after sampling round 1, save the page as PNG here")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     args = ap.parse_args(argv)
+    quiet_library_bars()
 
     os.makedirs(args.out, exist_ok=True)
     run_dir, labels = os.path.join(args.out, "run"), os.path.join(args.out, "labels")
