@@ -130,6 +130,7 @@ def new_round(config: TrainConfig | str, overrides: list[str] | None = None, out
             final = round_dir(root, number)
             if os.path.exists(final):  # left by a round whose store write failed
                 shutil.rmtree(final)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private to this user
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
