@@ -49,14 +49,13 @@ def labels_folder(config: TrainConfig, out: str | None = None) -> str:
             f"labelling rounds train from stored labels: set 'algorithm.name: d3po' and 'algorithm.preference: store' "
             f"(the config has algorithm {alg.name!r}, preference {getattr(alg, 'preference', None)!r})"
         )
-    store = os.path.abspath(alg.store_path)
-    if os.path.basename(store) != STORE_NAME:
+    if os.path.basename(alg.store_path) != STORE_NAME:
         raise ConfigError(f"'algorithm.store_path' must name a file called {STORE_NAME} in the labels folder, got {alg.store_path!r}")
-    root = os.path.dirname(store)
-    if out is not None and os.path.abspath(out) != root:
+    root = os.path.normpath(os.path.dirname(alg.store_path) or ".")  # as the config names it, for messages
+    if out is not None and os.path.abspath(out) != os.path.abspath(root):
         raise ConfigError(
             f"--out {out!r} is not the folder of 'algorithm.store_path' ({alg.store_path!r}): the trainer reads the "
-            f"labels from there; give --out {os.path.relpath(root)} or change the config"
+            f"labels from there; give --out {root} or change the config"
         )
     return root
 
