@@ -12,7 +12,7 @@ API (JSON):
   (annotator, comparison) by a hash, so position bias averages out over annotators.
 - ``POST /api/answer`` ``{"annotator", "id", "choice": "left" | "right" | "tie" | "skip"}``
 - ``POST /api/undo`` ``{"annotator"}``: take back the annotator's last answer.
-- ``GET  /api/stats``: per round counts, annotators and agreement.
+- ``GET  /api/stats[?round=N]``: per round counts, annotators and agreement.
 - ``GET  /files/round-NNN/<name>``: a round's images, only from the round folders.
 
 Bad ids or names get 400, unknown comparisons 404, paths outside the round folders 403.
@@ -59,9 +59,9 @@ def _annotator(value: Any) -> str:
     return name
 
 
-def _queue_id(value: Any) -> int:
+def _number(value: Any, what: str = "id") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"\d{1,12}", str(value)):
-        raise BadRequest(HTTPStatus.BAD_REQUEST, f"'id' must be a comparison number, got {value!r}")
+        raise BadRequest(HTTPStatus.BAD_REQUEST, f"'{what}' must be a number, got {value!r}")
     return int(value)
 
 
@@ -189,8 +189,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8")
         elif path == "/api/state":
             self._json(HTTPStatus.OK, self.server.state(_annotator((query.get("annotator") or [""])[0])))
-        elif path == "/api/stats":
-            self._json(HTTPStatus.OK, status(self.server.root))
+        elif path == "/api/stats":  # every round, or ?round=N
+            number = (query.get("round") or [None])[0]
+            self._json(HTTPStatus.OK, status(self.server.root, None if number is None else _number(number, "round")))
         elif path.startswith("/files/"):
             body, kind = self.server.file(path[len("/files/"):])
             self._send(HTTPStatus.OK, body, kind)
@@ -211,7 +212,7 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
         annotator = _annotator(body.get("annotator"))
         if self.path == "/api/answer":
-            self._json(HTTPStatus.OK, self.server.answer(annotator, _queue_id(body.get("id")), str(body.get("choice"))))
+            self._json(HTTPStatus.OK, self.server.answer(annotator, _number(body.get("id")), str(body.get("choice"))))
         elif self.path == "/api/undo":
             self._json(HTTPStatus.OK, self.server.undo(annotator))
         else:

@@ -29,7 +29,8 @@ import torch
 from genalign import checkpoint, runfiles
 from genalign.conditions import condition_key, condition_text, jsonable
 from genalign.configs import ConfigError
-from genalign.preference_store import PreferenceStore, Sample, sample_digests
+from genalign.preference_store import PreferenceStore, Sample, agreement, sample_digests
+from genalign.report import image_grid, is_images, is_video, save_gif
 from genalign.train_config import TrainConfig, resolve_config
 
 STORE_NAME = "labels.sqlite"
@@ -78,15 +79,13 @@ class RoundSummary:
     folder: str
 
 
-def _save_output(output: Any, kind: str, path: str) -> None:
-    from PIL import Image
-
-    x = (output.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    if kind == "image":  # [C, H, W]
-        Image.fromarray(x.permute(1, 2, 0).numpy()).save(path)
-    else:  # a clip [F, C, H, W]: an animated GIF, 8 frames per second, looping
-        frames = [Image.fromarray(f.permute(1, 2, 0).numpy()) for f in x]
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
+def save_output(output: Any, path: str) -> None:
+    """One image ``[3, H, W]`` as PNG, or one clip ``[F, 3, H, W]`` as GIF, pixel for pixel (the
+    8-bit values :func:`~genalign.preference_store.sample_digests` hashes)."""
+    if output.dim() == 4:
+        save_gif(output, path, scale=1)
+    else:
+        image_grid(output[None], rows=1, pad=0).save(path)
 
 
 def _display(condition: Any) -> str:
@@ -149,8 +148,7 @@ def _sample_round(trainer: Any, epoch: int, plan: Any, folder: str, number: int)
     with torch.no_grad():
         for chunk, ids, _traj, outputs, conditions in trainer.epoch_rollouts(epoch, plan):
             digests = sample_digests(outputs)
-            is_tensor = isinstance(outputs, torch.Tensor)
-            kind = "text" if not is_tensor else ("video" if outputs.dim() == 5 else "image")
+            kind = "video" if is_video(outputs) else "image" if is_images(outputs) else "text"
             for g, p in enumerate(chunk):
                 cond = conditions[g * n]
                 key, display = condition_key(cond), _display(cond)
@@ -161,7 +159,7 @@ def _sample_round(trainer: Any, epoch: int, plan: Any, folder: str, number: int)
                     if image is not None and (hasattr(image, "save") or isinstance(image, torch.Tensor)):
                         cond_file = f"round-{number:03d}/prompt-{p}.png"  # a VLM's question image
                         if isinstance(image, torch.Tensor):  # [3, H, W] in [0, 1]
-                            _save_output(image, "image", os.path.join(folder, f"prompt-{p}.png"))
+                            save_output(image, os.path.join(folder, f"prompt-{p}.png"))
                         else:
                             image.convert("RGB").save(os.path.join(folder, f"prompt-{p}.png"))
                 rows = list(range(g * n, (g + 1) * n))
@@ -171,7 +169,7 @@ def _sample_round(trainer: Any, epoch: int, plan: Any, folder: str, number: int)
                         text = str(outputs[r])
                     else:
                         file = f"round-{number:03d}/{ids[r]}.{'png' if kind == 'image' else 'gif'}"
-                        _save_output(outputs[r], kind, os.path.join(folder, os.path.basename(file)))
+                        save_output(outputs[r], os.path.join(folder, os.path.basename(file)))
                     samples.append(Sample(ids[r], number, key, display, kind, digests[r], file, text, cond_file, fields))
                 pairs += [(key, ids[i], ids[j]) for i in rows for j in rows if i < j]
     return samples, pairs
@@ -188,7 +186,8 @@ def train_round(config: TrainConfig | str, overrides: list[str] | None = None, o
         raise FileNotFoundError(f"no labelling rounds in {root}: start one with genalign label new CONFIG")
     store = PreferenceStore(path)
     try:
-        last = store.rounds()[-1] if store.rounds() else None
+        rounds = store.rounds()
+        last = rounds[-1] if rounds else None
         if last is None:
             raise FileNotFoundError(f"no labelling rounds in {root}: start one with genalign label new CONFIG")
         labelled = sum(q["label"] is not None for q in store.queued_labels(last["round"]))
@@ -209,8 +208,9 @@ def train_round(config: TrainConfig | str, overrides: list[str] | None = None, o
     return train(config, resume=bool(runfiles.run_contents(config.output_dir)))
 
 
-def status(root: str) -> list[dict[str, Any]]:
-    """Per round: comparisons, labelled, per-annotator counts, agreement (see PreferenceStore.agreement)."""
+def status(root: str, round: int | None = None) -> list[dict[str, Any]]:
+    """Per round (every round, or only ``round``): comparisons, labelled, decided, per-annotator
+    counts, agreement (see :func:`~genalign.preference_store.agreement`)."""
     path = os.path.join(root, STORE_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no labelling rounds in {root} (no {STORE_NAME})")
@@ -218,12 +218,14 @@ def status(root: str) -> list[dict[str, Any]]:
     try:
         out = []
         for r in store.rounds():
+            if round is not None and r["round"] != round:
+                continue
             queued = store.queued_labels(r["round"])
             out.append({
                 "round": r["round"], "epoch": r["epoch"], "comparisons": r["comparisons"],
                 "labelled": sum(q["label"] is not None for q in queued),
                 "decided": sum(bool(q["label"]) for q in queued),
-                "annotators": store.annotators(r["round"]), **store.agreement(r["round"]),
+                "annotators": store.annotators(r["round"]), **agreement(queued),
             })
         return out
     finally:

@@ -217,7 +217,7 @@ class PreferenceStore:
         if not votes:
             return None
         total = sum(votes.values())
-        return (total > 0) - (total < 0)
+        return _sign(total)
 
     def __len__(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM comparisons").fetchone()[0])
@@ -347,26 +347,12 @@ class PreferenceStore:
             votes = self._votes(prompt, a, b)
             total = sum(votes.values())
             out.append({"id": qid, "round": rnd, "prompt": prompt, "sample_a": a, "sample_b": b, "votes": votes,
-                        "label": None if not votes else (total > 0) - (total < 0)})
+                        "label": None if not votes else _sign(total)})
         return out
 
     def agreement(self, round: int | None = None) -> dict[str, Any]:
-        """Inter-annotator agreement over the queued comparisons two or more annotators labelled:
-        the fraction of annotator pairs giving the same answer (a, b or tie), and Fleiss' κ
-        (chance-corrected; items may have different numbers of annotators)."""
-        items = [list(q["votes"].values()) for q in self.queued_labels(round) if len(q["votes"]) >= 2]
-        if not items:
-            return {"items": 0, "agreement": None, "fleiss_kappa": None}
-        p_items, totals = [], Counter()  # per item: the fraction of its annotator pairs that agree
-        for votes in items:
-            n, counts = len(votes), Counter(votes)
-            p_items.append(sum(c * (c - 1) for c in counts.values()) / (n * (n - 1)))
-            totals.update(votes)
-        p_bar = sum(p_items) / len(p_items)
-        n_all = sum(totals.values())
-        p_e = sum((c / n_all) ** 2 for c in totals.values())
-        kappa = None if p_e == 1 else (p_bar - p_e) / (1 - p_e)
-        return {"items": len(items), "agreement": p_bar, "fleiss_kappa": kappa}
+        """:func:`agreement` over the queued comparisons of ``round`` (or all)."""
+        return agreement(self.queued_labels(round))
 
     def export_rows(self, round: int | None = None) -> list[dict[str, Any]]:
         """The decided comparisons (ties and unlabelled left out) as preference records: prompt,
@@ -389,3 +375,26 @@ class PreferenceStore:
                 "votes": dict(votes), **({"condition_image": sw.condition_file} if sw.condition_file else {}),
             })
         return rows
+
+
+def _sign(total: int) -> int:
+    return (total > 0) - (total < 0)
+
+
+def agreement(queued: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Inter-annotator agreement over the comparisons (``PreferenceStore.queued_labels`` rows)
+    two or more annotators labelled: the fraction of annotator pairs giving the same answer (a,
+    b or tie), and Fleiss' κ (chance-corrected; items may have different numbers of annotators)."""
+    items = [list(q["votes"].values()) for q in queued if len(q["votes"]) >= 2]
+    if not items:
+        return {"items": 0, "agreement": None, "fleiss_kappa": None}
+    p_items, totals = [], Counter()  # per item: the fraction of its annotator pairs that agree
+    for votes in items:
+        n, counts = len(votes), Counter(votes)
+        p_items.append(sum(c * (c - 1) for c in counts.values()) / (n * (n - 1)))
+        totals.update(votes)
+    p_bar = sum(p_items) / len(p_items)
+    n_all = sum(totals.values())
+    p_e = sum((c / n_all) ** 2 for c in totals.values())
+    kappa = None if p_e == 1 else (p_bar - p_e) / (1 - p_e)
+    return {"items": len(items), "agreement": p_bar, "fleiss_kappa": kappa}

@@ -38,7 +38,6 @@ from genalign.configs import ConfigError, to_dict
 from genalign.optimise import EpochSums, global_count, minibatches, scale_gradients
 from genalign.policies import POLICIES
 from genalign.policies.window import NoiseWindow
-from genalign.preference_store import sample_digests
 from genalign.progress import progress, write
 from genalign.seeds import Stream, derive_seed
 from genalign.train_config import TrainConfig
@@ -298,7 +297,7 @@ class Trainer:
         if self.algorithm.needs_snapshots:
             self.snapshots.append(self.policy.trainable_state_dict())  # index e = weights at the start of epoch e
         plan = self.epoch_plan(epoch)
-        prompts, local = self.epoch_prompts(epoch)
+        local = self.local_prompts()
 
         trajs, comps, monitor, scores = [], defaultdict(list), defaultdict(list), []
         for _chunk, ids, traj, outputs, conditions in self.epoch_rollouts(epoch, plan):
@@ -320,8 +319,6 @@ class Trainer:
                     traj.log_probs.device
                 )  # [n, C]
             traj.extras["sample_id"] = ids * 2 if plan.kind == "off_policy" else ids  # off-policy: winners, then references
-            if plan.kind != "off_policy":  # what an annotator of these samples saw (genalign.labelling)
-                traj.extras["sample_digest"] = sample_digests(outputs)
             trajs.append(traj)
         traj = Trajectory.cat(trajs)
         with timing.phase("probe"):
@@ -368,7 +365,7 @@ class Trainer:
         with timing.phase("train"):
             train_metrics = self._optimise(traj, epoch, plan) if traj.batch_size else {"loss": 0.0, "optimizer_steps": 0.0}
 
-        self.samples += len(prompts) * n
+        self.samples += cfg.train.prompts_per_epoch * n
         self.reward_queries += len(measured)
         good = measured[torch.isfinite(measured)]
         metrics: dict[str, Any] = {
@@ -400,11 +397,9 @@ class Trainer:
         """How epoch ``epoch`` (0-based) samples: drawn by the algorithm from the epoch's stream."""
         return self.algorithm.plan(epoch, len(self.snapshots), seeding.generator(self.config.seed, Stream.PLAN, epoch))
 
-    def epoch_prompts(self, epoch: int) -> tuple[list[Any], list[int]]:
-        """The epoch's prompts (from its own stream) and the numbers of those this process samples."""
-        cfg, acc = self.config, self.acc
-        prompts = self.prompts.sample(cfg.train.prompts_per_epoch, seed=derive_seed(cfg.seed, Stream.PROMPTS, epoch))
-        return prompts, list(range(acc.process_index, len(prompts), acc.num_processes))
+    def local_prompts(self) -> list[int]:
+        """The numbers of the epoch's prompts that this process samples."""
+        return list(range(self.acc.process_index, self.config.train.prompts_per_epoch, self.acc.num_processes))
 
     def epoch_rollouts(self, epoch: int, plan: SamplingPlan) -> Iterator[tuple[list[int], list[str], Trajectory, Any, list[Any]]]:
         """This process's rollouts of epoch ``epoch``, one call per ``rollout_batch_size`` rows:
@@ -412,7 +407,8 @@ class Trainer:
         score, their conditions). The same weights give the same samples bit-for-bit: labelling
         rounds (genalign.labelling) sample an epoch with this before the trainer trains it."""
         n, seed = self.config.train.samples_per_prompt, self.config.seed
-        prompts, local = self.epoch_prompts(epoch)
+        prompts = self.prompts.sample(self.config.train.prompts_per_epoch, seed=derive_seed(seed, Stream.PROMPTS, epoch))
+        local = self.local_prompts()
         per_call = max(1, self.config.train.rollout_batch_size // n)
         chunks = [local[i : i + per_call] for i in range(0, len(local), per_call)]
         for chunk in progress(chunks, desc=f"epoch {epoch + 1} rollouts", leave=False, disable=not self.main):

@@ -27,7 +27,7 @@ def labels(tmp_path):
         ids = [f"s0-e1-r{p * 3 + j}" for j in range(3)]
         for i in ids:
             row = int(i.rsplit("r", 1)[1])
-            labelling._save_output(images[row], "image", str(root / "round-001" / f"{i}.png"))
+            labelling.save_output(images[row], str(root / "round-001" / f"{i}.png"))
             samples.append(Sample(i, 0, prompt, prompt, "image", sample_digests(images[row : row + 1])[0], f"round-001/{i}.png"))
         pairs += [(prompt, a, b) for x, a in enumerate(ids) for b in ids[x + 1 :]]
     (tmp_path / "secret.txt").write_text("not for the web")
@@ -96,6 +96,7 @@ def test_bad_requests_get_4xx(server):
         ("/api/answer", [1, 2], 400),
         ("/api/nothing", {"annotator": "ann"}, 404),
         ("/nothing", None, 404),
+        ("/api/stats?round=last", None, 400),
     ]
     for path, body, expected in cases:
         status, data, kind = request(server, path, body)
@@ -148,8 +149,9 @@ def test_concurrent_annotators_over_http(server, labels):
     with sqlite3.connect(labels / "labels.sqlite") as c:
         assert c.execute("SELECT annotator, COUNT(*) FROM comparisons GROUP BY annotator").fetchall() == [
             (f"ann{i}", 6) for i in range(6)]
-    stats = api(server, "/api/stats")
-    assert stats[0]["labelled"] == 6 and len(stats[0]["annotators"]) == 6
+    stats = api(server, "/api/stats?round=1")
+    assert len(stats) == 1 and stats[0]["labelled"] == 6 and len(stats[0]["annotators"]) == 6
+    assert api(server, "/api/stats?round=2") == [] and api(server, "/api/stats") == stats
 
 
 def test_non_loopback_hosts_are_told_apart():

@@ -209,29 +209,41 @@ def test_round_config_errors(label_config, tmp_path):
         labelling.train_round(label_config())
 
 
+def token_round_config(tmp_path, *overrides):
+    """A D3PO store config on a shipped token policy (tiny-lm or tiny-vlm), 2 prompts an epoch."""
+    from genalign.configs import load_config
+    from genalign.train_config import TrainConfig
+
+    return load_config(TrainConfig, None, [
+        "policy.max_new_tokens=4", "algorithm.name=d3po", "algorithm.preference=store",
+        f"algorithm.store_path={tmp_path / 'labels' / 'labels.sqlite'}", "reward.components=[{type: rule, rule: exact}]",
+        "train.prompts_per_epoch=2", "eval.enabled=false", "report.enabled=false", f"output_dir={tmp_path / 'run'}",
+        *overrides,
+    ])
+
+
 def test_a_text_round_queues_texts_and_trains(tmp_path):
     """The same loop on the tiny LM: samples are texts stored in the store, the scripted
     annotator scores them against each condition's stored answer, and D3PO trains on them."""
-    from genalign.configs import load_config
-    from genalign.label_server import LabelServer
-    from genalign.train_config import TrainConfig
+    from genalign import label_server
 
     root = tmp_path / "labels"
-    config = load_config(TrainConfig, None, [
-        "policy.type=text_lm", "policy.pretrained=assets/models/tiny-lm", "policy.max_new_tokens=4",
-        "algorithm.name=d3po", "algorithm.preference=store", f"algorithm.store_path={root / 'labels.sqlite'}",
-        "prompts.source=shapes_qa", "prompts.tiers=[1]", "reward.components=[{type: rule, rule: exact}]",
-        "train.prompts_per_epoch=2", "train.samples_per_prompt=4", "train.rollout_batch_size=8",
-        "train.train_batch_size=4", "eval.enabled=false", "report.enabled=false", f"output_dir={tmp_path / 'run'}",
-    ])
+    config = token_round_config(
+        tmp_path, "policy.type=text_lm", "policy.pretrained=assets/models/tiny-lm", "prompts.source=shapes_qa",
+        "prompts.tiers=[1]", "train.samples_per_prompt=4", "train.rollout_batch_size=8", "train.train_batch_size=4",
+    )
     r = labelling.new_round(config)
     assert (r.samples, r.comparisons) == (8, 12) and os.listdir(r.folder) == []
     store = PreferenceStore(str(root / "labels.sqlite"))
     samples = store.samples()
     assert all(s.kind == "text" and s.text is not None for s in samples.values())
     assert all("answer" in json.loads(s.condition) for s in samples.values()), "the condition's answer is kept"
-    state = LabelServer.state(type("S", (), {"store_path": str(root / "labels.sqlite")})(), "ann")
-    assert state["comparison"]["left"]["kind"] == "text" and "text" in state["comparison"]["left"]
+    server = label_server.LabelServer(str(root), port=0)
+    try:
+        shown = server.state("ann")["comparison"]["left"]
+    finally:
+        server.server_close()
+    assert shown["kind"] == "text" and shown["text"] in {s.text for s in samples.values()}
     labelling.label_with_reward(str(root), build_reward(config.reward.components), "script")
     queued = store.queued_labels()
     history = labelling.train_round(config)
@@ -240,21 +252,14 @@ def test_a_text_round_queues_texts_and_trains(tmp_path):
 
 
 def test_a_vlm_round_keeps_the_question_image(tmp_path):
-    from genalign.configs import load_config
-    from genalign.train_config import TrainConfig
-
-    root = tmp_path / "labels"
-    config = load_config(TrainConfig, None, [
-        "policy.type=vlm", "policy.pretrained=assets/models/tiny-vlm", "policy.max_new_tokens=4",
-        "algorithm.name=d3po", "algorithm.preference=store", f"algorithm.store_path={root / 'labels.sqlite'}",
-        "prompts.source=shapes_vqa", "prompts.formats=[open]", "prompts.qtypes=[colour]",
-        "reward.components=[{type: rule, rule: exact}]", "train.prompts_per_epoch=2", "train.samples_per_prompt=2",
-        "train.rollout_batch_size=4", "train.train_batch_size=2", "eval.enabled=false", "report.enabled=false",
-        f"output_dir={tmp_path / 'run'}",
-    ])
+    config = token_round_config(
+        tmp_path, "policy.type=vlm", "policy.pretrained=assets/models/tiny-vlm", "prompts.source=shapes_vqa",
+        "prompts.formats=[open]", "prompts.qtypes=[colour]", "train.samples_per_prompt=2",
+        "train.rollout_batch_size=4", "train.train_batch_size=2",
+    )
     r = labelling.new_round(config)
     assert sorted(os.listdir(r.folder)) == ["prompt-0.png", "prompt-1.png"]
-    samples = PreferenceStore(str(root / "labels.sqlite")).samples().values()
+    samples = PreferenceStore(str(tmp_path / "labels" / "labels.sqlite")).samples().values()
     assert {s.condition_file for s in samples} == {"round-001/prompt-0.png", "round-001/prompt-1.png"}
     assert all(s.kind == "text" for s in samples)
 

@@ -8,10 +8,12 @@ or a missing label (no loss). Sources read only the trajectory: ``rewards`` ``[B
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from genalign.conditions import condition_key
-from genalign.preference_store import PreferenceStore
+from genalign.preference_store import PreferenceStore, sample_digests
 from genalign.trajectory import Trajectory
 
 
@@ -55,20 +57,20 @@ class StoredPreference:
     """Labels looked up in a :class:`~genalign.preference_store.PreferenceStore` by
     (prompt, sample ids); unlabelled pairs count as ties and are reported as missing.
 
-    When the store holds a labelling round's samples and the batch carries
-    ``extras['sample_digest']`` (set by the trainer), each labelled row's output must be the one
-    the annotators saw: otherwise the labels would train on other samples, and the run stops."""
+    For rows whose ids belong to a labelling round's samples, the batch's ``outputs`` must be
+    the ones the annotators saw (their digests are compared once per id): otherwise the labels
+    would train on other samples, and the run stops."""
 
     def __init__(self, path: str):
         self.store = PreferenceStore(path)
         self.missing = 0
+        self.verified: set[str] = set()
 
     def __call__(self, batch: Trajectory, pairs: torch.Tensor) -> torch.Tensor:
         if "sample_id" not in batch.extras:
             raise KeyError("stored preferences need extras['sample_id'] (set by the trainer)")
-        ids, prompts = batch.extras["sample_id"], batch.conditions
-        if "sample_digest" in batch.extras:
-            self._check_digests(list(ids), list(batch.extras["sample_digest"]))
+        ids, prompts = list(batch.extras["sample_id"]), batch.conditions
+        self._check_outputs(ids, batch.outputs)
         labels = []
         for i, j in pairs.tolist():
             label = self.store.label(condition_key(prompts[i]), ids[i], ids[j])
@@ -76,13 +78,17 @@ class StoredPreference:
             labels.append(label or 0)
         return torch.tensor(labels, dtype=torch.float32)
 
-    def _check_digests(self, ids: list[str], digests: list[str]) -> None:
-        stored = self.store.samples(ids)
-        for sample_id, digest in zip(ids, digests):
-            s = stored.get(sample_id)
-            if s is not None and s.digest != digest:
+    def _check_outputs(self, ids: list[str], outputs: Any) -> None:
+        unchecked = [i for i in ids if i not in self.verified]
+        stored = self.store.samples(unchecked) if unchecked and outputs is not None else {}
+        if not stored:
+            return
+        digests = dict(zip(ids, sample_digests(outputs)))
+        for sample_id, s in stored.items():
+            if s.digest != digests[sample_id]:
                 raise LabelledSampleMismatch(
                     f"sample {sample_id} differs from the one labelled in round {s.round} of {self.store.path}: the "
                     f"config, the base model or the run's weights changed since `genalign label new` sampled it, so "
                     f"its labels would train on other samples; sample a new round instead"
                 )
+            self.verified.add(sample_id)
