@@ -32,15 +32,18 @@ def write_checkpoint(
     root: str,
     epoch: int,
     trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     keep: int = 2,
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    files: list[str] | None = None,
 ) -> str:
     """Write ``<root>/epoch_<epoch>`` atomically and point ``latest`` at it; keep the newest ``keep``.
 
     ``tensors`` maps a name to a tensor set saved as ``<name>.safetensors`` (read back with
     :func:`read_tensors`). The global RNG states (torch, CUDA, numpy, python) are saved too.
+    ``optimizer`` None: its state is in ``files`` (already written, e.g. one shard per DeepSpeed
+    process), which are moved into the checkpoint before it becomes visible.
     """
     os.makedirs(root, exist_ok=True)
     name = f"epoch_{epoch:05d}"
@@ -48,7 +51,10 @@ def write_checkpoint(
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
     try:
         save_file({k: v.contiguous() for k, v in trainable.items()}, os.path.join(tmp, "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        for path in files or []:
+            os.replace(path, os.path.join(tmp, os.path.basename(path)))
         for set_name, values in (tensors or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in values.items()}, os.path.join(tmp, f"{set_name}.safetensors"))
         rng = {"torch": torch.get_rng_state()}
@@ -97,10 +103,16 @@ def _complete(path: str) -> bool:
     return all(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "trainable.safetensors", "rng.safetensors"))
 
 
-def read_checkpoint(path: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restore optimizer and RNG state; return (trainable params, state dict)."""
+def read_checkpoint(path: str, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore optimizer (unless None: the caller loads it) and RNG state; return (trainable
+    params, state dict)."""
     trainable = load_file(os.path.join(path, "trainable.safetensors"))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu"))
+    if optimizer is not None:
+        single = os.path.join(path, "optimizer.pt")
+        if not os.path.isfile(single) and any(n.startswith("optimizer.rank") for n in os.listdir(path)):
+            raise ValueError(f"{path} was written by a DeepSpeed run (one optimizer file per process); resume it with "
+                             f"the same DeepSpeed launch")
+        optimizer.load_state_dict(torch.load(single, weights_only=True, map_location="cpu"))
     rng = load_file(os.path.join(path, "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     cuda = [rng[f"cuda/{i}"] for i in range(len(rng) - 1) if f"cuda/{i}" in rng]

@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 
 from genalign import checkpoint, monitoring, run_report, runfiles, timing
+from genalign import deepspeed_zero as zero
 from genalign import seeds as seeding
 from genalign.algorithms import ALGORITHMS
 from genalign.algorithms.advantages import active_steps
@@ -114,10 +115,14 @@ class Trainer:
         multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             die_with_parent()  # a killed launcher must not leave its workers training and writing
-        self.acc = accelerator or Accelerator(mixed_precision=config.train.mixed_precision, cpu=multi_cpu)
-        if self.acc.distributed_type == DistributedType.DEEPSPEED:
-            # the update scales accumulated .grad once per optimiser step; DeepSpeed keeps its own buffers
-            raise ConfigError("DeepSpeed is not supported: launch with DDP or FSDP (accelerate config)")
+        # DeepSpeed on CPUs keeps its own launch path (gloo named explicitly; genalign.deepspeed_zero)
+        self.acc = accelerator or Accelerator(mixed_precision=config.train.mixed_precision,
+                                              cpu=multi_cpu and not zero.wants_deepspeed(), **zero.accelerator_kwargs())
+        self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
+        self.zero_stage = zero.zero_stage(self.acc) if self.deepspeed else 0
+        if self.deepspeed:
+            zero.configure(self.acc, config.train.train_batch_size, config.train.max_grad_norm)
+            zero.keep_models_whole()
         n_proc = self.acc.num_processes
         if config.train.prompts_per_epoch % n_proc:
             raise ConfigError(f"'train.prompts_per_epoch' ({config.train.prompts_per_epoch}) must be divisible by the {n_proc} processes")
@@ -152,8 +157,13 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
         )
-        self.modules = self.policy.prepare(self.acc)
-        self.optimizer = self.acc.prepare_optimizer(optimizer)
+        if self.deepspeed:  # the engine is built from the module and the optimiser together
+            preparer = zero.JointPreparer(self.acc, optimizer)
+            self.modules = self.policy.prepare(preparer)
+            self.optimizer = preparer.optimizer
+        else:
+            self.modules = self.policy.prepare(self.acc)
+            self.optimizer = self.acc.prepare_optimizer(optimizer)
         self.params = params
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -278,8 +288,11 @@ class Trainer:
             if len(self.history) < 2 or "hacking_alarm" not in self.history[-2]:
                 self._warn(alarm.message(r.alarm_margin) + ("; the run stops" if r.alarm_action == "stop" else ""))
         best = monitoring.best_epoch([h["monitor_mean"] for h in self.history], r.alarm_window)
+        if best == metrics["epoch"]:
+            with self._full_weights():  # every process gathers (ZeRO-3); the main one writes
+                if self.main:
+                    self._save_policy("best_monitor")
         if best == metrics["epoch"] and self.main:
-            self._save_policy("best_monitor")
             runfiles.write_json(os.path.join(self.out, "best_monitor.json"),
                                 {"epoch": best, "monitor_moving_average": monitoring.moving_average(
                                     [h["monitor_mean"] for h in self.history], r.alarm_window)[-1]})
@@ -295,7 +308,8 @@ class Trainer:
         cfg, acc = self.config, self.acc
         n = cfg.train.samples_per_prompt
         if self.algorithm.needs_snapshots:
-            self.snapshots.append(self.policy.trainable_state_dict())  # index e = weights at the start of epoch e
+            with self._full_weights():  # index e = weights at the start of epoch e
+                self.snapshots.append(self.policy.trainable_state_dict())
         plan = self.epoch_plan(epoch)
         local = self.local_prompts()
 
@@ -535,12 +549,14 @@ class Trainer:
         if reference == "initial" or not self.snapshots:
             yield
             return
-        current = self.policy.trainable_state_dict()
-        self.policy.load_trainable_state_dict(self.snapshots[int(reference)])
+        with self._full_weights(modify=True):
+            current = self.policy.trainable_state_dict()
+            self.policy.load_trainable_state_dict(self.snapshots[int(reference)])
         try:
             yield
         finally:
-            self.policy.load_trainable_state_dict(current)
+            with self._full_weights(modify=True):
+                self.policy.load_trainable_state_dict(current)
 
     @torch.no_grad()
     def _snapshot_log_probs(self, traj: Trajectory, index: int) -> torch.Tensor:
@@ -568,45 +584,47 @@ class Trainer:
             all_steps = self.algorithm.train_steps(traj, seeding.generator(seed, Stream.TRAIN_STEPS, epoch, inner))  # [N, K]
             for start in range(0, len(batches), ga):
                 window = batches[start : start + ga]  # the last window of a pass may be partial
+                calls = list(self._window_calls(traj, all_steps, window))
                 normaliser = 0.0
-                for i, idx in enumerate(window):
-                    mb, steps = traj[idx], all_steps[idx]  # [b, K]; −1 entries pad rows with fewer steps
-                    k_total = steps.shape[1]
-                    # rows whose steps only mean something together (tokens) are scored whole
-                    chunk = (self.policy.step_chunk if traj.aligned else None) or k_total
-                    col_groups = [list(range(c, min(c + chunk, k_total))) for c in range(0, k_total, chunk)]
-                    for ci, cols in enumerate(col_groups):
-                        sync = i == len(window) - 1 and ci == len(col_groups) - 1
-                        padded = steps[:, cols]
-                        sub_steps = padded.clamp(min=0)
-                        sub = mb.subset(sub_steps)
-                        sub.mask = sub.mask & (padded >= 0).to(sub.mask.device)
-                        with self._no_sync(not sync), acc.autocast():
-                            log_probs = self.policy.log_prob(mb, sub_steps)  # [b, k]
-                            ref = None
-                            if "ref_log_probs" in mb.extras:
-                                ref = mb.extras["ref_log_probs"].to(log_probs.device).gather(1, sub_steps.to(log_probs.device))
-                            elif self.algorithm.needs_reference:
-                                with torch.no_grad(), self.policy.reference(), timing.phase("reference"):
-                                    ref = self.policy.log_prob(mb, sub_steps)
-                            terms = self.algorithm.loss(sub, log_probs, ref)
-                            acc.backward(terms.total)
-                        normaliser += terms.normaliser
-                        sums.add(terms, first_pass=inner == 0 and ci == 0)
-                # one normaliser for the step; DDP already averaged the gradients over processes
-                if acc.num_processes == 1 and not math.isfinite(sums.total):  # several: the weight check below
-                    raise NonFiniteTrainingError(
-                        f"epoch {epoch + 1}: the loss is {sums.total} before optimizer step {sums.steps + 1}; no step was "
-                        f"taken and the last checkpoint is intact (check the rewards, learning rate and clip ranges)"
-                    )
-                n_global = global_count(normaliser, acc)
-                scale_gradients(self.modules, self.params, acc.num_processes / n_global if n_global > 0 else 0.0)
-                if cfg.max_grad_norm > 0:
-                    sums.grad_norms.append(float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm)))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                # DeepSpeed: each loss is scaled before its backward (see genalign.deepspeed_zero)
+                scale = acc.num_processes / self._window_normaliser(calls) if self.deepspeed else 1.0
+                for n_call, (first_col, mb, sub, sub_steps) in enumerate(calls):
+                    sync = n_call == len(calls) - 1
+                    if self.deepspeed:  # the engine clips and steps at the window's last backward
+                        acc.gradient_state._set_sync_gradients(sync)
+                    with self._no_sync(not sync), acc.autocast():
+                        log_probs = self.policy.log_prob(mb, sub_steps)  # [b, k]
+                        ref = None
+                        if "ref_log_probs" in mb.extras:
+                            ref = mb.extras["ref_log_probs"].to(log_probs.device).gather(1, sub_steps.to(log_probs.device))
+                        elif self.algorithm.needs_reference:
+                            with torch.no_grad(), self.policy.reference(), timing.phase("reference"):
+                                ref = self.policy.log_prob(mb, sub_steps)
+                        terms = self.algorithm.loss(sub, log_probs, ref)
+                        # one process: stop before any backward of the window (several: the weight check below)
+                        if acc.num_processes == 1 and not math.isfinite(float(terms.total.detach())):
+                            raise NonFiniteTrainingError(
+                                f"epoch {epoch + 1}: the loss is {float(terms.total.detach())} before optimizer step {sums.steps + 1}; "
+                                f"no step was taken and the last checkpoint is intact (check the rewards, learning rate "
+                                f"and clip ranges)"
+                            )
+                        acc.backward(terms.total * scale if self.deepspeed else terms.total)
+                    normaliser += terms.normaliser
+                    sums.add(terms, first_pass=inner == 0 and first_col)
+                if self.deepspeed:
+                    acc.gradient_state._set_sync_gradients(True)
+                    if cfg.max_grad_norm > 0:
+                        sums.grad_norms.append(float(self.modules[0].get_global_grad_norm()))
+                else:  # one normaliser for the step; DDP already averaged the gradients over processes
+                    n_global = global_count(normaliser, acc)
+                    scale_gradients(self.modules, self.params, acc.num_processes / n_global if n_global > 0 else 0.0)
+                    if cfg.max_grad_norm > 0:
+                        sums.grad_norms.append(float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm)))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
                 sums.steps += 1
-                if not all(bool(torch.isfinite(p).all()) for p in self.params):
+                finite = all(bool(torch.isfinite(v).all()) for v in zero.local_values(self.params, self.zero_stage))
+                if self._any_process(not finite) if self.deepspeed else not finite:
                     raise NonFiniteTrainingError(
                         f"epoch {epoch + 1}: optimizer step {sums.steps} made trainable weights NaN/inf; nothing from "
                         f"this epoch is saved and the last checkpoint is intact (lower train.learning_rate or set "
@@ -614,8 +632,40 @@ class Trainer:
                     )
         return sums.reduce(acc)
 
+    def _window_calls(self, traj: Trajectory, all_steps: torch.Tensor,
+                      window: list[torch.Tensor]) -> Iterator[tuple[bool, Trajectory, Trajectory, torch.Tensor]]:
+        """The loss calls of one accumulation window, in order: (first step chunk of its minibatch,
+        minibatch, its sub-trajectory at the chunk's steps, those steps ``[b, k]``)."""
+        for idx in window:
+            mb, steps = traj[idx], all_steps[idx]  # [b, K]; −1 entries pad rows with fewer steps
+            k_total = steps.shape[1]
+            # rows whose steps only mean something together (tokens) are scored whole
+            chunk = (self.policy.step_chunk if traj.aligned else None) or k_total
+            for c in range(0, k_total, chunk):
+                padded = steps[:, c : c + chunk]
+                sub_steps = padded.clamp(min=0)
+                sub = mb.subset(sub_steps)
+                sub.mask = sub.mask & (padded >= 0).to(sub.mask.device)
+                yield c == 0, mb, sub, sub_steps
+
+    def _window_normaliser(self, calls: list[tuple[bool, Trajectory, Trajectory, torch.Tensor]]) -> float:
+        """Σ normaliser of a window over every process, before its backward passes: the loss
+        with zero log-probs (a normaliser counts entries or pairs, whatever the log-probs)."""
+        local = 0.0
+        with torch.no_grad():
+            for _, mb, sub, sub_steps in calls:
+                zeros = torch.zeros(sub_steps.shape, device=self.acc.device)
+                ref = zeros if ("ref_log_probs" in mb.extras or self.algorithm.needs_reference) else None
+                local += self.algorithm.loss(sub, zeros, ref).normaliser
+        n_global = global_count(local, self.acc)
+        return n_global if n_global > 0 else math.inf  # nothing active anywhere: every loss scales to 0
+
+    def _full_weights(self, modify: bool = False):
+        """Whole trainable weights inside the block (ZeRO-3 gathers them; every process enters)."""
+        return zero.full_weights(self.params, self.zero_stage, modify)
+
     def _no_sync(self, skip: bool):
-        if not skip or self.acc.num_processes == 1:
+        if not skip or self.acc.num_processes == 1 or self.deepspeed:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         for m in self.modules:
@@ -625,6 +675,9 @@ class Trainer:
     # -- checkpoints, final policy, report ----------------------------------------------------
     def _checkpoint(self, root: str, epoch: int, wall: float) -> None:
         with timing.phase("checkpoint"):
+            with self._full_weights():
+                trainable = self.policy.trainable_state_dict()
+            shards = self._save_optimizer_shards(root, epoch) if self.deepspeed else None
             if self.main:
                 state = {
                     "samples": self.samples,
@@ -636,10 +689,25 @@ class Trainer:
                 # the weight snapshots an algorithm draws references from (index e: start of epoch e)
                 tensors = {"snapshots": {f"{i}/{k}": v for i, snap in enumerate(self.snapshots) for k, v in snap.items()}}
                 checkpoint.write_checkpoint(
-                    root, epoch, self.policy.trainable_state_dict(), self.optimizer, state,
-                    keep=self.config.train.keep_checkpoints, tensors=tensors if self.snapshots else None,
+                    root, epoch, trainable, None if shards else self.optimizer, state,
+                    keep=self.config.train.keep_checkpoints, tensors=tensors if self.snapshots else None, files=shards,
                 )
+                if shards:
+                    shutil.rmtree(os.path.dirname(shards[0]), ignore_errors=True)
             self.acc.wait_for_everyone()
+
+    def _save_optimizer_shards(self, root: str, epoch: int) -> list[str]:
+        """DeepSpeed: every process writes its optimiser shard into one staging folder (a
+        ``.tmp-*`` name, so an interrupted write is cleaned up on resume); the main process moves
+        them into the checkpoint it writes. Returns the shards' paths."""
+        staging = os.path.join(root, f".tmp-optimizer-epoch_{epoch:05d}")
+        if self.main:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        self.acc.wait_for_everyone()
+        zero.save_optimizer(self.optimizer, staging, self.acc.process_index)
+        self.acc.wait_for_everyone()
+        return [os.path.join(staging, zero.optimizer_file(r)) for r in range(self.acc.num_processes)]
 
     def _claim_output_dir(self, ckpt_root: str, resume: bool, overwrite: bool) -> bool:
         """Check that ``output_dir`` may take this run (:func:`check_output_dir`) and prepare it;
@@ -679,8 +747,11 @@ class Trainer:
     def load_checkpoint(self, path: str) -> None:
         """Weights, optimiser, algorithm state and counters from a checkpoint folder (nothing is
         written: the run's logs are left as they are)."""
-        trainable, state = checkpoint.read_checkpoint(path, self.optimizer)
-        self.policy.load_trainable_state_dict(trainable)
+        trainable, state = checkpoint.read_checkpoint(path, None if self.deepspeed else self.optimizer)
+        with self._full_weights(modify=True):
+            self.policy.load_trainable_state_dict(trainable)
+        if self.deepspeed:  # after the weights: DeepSpeed may rebuild its fp32 master copy from them
+            zero.load_optimizer(self.optimizer, path, self.acc.process_index, self.acc.num_processes)
         self.algorithm.load_state_dict(state["algorithm"])
         self.snapshots = []
         if state.get("snapshots"):
@@ -695,8 +766,10 @@ class Trainer:
         self.wall_before = state["wall_seconds"]
 
     def _save_final(self) -> None:
-        if self.main:
-            self._save_policy("final")
+        with self._full_weights():  # every process gathers (ZeRO-3); the main one writes
+            if self.main:
+                self._save_policy("final")
+        self.acc.wait_for_everyone()
 
     def _save_policy(self, name: str) -> None:
         """The current policy as ``<output_dir>/<name>/``, replaced only once fully written."""

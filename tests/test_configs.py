@@ -141,4 +141,7 @@ def test_accelerate_launch_configs_load():
     assert kinds["fsdp"].distributed_type == DistributedType.FSDP and kinds["fsdp"].fsdp_config
     assert kinds["multi_node"].num_machines == 2 and kinds["multi_node"].main_process_ip
     assert kinds["cpu_2proc"].num_processes == 2 and kinds["cpu_2proc"].num_machines == 1
-    assert not any(c.distributed_type == DistributedType.DEEPSPEED for c in kinds.values())
+    for stage in (2, 3):
+        zero = kinds[f"zero{stage}"]
+        assert zero.distributed_type == DistributedType.DEEPSPEED
+        assert zero.deepspeed_config["zero_stage"] == stage and zero.deepspeed_config["gradient_accumulation_steps"] == 1

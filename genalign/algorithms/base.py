@@ -67,7 +67,9 @@ class LossTerms:
       contributes its number of active entries (token-mean for text); a mean over sequences
       weights each entry by 1 / (its sequence's length) in ``total`` and contributes
       (entries here) / (sequence length) per sequence, which adds up to 1 per sequence across
-      chunks; a constant normaliser contributes its constant split over the calls.
+      chunks; a constant normaliser contributes its constant split over the calls. It depends
+      on the batch (masks, lengths, labels), never on the log-prob values: under DeepSpeed the
+      trainer counts it before the backward passes, from a call with zero log-probs.
     - ``metrics``: per-entry diagnostics summed over the same entries as ``total``; the trainer
       reports Σ metric / Σ normaliser (a mean per entry, whatever the chunking).
     - ``counts``: per-row totals (e.g. ``pairs``); the trainer sums them over one pass over the
