@@ -24,3 +24,23 @@ def test_gpu_check_dry_run(tmp_path, monkeypatch):
     assert epoch["loss_check"]["abs_diff"] <= 1e-4 * abs(epoch["loss_check"]["genalign"])
     assert summary["dry_run"] and summary["seconds"]["total"] > 0
     sys.modules.pop("gpu_check", None)
+
+
+def test_video_direction_probe_bookkeeping(tmp_path, monkeypatch):
+    """The probe on the shipped tiny-video model, one clip per direction: a table per timestep,
+    and with the direction dropped from every prompt (the text is the same under every phrase)
+    the true phrase's error equals the wrong ones' (ratio 1) and ties go to the first phrase, so
+    exactly one direction in five counts as picked."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    monkeypatch.chdir(ROOT)
+    import video_direction_probe as probe
+
+    assert probe.main(["--clips", "1", "--timesteps", "600", "--out", str(tmp_path / "real")]) == 0
+    real = json.loads((tmp_path / "real" / "results.json").read_text())["timesteps"]["600"]
+    assert len(real["mse"]) == 5 and all(len(row) == 5 and min(row) > 0 for row in real["mse"])
+    assert 0 <= real["true_phrase_best"] <= 1 and real["error_true_over_wrong"] > 0
+    monkeypatch.setattr(probe, "phrase", lambda color, shape, direction: f"a {color} {shape}")
+    assert probe.main(["--clips", "1", "--timesteps", "600", "--out", str(tmp_path / "blind")]) == 0
+    blind = json.loads((tmp_path / "blind" / "results.json").read_text())["timesteps"]["600"]
+    assert blind["error_true_over_wrong"] == 1.0 and blind["true_phrase_best"] == 0.2
+    sys.modules.pop("video_direction_probe", None)
