@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -45,6 +45,19 @@ from genalign.train_config import TrainConfig
 from genalign.trajectory import Trajectory, concat_outputs
 from rewards.compose import NonFiniteRewardError, Retrying, check_finite
 from rewards.registry import build_reward
+
+
+def mark_last(items: Iterable[Any]) -> Iterator[tuple[bool, Any]]:
+    """(is the last one, item) for each item of ``items``, reading one ahead."""
+    it = iter(items)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield False, current
+        current = following
+    yield True, current
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:
@@ -584,12 +597,12 @@ class Trainer:
             all_steps = self.algorithm.train_steps(traj, seeding.generator(seed, Stream.TRAIN_STEPS, epoch, inner))  # [N, K]
             for start in range(0, len(batches), ga):
                 window = batches[start : start + ga]  # the last window of a pass may be partial
-                calls = list(self._window_calls(traj, all_steps, window))
-                normaliser = 0.0
-                # DeepSpeed: each loss is scaled before its backward (see genalign.deepspeed_zero)
-                scale = acc.num_processes / self._window_normaliser(calls) if self.deepspeed else 1.0
-                for n_call, (first_col, mb, sub, sub_steps) in enumerate(calls):
-                    sync = n_call == len(calls) - 1
+                calls = self._window_calls(traj, all_steps, window)  # made one at a time
+                normaliser, scale = 0.0, 1.0
+                if self.deepspeed:  # each loss is scaled before its backward (see genalign.deepspeed_zero)
+                    calls = list(calls)
+                    scale = acc.num_processes / self._window_normaliser(calls)
+                for sync, (first_col, mb, sub, sub_steps) in mark_last(calls):
                     if self.deepspeed:  # the engine clips and steps at the window's last backward
                         acc.gradient_state._set_sync_gradients(sync)
                     with self._no_sync(not sync), acc.autocast():
@@ -601,7 +614,7 @@ class Trainer:
                             with torch.no_grad(), self.policy.reference(), timing.phase("reference"):
                                 ref = self.policy.log_prob(mb, sub_steps)
                         terms = self.algorithm.loss(sub, log_probs, ref)
-                        # one process: stop before any backward of the window (several: the weight check below)
+                        # one process: stop before this backward, no step taken yet (several: the weight check below)
                         if acc.num_processes == 1 and not math.isfinite(float(terms.total.detach())):
                             raise NonFiniteTrainingError(
                                 f"epoch {epoch + 1}: the loss is {float(terms.total.detach())} before optimizer step {sums.steps + 1}; "
