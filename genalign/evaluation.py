@@ -117,14 +117,15 @@ def load_policy(path_or_id: str, steps: int | None = None, guidance_scale: float
 def _pipeline_kind(path_or_id: str) -> str:
     """The policy type of a bare diffusers pipeline: ``consistency`` when its scheduler is an
     LCMScheduler (a LatentConsistencyModelPipeline folder), ``video_diffusion`` for a
-    TextToVideoSDPipeline, ``flow_matching`` for a StableDiffusion3Pipeline, else ``stable_diffusion``."""
+    TextToVideoSDPipeline or an AnimateDiffPipeline, ``flow_matching`` for a StableDiffusion3Pipeline, else ``stable_diffusion``."""
     if os.path.isfile(os.path.join(path_or_id, "config.json")) and not os.path.isfile(os.path.join(path_or_id, "model_index.json")):
         raise ValueError(f"{path_or_id} is a single model folder, not a diffusers pipeline: name its policy type "
                          f"(--policy-type / policy_type, one of {sorted(POLICIES)})")
     model_index = os.path.join(path_or_id, "model_index.json")
     if os.path.isfile(model_index):
         with open(model_index) as f:
-            kind = {"TextToVideoSDPipeline": "video_diffusion", "StableDiffusion3Pipeline": "flow_matching"}.get(
+            kind = {"TextToVideoSDPipeline": "video_diffusion", "AnimateDiffPipeline": "video_diffusion",
+                    "StableDiffusion3Pipeline": "flow_matching"}.get(
                 json.load(f).get("_class_name"))
             if kind:
                 return kind

@@ -138,6 +138,38 @@ def tiny_video_dir(tmp_path_factory):
     return str(d)
 
 
+def build_tiny_animatediff_pipeline(tmp_dir):
+    """A tiny AnimateDiffPipeline: the tiny video pipeline's text encoder, scheduler and VAE, a
+    random image UNet with motion modules (frame positions in their temporal attention)."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    video = build_tiny_video_pipeline(tmp_dir)
+    torch.manual_seed(3)
+    image_unet = UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    adapter = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=8)
+    unet = UNetMotionModel.from_unet2d(image_unet, adapter)
+    with torch.no_grad():  # motion modules start as the identity: make them matter
+        for name, p in unet.named_parameters():
+            if "motion_modules" in name and "proj_out" in name:
+                p.normal_(0, 0.05)
+    return AnimateDiffPipeline(vae=video.vae, text_encoder=video.text_encoder, tokenizer=video.tokenizer, unet=unet,
+                               motion_adapter=adapter, scheduler=video.scheduler)
+
+
+@pytest.fixture(scope="session")
+def tiny_animatediff_dir(tmp_path_factory):
+    """A saved tiny AnimateDiffPipeline (random weights, 8×8 frames, 4×F×4×4 latents)."""
+    d = tmp_path_factory.mktemp("tiny_animatediff")
+    tok_dir = tmp_path_factory.mktemp("tok_animatediff")
+    build_tiny_animatediff_pipeline(tok_dir).save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
 def build_tiny_sd3_pipeline(tmp_dir):
     """A tiny StableDiffusion3Pipeline: two CLIP encoders with projections (no T5), a 2-block
     SD3 transformer on 8×8×4 latents (patch 2), a 64×64 VAE whose latents are shifted and scaled

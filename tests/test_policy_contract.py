@@ -33,13 +33,16 @@ def _scene(color: tuple[int, int, int]):
     return Image.new("RGB", (48, 48), color)
 
 
-#: policy type -> (conftest fixture with the saved tiny model, config keys, two conditions: prompts,
-#: or dicts with a prompt and more, such as a VLM's image)
+#: policy type (a "/variant" suffix: another pipeline family of the same type) -> (conftest fixture
+#: with the saved tiny model, config keys, two conditions: prompts, or dicts with a prompt and
+#: more, such as a VLM's image)
 TINY = {
     "stable_diffusion": ("tiny_sd_dir", {"num_steps": 4, "guidance_scale": 3.0}, ["red circle", "two blue squares"]),
     "consistency": ("tiny_lcm_dir", {"num_steps": 4}, ["red circle", "two blue squares"]),
     "video_diffusion": ("tiny_video_dir", {"num_steps": 4, "guidance_scale": 3.0, "num_frames": 4},
                         ["red circle moving right", "two blue squares"]),
+    "video_diffusion/animatediff": ("tiny_animatediff_dir", {"num_steps": 4, "guidance_scale": 3.0, "num_frames": 4},
+                                    ["red circle moving right", "two blue squares"]),
     "flow_matching": ("tiny_sd3_dir", {"num_steps": 4, "guidance_scale": 3.0, "max_sequence_length": 4},
                       ["red circle", "two blue squares"]),
     "text_lm": ("tiny_lm_dir", {"max_new_tokens": 5}, ["w01 w02", "w03"]),
@@ -50,20 +53,27 @@ TINY = {
 
 
 def test_suite_covers_every_registered_policy():
-    assert set(TINY) == set(POLICIES), "give every registered policy type a tiny build in TINY"
+    assert {k.split("/")[0] for k in TINY} == set(POLICIES), "give every registered policy type a tiny build in TINY"
 
 
-@pytest.fixture(scope="module", params=sorted(POLICIES))
-def kind(request) -> str:
+@pytest.fixture(scope="module", params=sorted(set(POLICIES) | set(TINY)))
+def variant(request) -> str:
+    """A tiny build of TINY (every registered policy type has one)."""
     if request.param not in TINY:
         pytest.fail(f"policy type {request.param!r} has no tiny build in TINY: the contract cannot skip it")
     return request.param
 
 
 @pytest.fixture(scope="module")
-def config(kind, request):
+def kind(variant) -> str:
+    """The registered policy type of the build."""
+    return variant.split("/")[0]
+
+
+@pytest.fixture(scope="module")
+def config(kind, variant, request):
     """A function giving a fresh tiny config of ``kind`` (its registered config class)."""
-    fixture, keys, _ = TINY[kind]
+    fixture, keys, _ = TINY[variant]
     path = request.getfixturevalue(fixture)
     return lambda: POLICIES[kind][0](pretrained=path, **keys)
 
@@ -75,9 +85,9 @@ def build(kind, config):
 
 
 @pytest.fixture(scope="module")
-def conds(kind) -> list[dict]:
+def conds(variant) -> list[dict]:
     """Dict conditions: nothing in a policy may turn them into strings."""
-    return [{**(p if isinstance(p, dict) else {"prompt": p}), "key": f"c{i}", "answer": i} for i, p in enumerate(TINY[kind][2])]
+    return [{**(p if isinstance(p, dict) else {"prompt": p}), "key": f"c{i}", "answer": i} for i, p in enumerate(TINY[variant][2])]
 
 
 @pytest.fixture(scope="module")

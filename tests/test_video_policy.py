@@ -148,3 +148,49 @@ def test_video_run_report_shows_clips_as_gifs_and_frame_strips(tiny_video_dir, t
     assert len(gifs) == 2 * 2 * 2  # before and after, 2 prompts x 2 seeds
     gif = Image.open(out / gifs[0])
     assert gif.is_animated and gif.n_frames == 8
+
+
+def test_animatediff_unet_is_called_as_the_pipeline_calls_it(tiny_animatediff_dir, tmp_path):
+    """An AnimateDiffPipeline folder loads as the video policy: its guided model output is the
+    pipeline's (prompt embeddings repeated per frame, the CFG batch), and its saved LoRA (motion
+    modules included) loads back bit for bit and in plain diffusers."""
+    from diffusers import AnimateDiffPipeline
+
+    from genalign.evaluation import load_policy
+
+    policy = make_policy(tiny_animatediff_dir)
+    assert isinstance(load_policy(tiny_animatediff_dir, steps=2, options={"num_frames": FRAMES}), VideoDiffusionPolicy)
+    part = policy.start(PROMPTS, 1, [7, 8])
+    x_t, t = part.states[:, 0], part.timesteps[:, 0]
+    embeds = {k: part.extras[k] for k in ("prompt_embeds", "negative_prompt_embeds")}
+    with torch.no_grad():
+        ours = policy._model_output(x_t, t, embeds)
+        pipe = AnimateDiffPipeline.from_pretrained(tiny_animatediff_dir)
+        cond, uncond = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=[""] * 2)
+        text = torch.cat([uncond, cond]).repeat_interleave(FRAMES, dim=0)  # [2B*F, L, D], as the pipeline does
+        both = pipe.unet(torch.cat([x_t] * 2), torch.cat([t] * 2), encoder_hidden_states=text).sample
+        u, c = both.chunk(2)
+    torch.testing.assert_close(ours, u + policy.config.guidance_scale * (c - u), atol=1e-5, rtol=1e-5)
+    assert (ours[:, :, 0] - ours[:, :, -1]).abs().max() > 1e-4  # frames differ: positions reach the output
+
+    with torch.no_grad():
+        for name, p in policy.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    policy.save_pretrained(str(tmp_path / "lora"))
+    state = AnimateDiffPipeline.lora_state_dict(str(tmp_path / "lora"))[0]
+    assert any("motion_modules" in k for k in state) and all(k.startswith("unet.") for k in state)
+    loaded = VideoDiffusionPolicy.from_pretrained(str(tmp_path / "lora"), VideoDiffusionPolicyConfig(num_frames=FRAMES))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded._model_output(x_t, t, embeds), policy._model_output(x_t, t, embeds), rtol=0, atol=0)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    with torch.no_grad():
+        both = pipe.unet(torch.cat([x_t] * 2), torch.cat([t] * 2), encoder_hidden_states=text).sample
+    u, c = both.chunk(2)
+    torch.testing.assert_close(u + policy.config.guidance_scale * (c - u), policy._model_output(x_t, t, embeds),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_video_policy_refuses_other_pipelines(tiny_sd_dir):
+    with pytest.raises(ValueError, match="StableDiffusionPipeline; the video policy loads TextToVideoSDPipeline or AnimateDiffPipeline"):
+        make_policy(tiny_sd_dir)

@@ -11,7 +11,8 @@ Everything else (the MDP, guidance, fine-tuning, the step kernel) is the policy'
 depend on the latent rank. :class:`ImageLatents` serves Stable Diffusion and latent consistency
 pipelines (``[C, h, w]`` latents, ``[N, 3, H, W]`` images); :class:`VideoLatents` serves
 text-to-video pipelines with a 3-D UNet (``[C, F, h, w]`` latents, each frame through the image
-VAE, ``[N, F, 3, H, W]`` clips); :class:`SD3Latents` serves SD3-family pipelines (an MMDiT
+VAE, ``[N, F, 3, H, W]`` clips) and, as :class:`MotionLatents`, AnimateDiff pipelines (an
+image UNet with motion modules); :class:`SD3Latents` serves SD3-family pipelines (an MMDiT
 transformer conditioned on token and pooled prompt embeddings, ``[C, h, w]`` latents).
 """
 
@@ -89,6 +90,17 @@ class VideoLatents(ImageLatents):
         n, f = outputs.shape[:2]
         z = super().encode(outputs.flatten(0, 1))  # [N*F, C, h, w]
         return z.view(n, f, *z.shape[1:]).transpose(1, 2)
+
+
+class MotionLatents(VideoLatents):
+    """Latents ``[C, F, h, w]`` of an AnimateDiff pipeline (``AnimateDiffPipeline``: an image UNet
+    with motion modules, ``UNetMotionModel``, whose temporal attention knows each frame's
+    position). Its UNet takes the prompt once per frame: ``[N*F, L, D]``."""
+
+    def forward(self, module: Any, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                **extra: Any) -> torch.Tensor:
+        text = cond["prompt_embeds"].repeat_interleave(latents.shape[2], dim=0)  # [N*F, L, D]
+        return module(latents, t, encoder_hidden_states=text, **extra).sample
 
 
 class SD3Latents(ImageLatents):

@@ -1,4 +1,6 @@
-"""Text-to-video diffusion (a diffusers ``TextToVideoSDPipeline`` with a 3-D UNet) as a policy.
+"""Text-to-video diffusion as a policy: a diffusers ``TextToVideoSDPipeline`` (a 3-D UNet) or an
+``AnimateDiffPipeline`` (an image UNet with motion modules), chosen by the folder's
+``model_index.json``.
 
 The latent-diffusion policy (:mod:`genalign.policies.latent_diffusion`) with video latents
 ``[C, F, h, w]`` (:class:`~genalign.policies.backbones.VideoLatents`: every frame through the
@@ -13,11 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from diffusers import TextToVideoSDPipeline
+import torch
+from diffusers import AnimateDiffPipeline, DiffusionPipeline, TextToVideoSDPipeline
 
 from genalign.configs import opt
-from genalign.policies.backbones import VideoLatents
-from genalign.policies.stable_diffusion import StableDiffusionPolicy, StableDiffusionPolicyConfig
+from genalign.policies.backbones import MotionLatents, VideoLatents
+from genalign.policies.stable_diffusion import (
+    StableDiffusionPolicy,
+    StableDiffusionPolicyConfig,
+    check_model_location,
+)
+
+#: the text-to-video pipeline classes the policy loads, by their ``_class_name``
+PIPELINES = {"TextToVideoSDPipeline": TextToVideoSDPipeline, "AnimateDiffPipeline": AnimateDiffPipeline}
 
 __all__ = ["VideoDiffusionPolicy", "VideoDiffusionPolicyConfig"]
 
@@ -25,7 +35,9 @@ __all__ = ["VideoDiffusionPolicy", "VideoDiffusionPolicyConfig"]
 @dataclass
 class VideoDiffusionPolicyConfig(StableDiffusionPolicyConfig):
     type: Literal["video_diffusion"] = opt("video_diffusion", "policy kind")  # type: ignore[assignment]
-    pretrained: str = opt("", "local directory or hub id of a diffusers TextToVideoSDPipeline (or a genalign policy dir)")
+    pretrained: str = opt(
+        "", "local directory or hub id of a diffusers TextToVideoSDPipeline or AnimateDiffPipeline (or a genalign policy dir)"
+    )
     num_frames: int = opt(8, "frames per clip")
 
     def validate(self) -> None:
@@ -35,7 +47,7 @@ class VideoDiffusionPolicyConfig(StableDiffusionPolicyConfig):
 
 
 class VideoDiffusionPolicy(StableDiffusionPolicy):
-    """A diffusers TextToVideoSDPipeline behind the Policy protocol: video latents + the DDIM kernel."""
+    """A diffusers text-to-video pipeline behind the Policy protocol: video latents + the DDIM kernel."""
 
     policy_type = "video_diffusion"
     config_class = VideoDiffusionPolicyConfig
@@ -43,4 +55,14 @@ class VideoDiffusionPolicy(StableDiffusionPolicy):
 
     @staticmethod
     def make_backbone(pipeline: Any, config: VideoDiffusionPolicyConfig) -> VideoLatents:
-        return VideoLatents(pipeline, config.num_frames, config.height, config.width)
+        backbone = MotionLatents if isinstance(pipeline, AnimateDiffPipeline) else VideoLatents
+        return backbone(pipeline, config.num_frames, config.height, config.width)
+
+    @classmethod
+    def load_pipeline(cls, path_or_id: str, revision: str | None) -> Any:
+        check_model_location(path_or_id, "pretrained")
+        name = DiffusionPipeline.load_config(path_or_id, revision=revision).get("_class_name")
+        if name not in PIPELINES:
+            raise ValueError(f"'policy.pretrained': {path_or_id} holds a {name}; the video policy loads "
+                             f"{' or '.join(PIPELINES)}")
+        return PIPELINES[name].from_pretrained(path_or_id, revision=revision, use_safetensors=True, dtype=torch.float32)
