@@ -636,8 +636,9 @@ class Trainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 sums.steps += 1
-                finite = all(bool(torch.isfinite(v).all()) for v in zero.local_values(self.params, self.zero_stage))
-                if self._any_process(not finite) if self.deepspeed else not finite:
+                # the values this process holds (ZeRO-3: its shards, so every process must hear of one)
+                broken = not all(bool(torch.isfinite(v).all()) for v in zero.local_values(self.params, self.zero_stage))
+                if self._any_process(broken) if self.zero_stage == 3 else broken:
                     raise NonFiniteTrainingError(
                         f"epoch {epoch + 1}: optimizer step {sums.steps} made trainable weights NaN/inf; nothing from "
                         f"this epoch is saved and the last checkpoint is intact (lower train.learning_rate or set "

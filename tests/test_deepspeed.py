@@ -27,6 +27,7 @@ from test_invariance import ALGORITHMS, GRADIENT_AS_STEP, SMOOTH_REWARD, assert_
 
 from genalign.algorithms import ALGORITHMS as REGISTRY
 from genalign.configs import to_dict
+from genalign.policies import StableDiffusionPolicy
 from genalign.trainer import Trainer
 
 
@@ -40,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def launch(stage: int, config, *args: str) -> subprocess.CompletedProcess:
     """``accelerate launch`` of the shipped zero<stage>.yaml on 2 CPU processes."""
-    path = os.path.join(config.output_dir + ".yaml")
+    path = config.output_dir + ".yaml"
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(config), f)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -79,8 +80,9 @@ def test_zero_gives_the_single_process_step(config, tmp_path, algorithm, stage):
     final = final_weights(str(tmp_path / "zero"), 1)
     assert sorted(final) == sorted(initial)
     assert_same_step(g_single, torch.cat([(final[k] - initial[k]).flatten() for k in sorted(initial)]))
-    # the saved LoRA is the checkpoint's weights (ZeRO-3 gathers them for the save)
-    assert os.path.isdir(tmp_path / "zero" / "final")
+    # the saved policy holds the checkpoint's weights (ZeRO-3 gathers them for the save)
+    saved = StableDiffusionPolicy.from_pretrained(str(tmp_path / "zero" / "final")).trainable_state_dict()
+    assert sorted(saved) == sorted(final) and all(torch.equal(saved[k], final[k]) for k in final)
 
 
 @needs_deepspeed
