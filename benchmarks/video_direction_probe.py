@@ -13,6 +13,7 @@ time, and a denoiser that ignores the word will not draw it.
 
     python benchmarks/video_direction_probe.py                       # assets/models/tiny-video
     python benchmarks/video_direction_probe.py --model DIR --clips 16
+    python benchmarks/video_direction_probe.py --model DIR --speed 0.07   # a model trained on faster clips
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from genalign.recipes.pretrain_video import encode_clips, load_video_components  # noqa: E402
+from genalign.recipes.pretrain_video import encode_clips, load_video_components, trainable_unet  # noqa: E402
 from genalign.recipes.sd_training import training_target  # noqa: E402
-from genalign.toyworld.moving import DIRECTIONS, MovingObject, MovingSpec, render_clip  # noqa: E402
+from genalign.toyworld.moving import DIRECTIONS, SPEED, MovingObject, MovingSpec, render_clip  # noqa: E402
 
 OBJECTS = (("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle"))
 
@@ -42,19 +43,22 @@ def phrase(color: str, shape: str, direction: str) -> str:
     return MovingSpec((MovingObject(color, shape, direction),)).prompt
 
 
-def probe(model: str, clips: int, timesteps: list[int], seed: int, tok_dir: Path) -> dict:
+def probe(model: str, clips: int, timesteps: list[int], seed: int, tok_dir: Path, speed: float | None = None) -> dict:
     """:func:`probe_components` of the pipeline saved in ``model``."""
-    return probe_components(load_video_components(model, tok_dir), clips, timesteps, seed)
+    return probe_components(load_video_components(model, tok_dir), clips, timesteps, seed, speed)
 
 
 @torch.no_grad()
-def probe_components(comps: dict, clips: int, timesteps: list[int], seed: int) -> dict:
+def probe_components(comps: dict, clips: int, timesteps: list[int], seed: int, speed: float | None = None) -> dict:
     """Per timestep: how often the true phrase gives the lowest error, that rate per direction,
     the mean error under the true phrase over the mean under wrong ones, and the 5 x 5 mean
     errors (row: the clip's direction, column: the prompted one). ``comps``: ``unet`` (called
     as ``unet(latents [c, C, F, h, w], t, encoder_hidden_states=[c, L, D]).sample``),
-    ``text_encoder``, ``tokenizer``, ``vae``, ``scheduler``."""
-    unet, text_encoder, tokenizer, vae, scheduler = (comps[k] for k in ("unet", "text_encoder", "tokenizer", "vae", "scheduler"))
+    ``text_encoder``, ``tokenizer``, ``vae``, ``scheduler``; an AnimateDiff UNet, with ``adapter``, is
+    given the prompt per frame). ``speed``: of the rendered clips (None: the world's), to match the
+    speed a model was trained at."""
+    unet = trainable_unet(comps)
+    text_encoder, tokenizer, vae, scheduler = (comps[k] for k in ("text_encoder", "tokenizer", "vae", "scheduler"))
     unet.eval()
 
     def embed(prompts: list[str]) -> torch.Tensor:
@@ -66,7 +70,8 @@ def probe_components(comps: dict, clips: int, timesteps: list[int], seed: int) -
     errors = {t: np.zeros((len(DIRECTIONS), len(DIRECTIONS), clips)) for t in timesteps}
     for i, true in enumerate(DIRECTIONS):
         looks = [OBJECTS[c % len(OBJECTS)] for c in range(clips)]
-        frames = torch.stack([torch.from_numpy(render_clip(MovingSpec((MovingObject(col, shp, true),)), seed + c).array())
+        frames = torch.stack([torch.from_numpy(render_clip(MovingSpec((MovingObject(col, shp, true),)), seed + c,
+                                                               speed=SPEED if speed is None else speed).array())
                               for c, (col, shp) in enumerate(looks)]) * 2 - 1  # [c, F, 3, S, S]
         latents = encode_clips(vae, frames, sample=False)  # [c, C, F, h, w]
         for t in timesteps:
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clips", type=int, default=12, help="clips per true direction")
     ap.add_argument("--timesteps", type=int, nargs="+", default=[300, 600, 900], help="noise levels (of 1000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--speed", type=float, default=None, help="speed of the rendered clips (default: the world's, 0.03)")
     ap.add_argument("--out", default="benchmarks/results/video_probe", help="folder for results.json")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tok_dir:
-        rows = probe(args.model, args.clips, args.timesteps, args.seed, Path(tok_dir))
+        rows = probe(args.model, args.clips, args.timesteps, args.seed, Path(tok_dir), args.speed)
     wall = time.perf_counter() - start
     print(f"{args.model}: does the denoiser predict a clip best under its true direction phrase? "
           f"({args.clips} clips per direction, chance 0.2)")

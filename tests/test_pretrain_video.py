@@ -11,6 +11,7 @@ from genalign.recipes.pretrain_video import (
     encode_clips,
     score_clips,
     summarise,
+    trainable_unet,
 )
 from genalign.toyworld.moving import make_condition, parse_moving_prompt, render_clip
 
@@ -22,7 +23,7 @@ def test_inflated_unet_is_the_image_unet_frame_by_frame(tiny_sd_dir, tmp_path):
     heads (the 3-D UNet takes one head width), so the comparison splits those as the image UNet does."""
     from diffusers import StableDiffusionPipeline
 
-    comps = build_video_components(tiny_sd_dir, tmp_path / "tok", seed=0)
+    comps = build_video_components(tiny_sd_dir, tmp_path / "tok", seed=0, arch="unet3d")
     image = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     heads = image.unet.config.attention_head_dim  # the image UNet's head count
     spatial = {n: m for n, m in comps["unet"].named_modules() if n.endswith((".attn1", ".attn2")) and ".attentions." in n}
@@ -50,10 +51,68 @@ def test_inflated_unet_is_the_image_unet_frame_by_frame(tiny_sd_dir, tmp_path):
     torch.testing.assert_close(one[:, :, 0], z[:, :, 1], atol=1e-5, rtol=0)
 
 
+def test_motion_unet_is_the_image_unet_frame_by_frame(tiny_sd_dir, tmp_path):
+    """AnimateDiff (--arch animatediff): the image UNet keeps every weight and its motion modules start as
+    the identity, so before training the video UNet denoises each frame as the image UNet does,
+    called with the prompt once per clip as the training loop and the probe call it."""
+    from diffusers import StableDiffusionPipeline
+
+    comps = build_video_components(tiny_sd_dir, tmp_path / "tok", seed=0, arch="animatediff")
+    assert type(comps["unet"]).__name__ == "UNetMotionModel" and comps["adapter"] is not None
+    image = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 8, 8, generator=gen)  # [B, C, F, h, w]
+    text = torch.randn(2, 24, 32, generator=gen)
+    t = torch.tensor([900, 100])
+    with torch.no_grad():
+        video = trainable_unet(comps)(x, t, encoder_hidden_states=text).sample
+        frames = x.transpose(1, 2).flatten(0, 1)  # [B*F, C, h, w]
+        per_frame = image.unet(frames, t.repeat_interleave(3), encoder_hidden_states=text.repeat_interleave(3, 0)).sample
+    torch.testing.assert_close(video, per_frame.view(2, 3, 4, 8, 8).transpose(1, 2), atol=1e-4, rtol=1e-4)
+    # the frame positions make the motion modules order-aware once their outputs are not zero
+    with torch.no_grad():
+        for name, p in comps["unet"].named_parameters():
+            if "motion_modules" in name and "proj_out" in name:
+                p.normal_(0, 0.1, generator=gen)
+        out = trainable_unet(comps)(x, t, encoder_hidden_states=text).sample
+        swapped = trainable_unet(comps)(x.flip(2), t, encoder_hidden_states=text).sample.flip(2)
+    assert not torch.allclose(out, swapped, atol=1e-3)
+
+
+def test_recipe_builds_trains_and_saves_an_animatediff_pipeline(tiny_sd_dir, tmp_path):
+    """The recipe with --arch animatediff from an image pipeline: two steps train the motion modules away from
+    zero, the folder is an AnimateDiffPipeline whose motion adapter holds the trained modules, and
+    the video policy samples clips from it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from genalign.policies import VideoDiffusionPolicy, VideoDiffusionPolicyConfig
+    from genalign.recipes.pretrain_video import main
+
+    out = main(["--image-model", tiny_sd_dir, "--arch", "animatediff", "--out", str(tmp_path / "v"), "--steps", "2",
+                "--minutes", "5", "--batch-size", "2", "--eval-prompts", "1", "--speed", "0.07", "--two-object-share", "0"])
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["train"]["steps"] == 2 and log["args"]["arch"] == "animatediff" and log["args"]["speed"] == 0.07
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "AnimateDiffPipeline"
+    unet = load_file(str(next((out / "unet").glob("*.safetensors"))))
+    adapter = load_file(str(next((out / "motion_adapter").glob("*.safetensors"))))
+    trained = {k: v for k, v in unet.items() if "motion_modules" in k}
+    assert len(trained) == len(adapter) and all(torch.equal(trained[k], adapter[k]) for k in adapter)
+    assert any(float(v.abs().max()) > 0 for k, v in trained.items() if "proj_out.weight" in k)
+    policy = VideoDiffusionPolicy.from_pretrained(str(out), VideoDiffusionPolicyConfig(num_steps=2, num_frames=8))
+    size = policy.rollout(["a red circle moving right"], 1, [0]).outputs.shape
+    assert size[:3] == (1, 8, 3)
+
+
 def test_clip_stream_draws_train_prompts_in_range():
     x, prompts = ClipStream(seed=0, frames=8).batch(6)
     assert x.shape == (6, 8, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
     assert all(not parse_moving_prompt(p).heldout for p in prompts)
+    # its speed reaches the renders: at speed 0 every frame is the first; one-object share 1
+    still, prompts = ClipStream(seed=0, frames=8, two_object_share=0.0, speed=0.0).batch(4)
+    assert all(len(parse_moving_prompt(p).objects) == 1 for p in prompts)
+    assert torch.equal(still, still[:, :1].expand_as(still)) and not torch.equal(x, x[:, :1].expand_as(x))
 
 
 def test_score_clips_reads_renders_and_catches_reversed_motion():

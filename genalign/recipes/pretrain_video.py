@@ -1,10 +1,10 @@
 """Pretrain the tiny text-to-video pipeline shipped in ``assets/models/tiny-video``.
 
-The result is an ordinary diffusers ``TextToVideoSDPipeline`` (``UNet3DConditionModel``,
-``AutoencoderKL``, CLIP text encoder and tokenizer, DDIM scheduler) that draws 8-frame
-32x32 Moving Shapes clips from prompts such as "a red circle moving right". It is made from
-the tiny image pipeline (``assets/models/tiny-sd``) the way large text-to-video models are
-made from image models:
+The result is an ordinary diffusers text-to-video pipeline (a video UNet, ``AutoencoderKL``,
+CLIP text encoder and tokenizer, DDIM scheduler) that draws 8-frame 32x32
+Moving Shapes clips from prompts such as "a red circle moving right". It is made from the tiny
+image pipeline (``assets/models/tiny-sd``) the way large text-to-video models are made from
+image models:
 
 - **VAE**: the image pipeline's, unchanged and frozen; every frame is encoded on its own
   (``[B, F, 3, 32, 32]`` clips <-> ``[B, 4, F, 8, 8]`` latents).
@@ -12,13 +12,20 @@ made from image models:
 - **Text encoder**: the image encoder's weights under a tokenizer that adds the motion words
   ("moving", "staying", "still", "up", "down") as single tokens. Rows of words both
   vocabularies share are copied, the new rows start random, and the encoder trains on.
-- **UNet**: inflated. Every spatial weight of the image UNet (resnets, spatial attention,
-  time embedding, in/out convolutions) is copied into a ``UNet3DConditionModel`` of the same
-  widths; the temporal layers it adds (temporal convolutions and temporal attention) have
-  their output projections zeroed, so the untrained video model is the image model applied
-  frame by frame. Training then teaches motion and the new words.
+- **UNet** (``--arch unet3d``, the default and the shipped model): the image UNet inflated into
+  a ``UNet3DConditionModel`` of the same widths. Every spatial weight (resnets, spatial
+  attention, time embedding, in/out convolutions) is copied; the temporal layers it adds
+  (temporal convolutions and temporal attention) have their output projections zeroed, so the
+  untrained video model is the image model applied frame by frame. Saved as a
+  ``TextToVideoSDPipeline``. Its temporal layers carry no frame positions (only the temporal
+  convolutions' zero padding tells a frame where it is).
+- ``--arch animatediff``: the image UNet, every weight kept, with an AnimateDiff motion module
+  after each block (``MotionAdapter`` + ``UNetMotionModel``: temporal attention over the frames
+  with sinusoidal frame positions), output projections zeroed likewise. Saved as an
+  ``AnimateDiffPipeline``; the trained motion modules are also its ``motion_adapter``.
 
-Every batch is fresh renders (new seeds) of train-split prompts, one or two objects each.
+Every batch is fresh renders (new seeds) of train-split prompts, one object or (a
+``--two-object-share`` of them) two, moving at ``--speed`` (default: the world's).
 Training stops at ``--steps`` or ``--minutes``, whichever comes first (the learning-rate
 schedule follows the same progress), then the pipeline is sampled on held-out and train
 prompts and scored per attribute (:func:`score_clips`) for the model card::
@@ -66,17 +73,18 @@ STRIP_PROMPTS = (
 
 
 # --------------------------------------------------------------------------- components
-def build_video_components(image_dir: str | Path, tok_dir: Path, seed: int) -> dict[str, Any]:
-    """The video pipeline's parts made from the image pipeline at ``image_dir`` (module docstring)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet3DConditionModel
+ARCHITECTURES = ("animatediff", "unet3d")
+
+
+def build_text_encoder(image: Any, tok_dir: Path, seed: int) -> tuple[Any, Any, int]:
+    """The image pipeline's text encoder under a tokenizer with the motion words (module
+    docstring): ``(text_encoder, tokenizer, rows copied)``."""
     from transformers import CLIPTextModel
 
     from genalign.toyworld import VOCAB
 
-    image = StableDiffusionPipeline.from_pretrained(str(image_dir), safety_checker=None, requires_safety_checker=False)
     words = sorted(set(VOCAB) | set(MOTION_WORDS))
     tokenizer = build_tokenizer(tok_dir, words, max_length=image.tokenizer.model_max_length)
-
     torch.manual_seed(seed)
     old_text = image.text_encoder
     config = old_text.config.to_dict()
@@ -93,6 +101,67 @@ def build_video_components(image_dir: str | Path, tok_dir: Path, seed: int) -> d
             if token in old_vocab:
                 new_rows[i] = old_rows[old_vocab[token]]
                 copied += 1
+    return text_encoder, tokenizer, copied
+
+
+def build_motion_unet(image_unet: Any, max_frames: int = 16) -> tuple[Any, Any]:
+    """AnimateDiff: the image UNet with a motion module (temporal attention with sinusoidal frame
+    positions) after every block, output projections zeroed so the untrained model is the image
+    model frame by frame. Returns ``(UNetMotionModel, MotionAdapter)``."""
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    heads = image_unet.config.attention_head_dim  # the image UNet's head count, under SD's name for it
+    if not isinstance(heads, int):
+        raise ValueError(f"the image UNet has per-level head counts {heads}; the motion modules take one count")
+    image_unet.register_to_config(num_attention_heads=heads)
+    adapter = MotionAdapter(block_out_channels=tuple(image_unet.config.block_out_channels), motion_layers_per_block=1,
+                            motion_num_attention_heads=heads, motion_norm_num_groups=image_unet.config.norm_num_groups,
+                            motion_max_seq_length=max_frames, use_motion_mid_block=True)
+    unet = UNetMotionModel.from_unet2d(image_unet, adapter)
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if "motion_modules" in name and name.count(".") <= 3 and hasattr(module, "proj_out"):
+                module.proj_out.weight.zero_()
+                module.proj_out.bias.zero_()
+    return unet, adapter
+
+
+def sync_motion_adapter(unet: Any, adapter: Any) -> None:
+    """Copy the trained motion modules of ``unet`` into ``adapter`` (saved beside the UNet, so the
+    folder's adapter is the trained one and can be put on another image UNet)."""
+    adapter.load_state_dict({k: v for k, v in unet.state_dict().items() if "motion_modules" in k})
+
+
+class PerFrameText(torch.nn.Module):
+    """A ``UNetMotionModel`` called as a 3-D UNet is: the prompt once per clip, ``[B, L, D]`` (the
+    motion UNet takes it once per frame, ``[B*F, L, D]``, as ``AnimateDiffPipeline`` passes it)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> Any:
+        return self.unet(sample, t, encoder_hidden_states=encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0))
+
+
+def trainable_unet(comps: dict[str, Any]) -> torch.nn.Module:
+    """The UNet as the training loop and the probe call it (``[B, L, D]`` prompts)."""
+    return PerFrameText(comps["unet"]) if comps.get("adapter") is not None else comps["unet"]
+
+
+def build_video_components(image_dir: str | Path, tok_dir: Path, seed: int, arch: str = "unet3d") -> dict[str, Any]:
+    """The video pipeline's parts made from the image pipeline at ``image_dir`` (module docstring)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet3DConditionModel
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown video architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    image = StableDiffusionPipeline.from_pretrained(str(image_dir), safety_checker=None, requires_safety_checker=False)
+    text_encoder, tokenizer, copied = build_text_encoder(image, tok_dir, seed)
+    scheduler = DDIMScheduler.from_config(image.scheduler.config)
+    common = dict(vae=image.vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, copied_token_rows=copied)
+    if arch == "animatediff":
+        unet, adapter = build_motion_unet(image.unet)
+        return dict(common, unet=unet, adapter=adapter, inflated_tensors=None)
 
     u2 = image.unet
     c = u2.config
@@ -122,22 +191,39 @@ def build_video_components(image_dir: str | Path, tok_dir: Path, seed: int) -> d
     if spatial_missing:
         raise RuntimeError(f"image UNet weights missing from the inflated UNet: {spatial_missing[:5]}")
     zero_temporal_outputs(unet)
-    scheduler = DDIMScheduler.from_config(image.scheduler.config)
-    return dict(vae=image.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                copied_token_rows=copied, inflated_tensors=len(inflated))
+    return dict(common, unet=unet, adapter=None, inflated_tensors=len(inflated))
 
 
 def load_video_components(path: str | Path, tok_dir: Path) -> dict[str, Any]:
-    """The parts of a saved text-to-video pipeline, to train on (its tokenizer files copied to ``tok_dir``)."""
-    from diffusers import TextToVideoSDPipeline
+    """The parts of a saved text-to-video pipeline (``TextToVideoSDPipeline`` or
+    ``AnimateDiffPipeline``), to train on (its tokenizer files copied to ``tok_dir``)."""
+    import json
+
+    from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline
 
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"--init {path}: not a diffusers pipeline folder (no model_index.json)")
-    pipe = TextToVideoSDPipeline.from_pretrained(str(path), local_files_only=True)
+    kind = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    classes = {"TextToVideoSDPipeline": TextToVideoSDPipeline, "AnimateDiffPipeline": AnimateDiffPipeline}
+    if kind not in classes:
+        raise ValueError(f"--init {path}: a {kind} folder; expected one of {', '.join(classes)}")
+    pipe = classes[kind].from_pretrained(str(path), local_files_only=True)
     copy_tokenizer_source(pipe.tokenizer, path / "tokenizer", tok_dir)
     return dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-                scheduler=pipe.scheduler, copied_token_rows=None, inflated_tensors=None)
+                scheduler=pipe.scheduler, adapter=getattr(pipe, "motion_adapter", None), copied_token_rows=None,
+                inflated_tensors=None)
+
+
+def make_pipeline(comps: dict[str, Any]) -> Any:
+    """The diffusers pipeline of the parts: ``AnimateDiffPipeline`` when there is a motion adapter,
+    else ``TextToVideoSDPipeline``."""
+    from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline
+
+    parts = {k: comps[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    if comps.get("adapter") is not None:
+        return AnimateDiffPipeline(**parts, motion_adapter=comps["adapter"])
+    return TextToVideoSDPipeline(**parts)
 
 
 def _is_temporal(key: str) -> bool:
@@ -174,13 +260,15 @@ def zero_temporal_outputs(unet: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------- data
 class ClipStream:
     """Endless batches of (clips ``[B, F, 3, S, S]`` in [-1, 1], prompts) of train-split prompts,
-    half one-object and half two-object, each rendered with a fresh seed."""
+    two-object with probability ``two_object_share``, else one-object, each rendered with a fresh seed."""
 
-    def __init__(self, seed: int, frames: int, size: int = 32, two_object_share: float = 0.5):
-        from genalign.toyworld.moving import all_moving_prompts
+    def __init__(self, seed: int, frames: int, size: int = 32, two_object_share: float = 0.5,
+                 speed: float | None = None):
+        from genalign.toyworld.moving import SPEED, all_moving_prompts
 
         self.rng = np.random.default_rng(seed)
         self.frames, self.size, self.share = frames, size, two_object_share
+        self.speed = SPEED if speed is None else speed
         self.pools = {1: all_moving_prompts(1, "train"), 2: all_moving_prompts(2, "train")}
 
     def batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -190,7 +278,8 @@ class ClipStream:
         for _ in range(n):
             pool = self.pools[2 if self.rng.random() < self.share else 1]
             prompt = pool[self.rng.integers(len(pool))]
-            clip = render_clip(prompt, int(self.rng.integers(0, 2**31 - 1)), frames=self.frames, size=self.size)
+            clip = render_clip(prompt, int(self.rng.integers(0, 2**31 - 1)), frames=self.frames, size=self.size,
+                               speed=self.speed)
             prompts.append(prompt)
             clips.append(clip.array())
         x = torch.from_numpy(np.stack(clips))  # [B, F, 3, S, S] in [0, 1]
@@ -216,7 +305,7 @@ def train(comps: dict[str, Any], stream: ClipStream, args: argparse.Namespace) -
         caption_dropout=args.caption_dropout, ema_decay=args.ema_decay, warmup=50, snr_gamma=0.0,
         multires_noise=0.0, freeze_text_encoder=False,
     )
-    return train_unet(comps["unet"], comps["text_encoder"], comps["vae"], comps["tokenizer"], comps["scheduler"],
+    return train_unet(trainable_unet(comps), comps["text_encoder"], comps["vae"], comps["tokenizer"], comps["scheduler"],
                       stream, unet_args, encode=lambda vae, x, gen: encode_clips(vae, x, gen))
 
 
@@ -311,6 +400,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue this text-to-video pipeline folder (e.g. a shorter run of this command) instead of "
                         "inflating --image-model; every component is kept and training goes on from its weights")
     p.add_argument("--verifier", default="assets/models/shapes-verifier", help="Shapes World verifier for the shape column of the card")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="unet3d",
+                   help="unet3d: the image UNet inflated into a UNet3DConditionModel (TextToVideoSDPipeline); "
+                        "animatediff: the image UNet plus motion modules with frame positions (AnimateDiffPipeline)")
+    p.add_argument("--two-object-share", type=float, default=0.5, help="share of two-object prompts in training")
+    p.add_argument("--speed", type=float, default=None,
+                   help="image widths per frame of a moving object in the training clips (default: the world's, 0.03)")
     p.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, python and data")
     p.add_argument("--frames", type=int, default=8, help="frames per clip")
     p.add_argument("--batch-size", type=int, default=16, help="clips per step")
@@ -327,7 +422,6 @@ def main(argv=None) -> Path:
     """Train, evaluate and save the pipeline; returns the output folder."""
     import diffusers
     import transformers
-    from diffusers import TextToVideoSDPipeline
 
     from rewards.shapes_verifier import ShapesVerifierReward
 
@@ -338,7 +432,8 @@ def main(argv=None) -> Path:
     verifier = ShapesVerifierReward.from_pretrained(args.verifier)
     with staged_folder(out) as tmp:
         tok_src = tmp / "_tokenizer_src"
-        comps = load_video_components(args.init, tok_src) if args.init else build_video_components(args.image_model, tok_src, args.seed)
+        comps = (load_video_components(args.init, tok_src) if args.init
+                 else build_video_components(args.image_model, tok_src, args.seed, args.arch))
         log: dict = dict(
             command=command_line(PROG, argv), args=vars(args), seed=args.seed,
             versions=versions(diffusers, transformers), threads=torch.get_num_threads(),
@@ -347,11 +442,13 @@ def main(argv=None) -> Path:
             inflated_tensors=comps["inflated_tensors"], init=args.init,
         )
         print(f"parameters: {log['parameters']}, vocab {log['vocab_size']}", flush=True)
-        pipe = TextToVideoSDPipeline(vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
-                                     unet=comps["unet"], scheduler=comps["scheduler"])
+        pipe = make_pipeline(comps)
         pipe.set_progress_bar_config(disable=True)
-        stream = ClipStream(args.seed, args.frames, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+        stream = ClipStream(args.seed, args.frames, size=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                            two_object_share=args.two_object_share, speed=args.speed)
         log["train"] = train(comps, stream, args)
+        if comps.get("adapter") is not None:
+            sync_motion_adapter(comps["unet"], comps["adapter"])
         print(f"trained {log['train']['steps']} steps in {log['train']['wall_s']:.0f} s", flush=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(comps["tokenizer"], tmp / "tokenizer", tok_src)
