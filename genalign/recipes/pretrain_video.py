@@ -42,7 +42,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +118,7 @@ def build_motion_unet(image_unet: Any, max_frames: int = 16) -> tuple[Any, Any]:
                             motion_num_attention_heads=heads, motion_norm_num_groups=image_unet.config.norm_num_groups,
                             motion_max_seq_length=max_frames, use_motion_mid_block=True)
     unet = UNetMotionModel.from_unet2d(image_unet, adapter)
-    with torch.no_grad():
-        for name, module in unet.named_modules():
-            if "motion_modules" in name and name.count(".") <= 3 and hasattr(module, "proj_out"):
-                module.proj_out.weight.zero_()
-                module.proj_out.bias.zero_()
+    zero_temporal_outputs(unet, lambda name: "motion_modules" in name)
     return unet, adapter
 
 
@@ -199,16 +195,15 @@ def load_video_components(path: str | Path, tok_dir: Path) -> dict[str, Any]:
     ``AnimateDiffPipeline``), to train on (its tokenizer files copied to ``tok_dir``)."""
     import json
 
-    from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline
+    from genalign.policies.video_diffusion import PIPELINES
 
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"--init {path}: not a diffusers pipeline folder (no model_index.json)")
     kind = json.loads((path / "model_index.json").read_text()).get("_class_name")
-    classes = {"TextToVideoSDPipeline": TextToVideoSDPipeline, "AnimateDiffPipeline": AnimateDiffPipeline}
-    if kind not in classes:
-        raise ValueError(f"--init {path}: a {kind} folder; expected one of {', '.join(classes)}")
-    pipe = classes[kind].from_pretrained(str(path), local_files_only=True)
+    if kind not in PIPELINES:
+        raise ValueError(f"--init {path}: a {kind} folder; expected one of {', '.join(PIPELINES)}")
+    pipe = PIPELINES[kind].from_pretrained(str(path), local_files_only=True)
     copy_tokenizer_source(pipe.tokenizer, path / "tokenizer", tok_dir)
     return dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
                 scheduler=pipe.scheduler, adapter=getattr(pipe, "motion_adapter", None), copied_token_rows=None,
@@ -247,12 +242,17 @@ def inflate_unet_state(image_state: dict[str, torch.Tensor], video_state: dict[s
     return out
 
 
-def zero_temporal_outputs(unet: torch.nn.Module) -> None:
-    """Zero the output projection of every temporal attention, so each is the identity (its
-    residual) at the start. diffusers already zeroes the last layer of each temporal convolution."""
+def _is_3d_temporal_attention(name: str) -> bool:
+    return name == "transformer_in" or ".temp_attentions." in name
+
+
+def zero_temporal_outputs(unet: torch.nn.Module, temporal: Callable[[str], bool] = _is_3d_temporal_attention) -> None:
+    """Zero the output projection of every temporal attention (a module whose name ``temporal``
+    accepts: by default the 3-D UNet's), so each is the identity (its residual) at the start.
+    diffusers already zeroes the last layer of each temporal convolution."""
     with torch.no_grad():
         for name, module in unet.named_modules():
-            if (name == "transformer_in" or ".temp_attentions." in name) and name.count(".") <= 3 and hasattr(module, "proj_out"):
+            if temporal(name) and name.count(".") <= 3 and hasattr(module, "proj_out"):
                 module.proj_out.weight.zero_()
                 module.proj_out.bias.zero_()
 
