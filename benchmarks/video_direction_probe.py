@@ -13,7 +13,7 @@ time, and a denoiser that ignores the word will not draw it.
 
     python benchmarks/video_direction_probe.py                       # assets/models/tiny-video
     python benchmarks/video_direction_probe.py --model DIR --clips 16
-    python benchmarks/video_direction_probe.py --model DIR --speed 0.07   # a model trained on faster clips
+    python benchmarks/video_direction_probe.py --model DIR --speed 0.03   # a model trained on slower clips
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from genalign.recipes.pretrain_video import encode_clips, load_video_components, trainable_unet  # noqa: E402
 from genalign.recipes.sd_training import training_target  # noqa: E402
-from genalign.toyworld.moving import DIRECTIONS, SPEED, MovingObject, MovingSpec, render_clip  # noqa: E402
+from genalign.toyworld.moving import DIRECTIONS, MovingObject, MovingSpec, render_clip  # noqa: E402
 
 OBJECTS = (("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle"))
 
@@ -71,7 +71,7 @@ def probe_components(comps: dict, clips: int, timesteps: list[int], seed: int, s
     for i, true in enumerate(DIRECTIONS):
         looks = [OBJECTS[c % len(OBJECTS)] for c in range(clips)]
         frames = torch.stack([torch.from_numpy(render_clip(MovingSpec((MovingObject(col, shp, true),)), seed + c,
-                                                               speed=SPEED if speed is None else speed).array())
+                                                               speed=speed).array())
                               for c, (col, shp) in enumerate(looks)]) * 2 - 1  # [c, F, 3, S, S]
         latents = encode_clips(vae, frames, sample=False)  # [c, C, F, h, w]
         for t in timesteps:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clips", type=int, default=12, help="clips per true direction")
     ap.add_argument("--timesteps", type=int, nargs="+", default=[300, 600, 900], help="noise levels (of 1000)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--speed", type=float, default=None, help="speed of the rendered clips (default: the world's, 0.03)")
+    ap.add_argument("--speed", type=float, default=None, help="speed of the rendered clips (default: the world's, 0.07 at 8 frames)")
     ap.add_argument("--out", default="benchmarks/results/video_probe", help="folder for results.json")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)

@@ -19,8 +19,8 @@ colour alone identifies each; shape is not checked.
 Scores: ``strict`` 1 when every object is present and moves the named way, else 0;
 ``partial`` the fraction of objects that are; ``progress`` a dense score in ``[-1, 1]``, the
 mean over objects of how far each went the named way, in units of the world's full path
-(``speed · (F - 1)``, :data:`~genalign.toyworld.moving.SPEED` unless a condition names its
-own speed): for a moving object its displacement along the named direction over the full path,
+(``speed · (F - 1)``: the condition's speed, else the world's
+:func:`~genalign.toyworld.moving.default_speed` for the clip's ``F``): for a moving object its displacement along the named direction over the full path,
 clipped to ``[-1, 1]``; for a still object ``1 - 2·|d|/path`` clipped the same way (1 in place,
 -1 at a full path's move in any direction); an absent object scores -1. Sign errors and
 near-misses thus get graded credit where ``strict`` and ``partial`` give 0. Components:
@@ -44,7 +44,7 @@ import torch
 
 from genalign.conditions import condition_text
 from genalign.configs import opt
-from genalign.toyworld.moving import DIRECTIONS, SPEED, parse_moving_prompt
+from genalign.toyworld.moving import DIRECTIONS, default_speed, parse_moving_prompt
 from genalign.toyworld.render import BACKGROUND
 from genalign.toyworld.spec import COLORS
 from rewards.base import RewardOutput
@@ -59,17 +59,18 @@ _PALETTE = torch.tensor([*COLORS.values(), BACKGROUND], dtype=torch.float32)
 _UNIT: dict[str, tuple[float, float]] = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 
 
-def _wanted(condition: Any) -> list[tuple[str, str, str, float]]:
+def _wanted(condition: Any, frames: int) -> list[tuple[str, str, str, float]]:
     """``(colour, shape, direction, speed)`` per object of a condition (speed: the condition's,
-    else the world's :data:`SPEED`; it sets the ``progress`` score's unit)."""
+    else the world's default for ``frames`` frames; it sets the ``progress`` score's unit)."""
+    fallback = default_speed(frames)
     if isinstance(condition, dict) and "objects" in condition:
-        wanted = [(o["color"], o["shape"], o["direction"], float(o.get("speed") or SPEED)) for o in condition["objects"]]
+        wanted = [(o["color"], o["shape"], o["direction"], float(o.get("speed") or fallback)) for o in condition["objects"]]
         for color, _, direction, _ in wanted:
             if color not in COLORS or direction not in DIRECTIONS:
                 raise ValueError(f"condition object ({color!r}, {direction!r}) is not a Moving Shapes colour and "
                                  f"direction; colours: {', '.join(COLORS)}; directions: {', '.join(DIRECTIONS)}")
         return wanted
-    return [(o.color, o.shape, o.direction, SPEED) for o in parse_moving_prompt(condition_text(condition)).objects]
+    return [(o.color, o.shape, o.direction, fallback) for o in parse_moving_prompt(condition_text(condition)).objects]
 
 
 def segment(clip: torch.Tensor, color_tolerance: float) -> torch.Tensor:
@@ -168,7 +169,7 @@ class MotionReward:
         c = self.config
         objects = []
         path_frames = labels.shape[0] - 1
-        for color, shape, direction, speed in _wanted(condition):
+        for color, shape, direction, speed in _wanted(condition, labels.shape[0]):
             track = track_color(labels, color, c.min_pixels)
             disp = net_displacement(track) if track is not None else None
             got = detect_direction(disp, c.still_threshold) if disp is not None else None

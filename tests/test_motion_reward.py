@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from genalign.toyworld.moving import render_clip, sample_moving_conditions
+from genalign.toyworld.moving import TRAVEL, render_clip, sample_moving_conditions
 from rewards.motion import MotionConfig, MotionReward
 from rewards.registry import REWARDS
 
@@ -72,9 +72,10 @@ def test_strict_partial_and_missing_objects():
 
 
 def test_progress_gives_graded_credit_along_the_named_direction():
-    """Progress = displacement along the named direction over the full path (speed · (F − 1));
-    the square moves 7 px right on a 16 px frame: 7/16 widths, a full path is 0.03 · 7 = 0.21."""
-    clip = _square_clip([(6, 2 + t) for t in range(8)])[None].repeat(5, 1, 1, 1, 1)
+    """Progress = displacement along the named direction over the full path (speed · (F − 1), the
+    world's TRAVEL = 0.49 widths at its default speed); the square moves 21 px right on a 32 px
+    frame: 0.66 widths, beyond a full path, so the scores clip."""
+    clip = _square_clip([(6, 2 + 3 * t) for t in range(8)], size=32)[None].repeat(5, 1, 1, 1, 1)
     wants = ["moving right", "moving left", "moving up", "staying still", "moving right"]
     conds = [f"a red circle {w}" for w in wants[:4]] + ["a blue circle moving right"]  # no blue: absent
     out = REWARDS["motion"][1](MotionConfig(score="progress"))(clip, conds)
@@ -82,10 +83,14 @@ def test_progress_gives_graded_credit_along_the_named_direction():
     in_place = _square_clip([(6, 6)] * 8)
     still = MotionReward(MotionConfig(score="progress"))(in_place[None], ["a red circle staying still"])
     assert still.scores.item() == pytest.approx(1.0)
-    slow = _square_clip([(6, 4 + t // 4) for t in range(8)])[None]  # 1 px over 8 frames: fitted 0.8 px
+    slow = _square_clip([(6, 4 + 2 * (t // 4)) for t in range(8)], size=32)[None]  # a 2 px step: fitted 8/3 px
     got = MotionReward(MotionConfig(score="progress"))(slow, ["a red circle moving right"])
     dx = got.details[0]["objects"][0]["displacement"][0]
-    assert got.scores.item() == pytest.approx(dx / (0.03 * 7), abs=1e-6) and 0 < got.scores.item() < 1
+    assert dx == pytest.approx(8 / 3 / 32, abs=1e-6)  # least-squares slope 16/42 px a frame, times 7
+    assert got.scores.item() == pytest.approx(dx / TRAVEL, abs=1e-6) and 0 < got.scores.item() < 1
+    # a condition's own speed sets the unit instead
+    own = {"prompt": "x", "objects": [{"color": "red", "shape": "circle", "direction": "right", "speed": 0.02}]}
+    assert MotionReward(MotionConfig(score="progress"))(slow, [own]).scores.item() == pytest.approx(dx / 0.14, abs=1e-6)
     assert out.components["progress"].tolist() == out.scores.tolist()
 
 

@@ -8,6 +8,7 @@ from genalign.toyworld.moving import (
     EDGE,
     GAP,
     SPEED,
+    TRAVEL,
     MovingShapesPrompts,
     all_moving_prompts,
     all_moving_specs,
@@ -53,6 +54,7 @@ def test_prompt_counts_and_heldout_split():
 
 @pytest.mark.parametrize("frames", [8, 16])
 def test_renders_move_as_the_prompt_says_and_stay_inside(frames):
+    speed = TRAVEL / (frames - 1)  # the world's default: the same path whatever the clip length
     steps = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
     specs = all_moving_specs(2)[::337] + all_moving_specs(1)[::7]
     for seed, spec in enumerate(specs):
@@ -61,8 +63,8 @@ def test_renders_move_as_the_prompt_says_and_stay_inside(frames):
         for obj, track in zip(spec.objects, clip.tracks):
             ux, uy = steps[obj.direction]
             for t, p in enumerate(track):  # constant speed, x right and y down ("up" lowers y)
-                assert p.x == pytest.approx(track[0].x + ux * SPEED * t, abs=1e-12)
-                assert p.y == pytest.approx(track[0].y + uy * SPEED * t, abs=1e-12)
+                assert p.x == pytest.approx(track[0].x + ux * speed * t, abs=1e-12)
+                assert p.y == pytest.approx(track[0].y + uy * speed * t, abs=1e-12)
                 assert min(p.bbox) >= EDGE - 1e-12 and max(p.bbox) <= 1 - EDGE + 1e-12
         if len(clip.tracks) == 2:
             for a, b in zip(*clip.tracks):
@@ -77,7 +79,7 @@ def test_pixels_move_up_when_the_prompt_says_up():
     arr = clip.array()  # [F, 3, H, W]
     white = (arr.min(axis=1) > 0.6)  # white: every channel bright
     rows = np.nonzero(white[0])[0].mean(), np.nonzero(white[-1])[0].mean()
-    assert rows[1] - rows[0] == pytest.approx(-SPEED * 7 * 32, abs=1.0)  # 6.7 px up, within a pixel
+    assert rows[1] - rows[0] == pytest.approx(-SPEED * 7 * 32, abs=1.0)  # 15.7 px up, within a pixel
     red = (arr[:, 0] > 0.6) & (arr[:, 1] < 0.4)
     cols = np.nonzero(red[0])[1].mean(), np.nonzero(red[-1])[1].mean()
     assert cols[1] - cols[0] == pytest.approx(SPEED * 7 * 32, abs=1.0)

@@ -12,25 +12,31 @@ image models:
 - **Text encoder**: the image encoder's weights under a tokenizer that adds the motion words
   ("moving", "staying", "still", "up", "down") as single tokens. Rows of words both
   vocabularies share are copied, the new rows start random, and the encoder trains on.
-- **UNet** (``--arch unet3d``, the default and the shipped model): the image UNet inflated into
-  a ``UNet3DConditionModel`` of the same widths. Every spatial weight (resnets, spatial
+- **UNet** (``--arch unet3d``): the image UNet inflated into a ``UNet3DConditionModel`` of the
+  same widths. Every spatial weight (resnets, spatial
   attention, time embedding, in/out convolutions) is copied; the temporal layers it adds
   (temporal convolutions and temporal attention) have their output projections zeroed, so the
   untrained video model is the image model applied frame by frame. Saved as a
   ``TextToVideoSDPipeline``. Its temporal layers carry no frame positions (only the temporal
   convolutions' zero padding tells a frame where it is).
-- ``--arch animatediff``: the image UNet, every weight kept, with an AnimateDiff motion module
-  after each block (``MotionAdapter`` + ``UNetMotionModel``: temporal attention over the frames
-  with sinusoidal frame positions), output projections zeroed likewise. Saved as an
-  ``AnimateDiffPipeline``; the trained motion modules are also its ``motion_adapter``.
+- ``--arch animatediff`` (the default and the shipped model): the image UNet, every weight
+  kept, with an AnimateDiff motion module after each block (``MotionAdapter`` +
+  ``UNetMotionModel``: temporal attention over the frames with sinusoidal frame positions),
+  output projections zeroed likewise. Saved as an ``AnimateDiffPipeline``; the trained motion
+  modules are also its ``motion_adapter``. Only this one ties the direction word to the motion
+  within a CPU hour (``docs/video.md``).
 
 Every batch is fresh renders (new seeds) of train-split prompts, one object or (a
 ``--two-object-share`` of them) two, moving at ``--speed`` (default: the world's).
 Training stops at ``--steps`` or ``--minutes``, whichever comes first (the learning-rate
 schedule follows the same progress), then the pipeline is sampled on held-out and train
-prompts and scored per attribute (:func:`score_clips`) for the model card::
+prompts and scored per attribute (:func:`score_clips`) for the model card. The shipped model is
+two runs (the second continues the first on one-object clips; its card has both commands)::
 
-    genalign toyworld pretrain video --out assets/models/tiny-video
+    genalign toyworld pretrain video --speed 0.07 --two-object-share 0.25 --lr 5e-4 --steps 960 \
+        --minutes 0 --eval-prompts 8 --out STAGE1
+    genalign toyworld pretrain video --init STAGE1 --speed 0.07 --two-object-share 0 --lr 5e-4 --seed 1 \
+        --steps 735 --minutes 0 --eval-prompts 48 --out assets/models/tiny-video
 
 The pipeline is written to a temporary folder beside ``--out`` and moved into place only when
 complete, with ``training_log.json`` (the command, the loss curve and the evaluation) and
@@ -264,11 +270,11 @@ class ClipStream:
 
     def __init__(self, seed: int, frames: int, size: int = 32, two_object_share: float = 0.5,
                  speed: float | None = None):
-        from genalign.toyworld.moving import SPEED, all_moving_prompts
+        from genalign.toyworld.moving import all_moving_prompts
 
         self.rng = np.random.default_rng(seed)
         self.frames, self.size, self.share = frames, size, two_object_share
-        self.speed = SPEED if speed is None else speed
+        self.speed = speed  # None: the world's default for the clip length
         self.pools = {1: all_moving_prompts(1, "train"), 2: all_moving_prompts(2, "train")}
 
     def batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -400,12 +406,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue this text-to-video pipeline folder (e.g. a shorter run of this command) instead of "
                         "inflating --image-model; every component is kept and training goes on from its weights")
     p.add_argument("--verifier", default="assets/models/shapes-verifier", help="Shapes World verifier for the shape column of the card")
-    p.add_argument("--arch", choices=ARCHITECTURES, default="unet3d",
+    p.add_argument("--arch", choices=ARCHITECTURES, default="animatediff",
                    help="unet3d: the image UNet inflated into a UNet3DConditionModel (TextToVideoSDPipeline); "
                         "animatediff: the image UNet plus motion modules with frame positions (AnimateDiffPipeline)")
     p.add_argument("--two-object-share", type=float, default=0.5, help="share of two-object prompts in training")
     p.add_argument("--speed", type=float, default=None,
-                   help="image widths per frame of a moving object in the training clips (default: the world's, 0.03)")
+                   help="image widths per frame of a moving object in the training clips (default: the world's, 0.07 at 8 frames)")
     p.add_argument("--seed", type=int, default=0, help="seed for torch, numpy, python and data")
     p.add_argument("--frames", type=int, default=8, help="frames per clip")
     p.add_argument("--batch-size", type=int, default=16, help="clips per step")

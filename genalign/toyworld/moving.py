@@ -4,8 +4,10 @@ A clip is ``frames`` frames (8 by default, 8-16 allowed) of ``size`` x ``size`` 
 default). Each object is a Shapes World colour and shape (:data:`~genalign.toyworld.spec.COLORS`,
 :data:`~genalign.toyworld.spec.SHAPES`) of the small size, drawn with the world's renderer
 (:func:`~genalign.toyworld.render.draw_objects`: 4x supersampled, antialiased) on the dark
-background. A moving object moves at a constant ``speed`` in image widths per frame
-(:data:`SPEED` = 0.03, about one pixel per frame at 32 px); a still one keeps its place.
+background. A moving object moves at a constant ``speed`` in image widths per frame; a still one
+keeps its place. By default (:func:`default_speed`) a moving object crosses :data:`TRAVEL` = 0.49
+of the image over the clip, whatever its length: 0.07 widths per frame at 8 frames (about
+2 px at 32 px, so the object covers about twice its own width), 0.033 at 16.
 
 Prompts, one or two object clauses (a tiny grammar; :func:`parse_moving_prompt` reads it and
 names the first bad word)::
@@ -56,7 +58,15 @@ DIRECTION_VECTORS: dict[str, tuple[int, int]] = {
     "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0),
 }
 MIN_FRAMES, MAX_FRAMES, DEFAULT_FRAMES = 8, 16, 8
-SPEED = 0.03  # image widths per frame of a moving object
+TRAVEL = 0.49  # image widths a moving object crosses over a clip at the default speed
+
+
+def default_speed(frames: int = DEFAULT_FRAMES) -> float:
+    """The world's speed (image widths per frame) for a clip of ``frames`` frames: ``TRAVEL / (frames - 1)``."""
+    return TRAVEL / (frames - 1)
+
+
+SPEED = default_speed(DEFAULT_FRAMES)  # 0.07 image widths per frame at the default 8 frames
 MAX_MOVING_OBJECTS = 2
 OBJECT_SIZE = "small"  # Shapes World size of every moving object
 EDGE = 0.02  # min distance of an object's box to the image border, in every frame
@@ -219,8 +229,9 @@ def _apart(a: PlacedObject, b: PlacedObject) -> bool:
 
 
 def render_clip(spec: MovingSpec | str, seed: int, frames: int = DEFAULT_FRAMES, size: int = 32,
-                speed: float = SPEED) -> MovingClip:
-    """Render ``spec`` (or a prompt) as ``frames`` frames, layout and jitter drawn from ``seed``.
+                speed: float | None = None) -> MovingClip:
+    """Render ``spec`` (or a prompt) as ``frames`` frames, layout and jitter drawn from ``seed``;
+    ``speed`` None: :func:`default_speed` of ``frames``.
 
     Jitter as in Shapes World: radius ±8 %, rotation ±8° (squares, triangles), colour ±12 per
     channel, background ±4 per channel. The same seed gives the same pixels.
@@ -229,6 +240,7 @@ def render_clip(spec: MovingSpec | str, seed: int, frames: int = DEFAULT_FRAMES,
         spec = parse_moving_prompt(spec)
     if not MIN_FRAMES <= frames <= MAX_FRAMES:
         raise ValueError(f"'frames' must be in {MIN_FRAMES}..{MAX_FRAMES}, got {frames}")
+    speed = default_speed(frames) if speed is None else speed
     if speed < 0:
         raise ValueError(f"'speed' must be >= 0, got {speed}")
     rng = random.Random(seed)
@@ -265,8 +277,9 @@ def render_clip(spec: MovingSpec | str, seed: int, frames: int = DEFAULT_FRAMES,
     return MovingClip(spec, images, tracks, speed)
 
 
-def make_condition(spec: MovingSpec, frames: int = DEFAULT_FRAMES, speed: float = SPEED) -> dict[str, Any]:
-    """The condition dict of a spec (see the module docstring)."""
+def make_condition(spec: MovingSpec, frames: int = DEFAULT_FRAMES, speed: float | None = None) -> dict[str, Any]:
+    """The condition dict of a spec (see the module docstring); ``speed`` None: :func:`default_speed`."""
+    speed = default_speed(frames) if speed is None else speed
     return {
         "prompt": spec.prompt,
         "objects": [{"color": o.color, "shape": o.shape, "direction": o.direction,
