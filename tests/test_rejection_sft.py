@@ -58,6 +58,23 @@ def test_sft_loss_is_the_token_mean_nll_of_kept_active_steps():
     assert sum(p.total.item() for p in parts) == 6.5 and sum(p.normaliser for p in parts) == 4.0
 
 
+def test_step_window_trains_only_the_chain_steps_inside_it():
+    """A 10-step chain with step_window [0, 0.4]: every row trains steps 0-3 (i / 10 < 0.4), and
+    the loss over that subset is the NLL of those steps only; a bad window is named."""
+    t = torch.arange(10, dtype=torch.float32)
+    b = Trajectory(conditions=["a", "b"], group=torch.tensor([0, 1]), log_probs=torch.zeros(2, 10),
+                   mask=torch.ones(2, 10, dtype=torch.bool), step_ids=torch.arange(10).expand(2, 10).clone(),
+                   advantages=torch.tensor([1.0, 0.0]), aligned=False)
+    algo = RejectionSFT(RejectionSFTConfig(step_window=[0.0, 0.4]))
+    steps = algo.train_steps(b, torch.Generator())
+    assert steps.tolist() == [[0, 1, 2, 3]] * 2
+    terms = algo.loss(b.subset(steps), -t[:4].expand(2, 4), None)  # log π = −step index
+    assert (terms.total.item(), terms.normaliser) == (6.0, 4.0)  # 0 + 1 + 2 + 3 over row 0's 4 steps
+    for bad in ([0.5, 0.5], [0.0, 1.5], [0.2]):
+        with pytest.raises(ValueError, match="'step_window'"):
+            RejectionSFTConfig(step_window=bad).validate()
+
+
 CONDITIONS = [{"prompt": f"w{i:02d} w{i + 1:02d}", "answer": "w00", "key": f"q{i}"} for i in range(4)]
 
 

@@ -42,11 +42,20 @@ from genalign.trajectory import Trajectory
 class RejectionSFTConfig:
     name: Literal["rejection_sft"] = opt("rejection_sft", "algorithm name")
     min_reward: float = opt(1.0, "keep (and fine-tune on) every sample whose reward is >= this; the others are discarded")
+    step_window: list[float] = opt(
+        [0.0, 1.0],
+        "[start, end) of the chain, as fractions of its steps, whose teacher-forced steps are trained (every "
+        "token of a response is one step: keep [0, 1] for text); [0, 0.4] fits a diffusion model's high-noise "
+        "steps only, where layout and motion are decided",
+    )
 
     def validate(self) -> None:
-        """Any finite threshold is valid (a NaN would keep nothing)."""
+        """Any finite threshold is valid (a NaN would keep nothing); the window is [start, end) in [0, 1]."""
         if self.min_reward != self.min_reward:
             raise ValueError("'min_reward' must be a number, got NaN")
+        lo, hi = (list(self.step_window) + [None, None])[:2]
+        if len(self.step_window) != 2 or not 0 <= lo < hi <= 1:
+            raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
 
     def requires(self) -> frozenset[str]:
         """Policy capabilities this config needs (none: every policy has ``forward_process``)."""
@@ -92,7 +101,7 @@ class RejectionSFT:
         return torch.where(keep, torch.ones_like(rewards), torch.full_like(rewards, float("nan")))
 
     def train_steps(self, traj: Trajectory, generator: torch.Generator) -> torch.Tensor:
-        return window_steps(traj.batch_size, traj.num_steps, [0.0, 1.0], 1.0, generator)  # [B, T]: every step
+        return window_steps(traj.batch_size, traj.num_steps, self.config.step_window, 1.0, generator)  # [B, W]
 
     def loss(self, batch: Trajectory, log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None) -> LossTerms:
         return sft_loss(batch, log_probs)
