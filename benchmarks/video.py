@@ -15,8 +15,9 @@ held-out one-object prompt x ``--samples`` clips with seeds no training run draw
 is scored for colour (present in every frame), shape (the Shapes World verifier's detection of
 its colour on the middle frame) and direction (the motion verifier); clip accuracy is the motion
 verifier's strict verdict. Each run is a subprocess, so its peak resident memory is its own.
-Prints a markdown table (mean ± std over seeds) and writes results.json and accuracy.png.
-Finished runs in --out are read, not repeated.
+Prints a markdown table (mean ± std over seeds) and writes results.json, accuracy.png and
+clips.png (a frame strip: the same held-out prompts and sampling seeds from the base model and
+from each method's seed-0 policy). Finished runs in --out are read, not repeated.
 
     python benchmarks/video.py                                   # seeds 0 1 2
     python benchmarks/video.py --seeds 0 --epochs 1 --samples 1 --out /tmp/video  # smoke
@@ -82,6 +83,38 @@ def evaluate(policy_dir: str, base: dict, seed: int, samples: int) -> dict:
         clips.append(policy.rollout(chunk, samples, seeds).outputs.cpu())
         rows += [c for c in chunk for _ in range(samples)]
     return summarise(score_clips(torch.cat(clips), rows, verifier))
+
+
+STRIP_PROMPTS = ("a blue circle moving left", "a purple triangle moving up", "a blue circle moving right",
+                 "a yellow square moving down", "a green triangle staying still")  # held-out pairs
+
+
+def clip_strip(out: str, methods: list[str], seed: int = 0) -> str:
+    """clips.png: each STRIP_PROMPTS prompt sampled (one clip, the same seed) by the base model and
+    by each trained method's ``seed`` run, in rows labelled by method."""
+    import torch
+
+    from genalign.policies import VideoDiffusionPolicy, VideoDiffusionPolicyConfig
+    from genalign.recipes.pretrain_video import frame_strip
+    from genalign.toyworld.moving import make_condition, parse_moving_prompt
+
+    with open(CONFIG) as f:
+        base = yaml.safe_load(f)
+    sampling = {k: base["policy"][k] for k in ("num_steps", "eta", "guidance_scale", "num_frames")}
+    conds = [make_condition(parse_moving_prompt(p), sampling["num_frames"]) for p in STRIP_PROMPTS]
+    clips, labels = [], []
+    for m in methods:
+        path = base["policy"]["pretrained"] if m == "base" else os.path.join(out, "runs", f"{m.lower()}_seed{seed}", "final")
+        if not os.path.isdir(path):
+            continue
+        policy = VideoDiffusionPolicy.from_pretrained(path, VideoDiffusionPolicyConfig(**sampling))
+        seeds = [EVAL_SEED + 99_000 + i for i in range(len(conds))]
+        clips.append(policy.rollout(conds, 1, seeds).outputs.cpu())
+        labels += [f"{m}: {p}" for p in STRIP_PROMPTS]
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "clips.png")
+    frame_strip(torch.cat(clips), labels).save(path)
+    return path
 
 
 def one_run(method: str, seed: int, epochs: int, samples: int, out: str) -> dict:
@@ -161,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "accuracy.png"), dpi=110)
+    print("frame strip:", clip_strip(args.out, args.methods, seed=min(args.seeds)))
     return 0
 
 
