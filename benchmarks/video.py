@@ -102,13 +102,13 @@ def clip_strip(out: str, methods: list[str], seed: int = 0) -> str:
         base = yaml.safe_load(f)
     sampling = {k: base["policy"][k] for k in ("num_steps", "eta", "guidance_scale", "num_frames")}
     conds = [make_condition(parse_moving_prompt(p), sampling["num_frames"]) for p in STRIP_PROMPTS]
+    seeds = [EVAL_SEED + 99_000 + i for i in range(len(conds))]  # the same clip seeds in every row
     clips, labels = [], []
     for m in methods:
         path = base["policy"]["pretrained"] if m == "base" else os.path.join(out, "runs", f"{m.lower()}_seed{seed}", "final")
         if not os.path.isdir(path):
             continue
         policy = VideoDiffusionPolicy.from_pretrained(path, VideoDiffusionPolicyConfig(**sampling))
-        seeds = [EVAL_SEED + 99_000 + i for i in range(len(conds))]
         clips.append(policy.rollout(conds, 1, seeds).outputs.cpu())
         labels += [f"{m}: {p}" for p in STRIP_PROMPTS]
     os.makedirs(out, exist_ok=True)

@@ -88,6 +88,12 @@ def group_normalize(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return adv
 
 
+def check_step_window(window: Sequence[float]) -> None:
+    """Validate a ``step_window`` setting: ``[start, end)`` with 0 <= start < end <= 1."""
+    if len(window) != 2 or not 0 <= window[0] < window[1] <= 1:
+        raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {list(window)}")
+
+
 def check_noise_window(width: int, starts: Sequence[float], step_window: Sequence[float], timestep_fraction: float) -> None:
     """Validate a noise-window setting (DDPO, GRPO): width >= 0, starts [lo, hi) in [0, 1], and
     the step selection left at its defaults, since a window trains exactly its own steps."""

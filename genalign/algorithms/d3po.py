@@ -31,7 +31,12 @@ from typing import Any, Literal
 
 import torch
 
-from genalign.algorithms.advantages import active_steps, check_noise_window, window_steps
+from genalign.algorithms.advantages import (
+    active_steps,
+    check_noise_window,
+    check_step_window,
+    window_steps,
+)
 from genalign.algorithms.base import LossTerms, SamplingPlan
 from genalign.algorithms.pairs import group_pairs, pair_dpo_loss
 from genalign.algorithms.preferences import ParetoPreference, RewardPreference, StoredPreference
@@ -78,8 +83,7 @@ class D3POConfig:
             raise ValueError("'store_path' is required when preference is 'store'")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"'timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
-        if len(self.step_window) != 2 or not 0 <= self.step_window[0] < self.step_window[1] <= 1:
-            raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
+        check_step_window(self.step_window)
         check_noise_window(self.noise_window, self.noise_window_starts, self.step_window, self.timestep_fraction)
 
 

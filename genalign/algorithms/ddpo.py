@@ -45,6 +45,7 @@ from genalign.algorithms.advantages import (
     active_steps,
     batch_normalize,
     check_noise_window,
+    check_step_window,
     group_normalize,
     ppo_clip_loss,
     window_steps,
@@ -106,9 +107,7 @@ class DDPOConfig:
     def validate(self) -> None:
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"'timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
-        lo, hi = (self.step_window + [None, None])[:2]
-        if len(self.step_window) != 2 or not 0 <= lo < hi <= 1:
-            raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
+        check_step_window(self.step_window)
         if self.clip_range is not None and self.clip_range <= 0:
             raise ValueError(f"'clip_range' must be > 0, got {self.clip_range}")
         check_noise_window(self.noise_window, self.noise_window_starts, self.step_window, self.timestep_fraction)

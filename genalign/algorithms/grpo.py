@@ -50,6 +50,7 @@ import torch
 from genalign.algorithms.advantages import (
     active_steps,
     check_noise_window,
+    check_step_window,
     clipped_surrogate,
     group_advantages,
     k3_kl,
@@ -135,8 +136,7 @@ class GRPOConfig:
             raise ValueError(f"'max_steps_normaliser' must be >= 0 (0: the trajectory's T), got {self.max_steps_normaliser}")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"'timestep_fraction' must be in (0, 1], got {self.timestep_fraction}")
-        if len(self.step_window) != 2 or not 0 <= self.step_window[0] < self.step_window[1] <= 1:
-            raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
+        check_step_window(self.step_window)
         check_noise_window(self.noise_window, self.noise_window_starts, self.step_window, self.timestep_fraction)
 
     def requires(self) -> frozenset[str]:

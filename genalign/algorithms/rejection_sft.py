@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from genalign.algorithms.advantages import window_steps
+from genalign.algorithms.advantages import check_step_window, window_steps
 from genalign.algorithms.base import LossTerms, SamplingPlan
 from genalign.configs import opt
 from genalign.trajectory import Trajectory
@@ -53,9 +53,7 @@ class RejectionSFTConfig:
         """Any finite threshold is valid (a NaN would keep nothing); the window is [start, end) in [0, 1]."""
         if self.min_reward != self.min_reward:
             raise ValueError("'min_reward' must be a number, got NaN")
-        lo, hi = (list(self.step_window) + [None, None])[:2]
-        if len(self.step_window) != 2 or not 0 <= lo < hi <= 1:
-            raise ValueError(f"'step_window' must be [start, end) with 0 <= start < end <= 1, got {self.step_window}")
+        check_step_window(self.step_window)
 
     def requires(self) -> frozenset[str]:
         """Policy capabilities this config needs (none: every policy has ``forward_process``)."""
