@@ -147,3 +147,24 @@ def test_training_target_is_noise_or_velocity():
     torch.testing.assert_close(training_target(v, latents, noise, t)[2], -latents[2])  # zero SNR: v = -x0
     with pytest.raises(ValueError, match="prediction_type='sample'"):
         training_target(DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "prediction_type": "sample"}), latents, noise, t)
+
+
+def test_text_encoder_learning_rate_is_its_own(tiny_sd_dir):
+    """``text_lr`` is the text encoder's peak rate, the UNet keeps ``unet_lr``: after one AdamW step
+    (warm-up 1, so the peak itself) every weight moves by about its group's rate (Adam's first
+    step is lr × sign(grad)), so the largest moves stand in the rates' ratio."""
+    from diffusers import StableDiffusionPipeline
+
+    from genalign.recipes.sd_training import train_unet
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    before = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()} for name in ("unet", "text_encoder")}
+    args = argparse.Namespace(seed=0, batch_size=2, unet_steps=1, unet_minutes=0, unet_lr=1e-4, text_lr=1e-3,
+                              caption_dropout=0.0, ema_decay=0.0, warmup=1, snr_gamma=0.0, multires_noise=0.0,
+                              freeze_text_encoder=False)
+    train_unet(pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, pipe.scheduler, ShapesStream(0, size=64), args)
+    moved = {name: max(float((getattr(pipe, name).state_dict()[k] - v).abs().max()) for k, v in before[name].items())
+             for name in before}
+    # 1e-2 weight decay adds at most lr × 1e-2 × |w| on top of lr
+    assert 1e-4 * 0.99 < moved["unet"] < 1e-4 * 1.05, moved
+    assert 1e-3 * 0.99 < moved["text_encoder"] < 1e-3 * 1.05, moved

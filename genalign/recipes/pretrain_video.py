@@ -308,6 +308,7 @@ def train(comps: dict[str, Any], stream: ClipStream, args: argparse.Namespace) -
     comps["vae"].requires_grad_(False)
     unet_args = argparse.Namespace(
         seed=args.seed, batch_size=args.batch_size, unet_steps=args.steps, unet_minutes=args.minutes, unet_lr=args.lr,
+        text_lr=args.text_lr,
         caption_dropout=args.caption_dropout, ema_decay=args.ema_decay, warmup=50, snr_gamma=0.0,
         multires_noise=0.0, freeze_text_encoder=False,
     )
@@ -418,6 +419,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3000, help="optimisation steps")
     p.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap on training")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (UNet and text encoder)")
+    p.add_argument("--text-lr", type=float, default=None,
+                   help="peak learning rate of the text encoder (default: --lr); the motion words start as fresh "
+                        "embedding rows, and at the UNet's rate their hidden states stay nearly alike")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="P(caption -> '') for CFG")
     p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the trained weights")
     p.add_argument("--eval-prompts", type=int, default=64, help="evaluation prompts per split and object count")

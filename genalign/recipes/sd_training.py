@@ -141,13 +141,16 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
     scaled latents (images by default; a video recipe passes its clip encoder). Latents may have any
     rank. ``args.freeze_text_encoder`` trains the UNet alone; ``args.multires_noise`` > 0 draws the
     training noise with :func:`multires_noise` (image latents; sampling still starts from white
-    noise); ``args.warmup`` (default 100) is the learning-rate warm-up in steps.
+    noise); ``args.warmup`` (default 100) is the learning-rate warm-up in steps; ``args.text_lr``
+    (default: ``args.unet_lr``) is the text encoder's own peak learning rate.
     """
     freeze_text, discount = args.freeze_text_encoder, args.multires_noise
     text_encoder.requires_grad_(not freeze_text)
     models = [unet] if freeze_text else [unet, text_encoder]
     params = [p for m in models for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
+    text_lr = getattr(args, "text_lr", None) or args.unet_lr
+    peaks = [args.unet_lr] + ([] if freeze_text else [text_lr])  # one per param group
+    opt = torch.optim.AdamW([{"params": list(m.parameters()), "lr": lr} for m, lr in zip(models, peaks)], weight_decay=1e-2)
     ema = EMA(models, args.ema_decay)
     alphas_cumprod = scheduler.alphas_cumprod  # [T]
     snr = alphas_cumprod / (1 - alphas_cumprod)  # [T]
@@ -173,7 +176,8 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
         m.train()
     bar = progress(total=args.unet_steps, desc="unet")
     while not budget.done(step):
-        set_lr(opt, args.unet_lr * budget.lr_factor(step))
+        for group, peak in zip(opt.param_groups, peaks):
+            group["lr"] = peak * budget.lr_factor(step)
         x, prompts = stream.batch(args.batch_size)
         prompts = drop_captions(prompts, args.caption_dropout, gen)
         with torch.no_grad():
