@@ -168,3 +168,26 @@ def test_text_encoder_learning_rate_is_its_own(tiny_sd_dir):
     # 1e-2 weight decay adds at most lr × 1e-2 × |w| on top of lr
     assert 1e-4 * 0.99 < moved["unet"] < 1e-4 * 1.05, moved
     assert 1e-3 * 0.99 < moved["text_encoder"] < 1e-3 * 1.05, moved
+
+
+def test_text_loss_is_added_to_every_step(tiny_sd_dir):
+    """``text_loss(prompts, token_ids)`` is added to the step's loss (the curve's ``loss`` is its
+    ``mse`` plus the logged ``text``), with the step's prompts."""
+    from diffusers import StableDiffusionPipeline
+
+    from genalign.recipes.sd_training import train_unet
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    seen = []
+
+    def text_loss(prompts, token_ids):
+        seen.append(len(prompts))
+        return pipe.text_encoder(token_ids(list(prompts)))[0].pow(2).mean()
+
+    args = argparse.Namespace(seed=0, batch_size=2, unet_steps=2, unet_minutes=0, unet_lr=1e-4, caption_dropout=0.0,
+                              ema_decay=0.0, warmup=1, snr_gamma=0.0, multires_noise=0.0, freeze_text_encoder=False)
+    log = train_unet(pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, pipe.scheduler, ShapesStream(0, size=64),
+                     args, log_every=1, text_loss=text_loss)
+    assert seen == [2, 2] and len(log["curve"]) == 2
+    for point in log["curve"]:
+        assert point["text"] > 0 and abs(point["loss"] - (point["mse"] + point["text"])) <= 1e-6 * point["loss"]

@@ -23,8 +23,12 @@ image models:
   kept, with an AnimateDiff motion module after each block (``MotionAdapter`` +
   ``UNetMotionModel``: temporal attention over the frames with sinusoidal frame positions),
   output projections zeroed likewise. Saved as an ``AnimateDiffPipeline``; the trained motion
-  modules are also its ``motion_adapter``. Only this one ties the direction word to the motion
-  within a CPU hour (``docs/video.md``).
+  modules are also its ``motion_adapter``. Only this one's denoiser responds to the direction
+  word within a CPU hour; its samples do not yet follow it (``docs/video.md``).
+- ``--text-separation W``: a term on the text encoder alone that pushes apart the hidden states
+  of prompts that differ only in the first object's direction word (:func:`direction_separation`).
+  Trained on denoising alone, the encoder maps the four directions to nearly the same vectors
+  (cosine 0.997, colour words 0.50), since the UNet does not use a word it cannot tell apart.
 
 Every batch is fresh renders (new seeds) of train-split prompts, one object or (a
 ``--two-object-share`` of them) two, moving at ``--speed`` (default: the world's).
@@ -108,6 +112,38 @@ def build_text_encoder(image: Any, tok_dir: Path, seed: int) -> tuple[Any, Any, 
                 new_rows[i] = old_rows[old_vocab[token]]
                 copied += 1
     return text_encoder, tokenizer, copied
+
+
+def direction_separation(text_encoder: Any, tokenizer: Any, margin: float = 0.5) -> Callable[..., torch.Tensor]:
+    """``loss(prompts, token_ids)``: for each distinct captioned prompt, its four variants with
+    the first object moving left, right, up and down are encoded, and every pair's cosine
+    similarity above ``margin`` is penalised at each position from the first one where their
+    tokens differ (the direction word, then the end of text and the padding the UNet also
+    attends to). The mean over prompts, pairs and those positions; 0 when none is above."""
+    from dataclasses import replace as replace_field
+
+    from genalign.toyworld.moving import DIRECTIONS, parse_moving_prompt
+
+    moving = [d for d in DIRECTIONS if d != "still"]
+    pairs = torch.triu_indices(len(moving), len(moving), 1)  # [2, P]
+
+    def loss(prompts: Sequence[str], token_ids: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+        terms = []
+        for prompt in dict.fromkeys(p for p in prompts if p):
+            spec = parse_moving_prompt(prompt)
+            first = spec.objects[0]
+            variants = [replace_field(spec, objects=(replace_field(first, direction=d), *spec.objects[1:])).prompt
+                        for d in moving]
+            ids = token_ids(variants)  # [4, L]
+            start = int((ids != ids[:1]).any(0).nonzero()[0])  # the first position where they differ
+            h = torch.nn.functional.normalize(text_encoder(ids)[0][:, start:], dim=-1)  # [4, L', D]
+            cos = (h[pairs[0]] * h[pairs[1]]).sum(-1)  # [P, L']
+            terms.append(torch.relu(cos - margin).mean())
+        if not terms:
+            return torch.zeros(())
+        return torch.stack(terms).mean()
+
+    return loss
 
 
 def build_motion_unet(image_unet: Any, max_frames: int = 16) -> tuple[Any, Any]:
@@ -306,6 +342,10 @@ def train(comps: dict[str, Any], stream: ClipStream, args: argparse.Namespace) -
     """UNet and text encoder jointly, as the image pipeline was trained (v-prediction MSE, caption
     dropout, EMA; :func:`~genalign.recipes.sd_training.train_unet`), on clip latents."""
     comps["vae"].requires_grad_(False)
+    text_loss = None
+    if args.text_separation > 0:
+        separate = direction_separation(comps["text_encoder"], comps["tokenizer"])
+        text_loss = lambda prompts, ids: args.text_separation * separate(prompts, ids)  # noqa: E731
     unet_args = argparse.Namespace(
         seed=args.seed, batch_size=args.batch_size, unet_steps=args.steps, unet_minutes=args.minutes, unet_lr=args.lr,
         text_lr=args.text_lr,
@@ -313,7 +353,7 @@ def train(comps: dict[str, Any], stream: ClipStream, args: argparse.Namespace) -
         multires_noise=0.0, freeze_text_encoder=False,
     )
     return train_unet(trainable_unet(comps), comps["text_encoder"], comps["vae"], comps["tokenizer"], comps["scheduler"],
-                      stream, unet_args, encode=lambda vae, x, gen: encode_clips(vae, x, gen))
+                      stream, unet_args, encode=lambda vae, x, gen: encode_clips(vae, x, gen), text_loss=text_loss)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -422,6 +462,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-lr", type=float, default=None,
                    help="peak learning rate of the text encoder (default: --lr); the motion words start as fresh "
                         "embedding rows, and at the UNet's rate their hidden states stay nearly alike")
+    p.add_argument("--text-separation", type=float, default=0.0,
+                   help="weight of the text encoder's direction-separation term (0: off): the cosine of prompts that "
+                        "differ only in the direction word, above 0.5, is penalised")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="P(caption -> '') for CFG")
     p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the trained weights")
     p.add_argument("--eval-prompts", type=int, default=64, help="evaluation prompts per split and object count")

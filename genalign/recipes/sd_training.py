@@ -134,7 +134,8 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
     ema.update()
 
 
-def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_every=25, encode=encode_images) -> dict:
+def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_every=25, encode=encode_images,
+               text_loss=None) -> dict:
     """Train UNet and text encoder jointly on VAE latents; EMA weights are loaded at the end.
 
     ``stream.batch(n)`` gives (data in [-1, 1], prompts) and ``encode(vae, data, generator)`` their
@@ -142,7 +143,9 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
     rank. ``args.freeze_text_encoder`` trains the UNet alone; ``args.multires_noise`` > 0 draws the
     training noise with :func:`multires_noise` (image latents; sampling still starts from white
     noise); ``args.warmup`` (default 100) is the learning-rate warm-up in steps; ``args.text_lr``
-    (default: ``args.unet_lr``) is the text encoder's own peak learning rate.
+    (default: ``args.unet_lr``) is the text encoder's own peak learning rate. ``text_loss(prompts,
+    token_ids)``, if given, is a scalar added to every step's loss (a term on the text encoder
+    alone; logged as ``text``).
     """
     freeze_text, discount = args.freeze_text_encoder, args.multires_noise
     text_encoder.requires_grad_(not freeze_text)
@@ -194,9 +197,13 @@ def train_unet(unet, text_encoder, vae, tokenizer, scheduler, stream, args, log_
         per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(dim=1)  # [B]
         weight = torch.clamp(snr[t], max=args.snr_gamma) / snr[t] if args.snr_gamma else 1.0
         loss = (weight * per_sample).mean()
+        extra = {}
+        if text_loss is not None:
+            term = text_loss(prompts, token_ids)
+            loss, extra = loss + term, {"text": term.item()}
         optimizer_step(opt, params, loss, ema)
         step += 1
-        row = curve.add(step, dict(loss=loss.item(), mse=per_sample.mean().item()))
+        row = curve.add(step, dict(loss=loss.item(), mse=per_sample.mean().item(), **extra))
         if row:
             bar.set_postfix(loss=f"{row['loss']:.4f}", mse=f"{row['mse']:.4f}")
         bar.update(1)
