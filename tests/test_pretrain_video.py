@@ -172,9 +172,9 @@ def test_direction_separation_penalises_alike_directions_and_trains_them_apart(t
     prompts = ["a red circle moving left", "a blue square staying still", "",
                "a green triangle moving up and a yellow circle moving down"]
     with torch.no_grad():
-        assert float(direction_separation(text, tok, margin=1.0)(prompts, ids)) == 0.0
-        assert float(direction_separation(text, tok)(["", ""], ids)) == 0.0
-    loss_fn = direction_separation(text, tok, margin=-1.0)  # every pair counts: 1 + mean cosine
+        assert float(direction_separation(text, margin=1.0)(prompts, ids)) == 0.0
+        assert float(direction_separation(text)(["", ""], ids)) == 0.0
+    loss_fn = direction_separation(text, margin=-1.0)  # every pair counts: 1 + mean cosine
     opt = torch.optim.Adam(text.parameters(), lr=1e-2)
     first = float(loss_fn(prompts, ids).detach())
     assert 0 < first <= 2
@@ -195,7 +195,7 @@ def test_recipe_passes_the_text_term(tiny_video_dir, tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_separation(text_encoder, tokenizer, margin=0.5):
+    def fake_separation(text_encoder, margin=0.5):
         def loss(prompts, token_ids):
             calls.append(list(prompts))
             return text_encoder(token_ids(list(prompts)))[0].sum() * 0 + 1.0

@@ -114,7 +114,7 @@ def build_text_encoder(image: Any, tok_dir: Path, seed: int) -> tuple[Any, Any, 
     return text_encoder, tokenizer, copied
 
 
-def direction_separation(text_encoder: Any, tokenizer: Any, margin: float = 0.5) -> Callable[..., torch.Tensor]:
+def direction_separation(text_encoder: Any, margin: float = 0.5) -> Callable[..., torch.Tensor]:
     """``loss(prompts, token_ids)``: for each distinct captioned prompt, its four variants with
     the first object moving left, right, up and down are encoded, and every pair's cosine
     similarity above ``margin`` is penalised at each position from the first one where their
@@ -344,7 +344,7 @@ def train(comps: dict[str, Any], stream: ClipStream, args: argparse.Namespace) -
     comps["vae"].requires_grad_(False)
     text_loss = None
     if args.text_separation > 0:
-        separate = direction_separation(comps["text_encoder"], comps["tokenizer"])
+        separate = direction_separation(comps["text_encoder"])
         text_loss = lambda prompts, ids: args.text_separation * separate(prompts, ids)  # noqa: E731
     unet_args = argparse.Namespace(
         seed=args.seed, batch_size=args.batch_size, unet_steps=args.steps, unet_minutes=args.minutes, unet_lr=args.lr,
