@@ -52,11 +52,6 @@ def phrase(color: str, shape: str, direction: str) -> str:
     return MovingSpec((MovingObject(color, shape, direction),)).prompt
 
 
-def probe(model: str, clips: int, timesteps: list[int], seed: int, tok_dir: Path, speed: float | None = None) -> dict:
-    """:func:`probe_components` of the pipeline saved in ``model``."""
-    return probe_components(load_video_components(model, tok_dir), clips, timesteps, seed, speed)
-
-
 @torch.no_grad()
 def probe_components(comps: dict, clips: int, timesteps: list[int], seed: int, speed: float | None = None) -> dict:
     """Per timestep: how often the true phrase gives the lowest error, that rate per direction,

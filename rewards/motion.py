@@ -21,8 +21,9 @@ Scores: ``strict`` 1 when every object is present and moves the named way, else 
 mean over objects of how far each went the named way, in units of the full path
 (``speed · (F - 1)``: the condition's speed, else the world's
 :func:`~genalign.toyworld.moving.default_speed` for the clip's ``F``): for a moving object its
-displacement along the named direction over the full path, clipped to ``[-1, 1]``; for a still object ``1 - 2·|d|/path`` clipped the same way (1 in place,
--1 at a full path's move in any direction); an absent object scores -1. Sign errors and
+displacement along the named direction over the full path, clipped to ``[-1, 1]``; for a still
+object ``1 - 2·|d|/path`` clipped the same way (1 in place, -1 at a full path's move in any
+direction); an absent object scores -1. Sign errors and
 near-misses thus get graded credit where ``strict`` and ``partial`` give 0. Components:
 ``strict``, ``partial``, ``progress`` and ``present`` (fraction of objects present); details
 list each object's detected direction and displacement.
