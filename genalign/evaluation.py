@@ -53,6 +53,8 @@ def sampler_settings(policy: Any) -> dict[str, Any]:
     out = {"steps": c.num_steps, "guidance_scale": c.guidance_scale}
     if hasattr(c, "eta"):
         out["eta"] = c.eta
+    if getattr(c, "first_step_eta", None) is not None:
+        out["first_step_eta"] = c.first_step_eta
     return out
 
 
@@ -61,7 +63,7 @@ def describe_sampler(policy_path: str, policy: Any, seed: int, n: int) -> str:
     s = sampler_settings(policy)
     parts = [f"{s['steps']} steps", f"guidance {s['guidance_scale'] if s['guidance_scale'] is not None else 'default'}"]
     if "eta" in s:
-        parts.append(f"eta {s['eta']}")
+        parts.append(f"eta {s['eta']}" + (f" (first step {s['first_step_eta']})" if "first_step_eta" in s else ""))
     seeds = f"seed {seed}" if n == 1 else f"seeds {seed}..{seed + n - 1}"
     return f"{policy_path}: {', '.join(parts)}; {seeds} per prompt (sample j of a prompt uses seed + j)"
 

@@ -160,3 +160,39 @@ def test_per_row_eta_zero_is_the_deterministic_ddim_step():
         ddim_step(consts, model_out, torch.full((4,), int(t)), sample, eta, prev_sample=sample)
     with pytest.raises(ValueError, match="eta must be > 0"):
         ddim_step(consts, model_out, torch.full((4,), int(t)), sample, 0.0)
+
+
+def test_first_step_eta_forgets_x_T_and_leaves_later_steps_alone():
+    """``first_step_eta = 1`` from ᾱ_T = 0: the first step's mean is √ᾱ_t' x̂0 whatever x_T is
+    (x̂0 = −v for a v-prediction at ᾱ = 0), its σ is η = 1's; every later step, and the
+    forward-process twin ``forward_step``, keeps the policy's η."""
+    from genalign.policies.ddim import DDIMKernel
+
+    sched = _zero_snr_scheduler(10)
+    plain, mixed = DDIMKernel(sched, 10, 0.5), DDIMKernel(sched, 10, 0.5, first_step_eta=1.0)
+    assert mixed.eta_steps.tolist() == [1.0] + [0.5] * 9
+    g = torch.Generator().manual_seed(1)
+    out, x_a, x_b = (torch.randn(2, 4, 3, 4, 4, generator=g) for _ in range(3))  # video-shaped latents
+    t0, ids0 = mixed.timesteps[:1].expand(2), torch.zeros(2, dtype=torch.long)
+    a = mixed.step(out, t0, ids0, x_a, generator=torch.Generator().manual_seed(5))
+    b = mixed.step(out, t0, ids0, x_b, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.prev_sample, b.prev_sample)
+    _, a_prev = mixed.consts.alphas(t0)
+    torch.testing.assert_close(a.mean, a_prev.sqrt().view(-1, 1, 1, 1, 1) * -out, rtol=0, atol=1e-6)
+    assert not torch.equal(plain.step(out, t0, ids0, x_a).mean, plain.step(out, t0, ids0, x_b).mean)
+    std1, _ = ddim_std_and_eps_coef(*mixed.consts.alphas(t0), 1.0)
+    assert torch.equal(a.std, std1)
+    t3, ids3 = mixed.timesteps[3:4].expand(2), torch.full((2,), 3)
+    later = [k.step(out, t3, ids3, x_a, generator=torch.Generator().manual_seed(5)) for k in (plain, mixed)]
+    assert torch.equal(later[0].prev_sample, later[1].prev_sample) and torch.equal(later[0].log_prob, later[1].log_prob)
+    # deterministic rows stay deterministic at the first step too
+    det = mixed.step(out, t0, ids0, x_a, stochastic=torch.tensor([False, True]))
+    assert det.log_prob[0].item() == 0.0 and det.log_prob[1].item() != 0.0
+    # forward_step: per-step σ follows eta_steps
+    x0 = torch.randn(2, 2, 4, 3, 4, 4, generator=g)
+    ts = mixed.timesteps[[0, 3]].expand(2, 2)
+    _, _, sigma = mixed.forward_step(x0, ts, torch.tensor([[0, 3], [0, 3]]), torch.randn_like(x0))
+    _, _, sigma_plain = plain.forward_step(x0, ts, torch.tensor([[0, 3], [0, 3]]), torch.randn_like(x0))
+    assert torch.equal(sigma[:, 1], sigma_plain[:, 1]) and torch.equal(sigma[:, 0].flatten(), std1[:1].expand(2))
+    with pytest.raises(ValueError, match="first_step_eta"):
+        DDIMKernel(sched, 10, 0.5, first_step_eta=0.0)

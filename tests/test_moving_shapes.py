@@ -119,6 +119,7 @@ def test_prompt_source_draws_conditions_of_its_split():
     assert cond["split"] == "heldout"  # blue circle is a held-out pair
     assert cond["objects"] == [{"color": "blue", "shape": "circle", "direction": "still", "speed": 0.0},
                                {"color": "red", "shape": "square", "direction": "down", "speed": SPEED}]
+    assert cond["scene"] == "a blue circle and a red square"
     with pytest.raises(ValueError, match="'objects'"):
         MovingShapesPrompts(objects=[3]).validate()
     with pytest.raises(ValueError, match="'frames'"):

@@ -254,6 +254,24 @@ def test_shapes_verifier_per_frame_built_from_config_matches_direct_calls(verifi
 # ---- errors -------------------------------------------------------------------------------
 
 
+
+def test_shapes_verifier_reads_a_moving_shapes_condition_through_its_scene(verifier):
+    """A Moving Shapes condition names its still scene; ``condition_field: scene`` hands it to
+    the Shapes World verifier on every frame: renders of the prompt pass in every frame, and the
+    same clip judged against another prompt's condition fails."""
+    from genalign.toyworld.moving import make_condition, parse_moving_prompt, render_clip
+
+    prompts = ["a red circle moving right", "a blue square staying still and a green triangle moving up"]
+    conditions = [make_condition(parse_moving_prompt(p)) for p in prompts]
+    clips = [render_clip(p, seed=3).frames for p in prompts]
+    reward = build_reward(from_dict(RewardSection, {"components": [{
+        "type": "per_frame", "frames": "all", "aggregate": "min", "condition_field": "scene",
+        "inner": {"type": "shapes_verifier", "path": str(ASSET)},
+    }]}, "reward").components)
+    assert reward(clips, conditions).scores.tolist() == [1.0, 1.0]
+    swapped = reward(clips, conditions[::-1])
+    assert swapped.scores.tolist() == [0.0, 0.0]
+
 def test_clips_to_tensor_errors_name_the_layout_or_range():
     with pytest.raises(ValueError, match=r"\[B, F, 3, H, W\], got \(2, 3, 4, 4\) \(a batch of images"):
         clips_to_tensor(torch.zeros(2, 3, 4, 4))

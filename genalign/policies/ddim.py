@@ -216,15 +216,21 @@ class DDIMKernel:
 
     capabilities = frozenset({"shared_noise", "noise_window", "antithetic"})
 
-    def __init__(self, scheduler, num_steps: int, eta: float):
+    def __init__(self, scheduler, num_steps: int, eta: float, first_step_eta: float | None = None):
         from diffusers import DDIMScheduler
 
-        if not 0 < eta <= 1:
-            raise ValueError(f"policy.eta must be in (0, 1], got {eta}")
+        for name, value in (("eta", eta), ("first_step_eta", first_step_eta)):
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"policy.{name} must be in (0, 1], got {value}")
         self.scheduler = DDIMScheduler.from_config(scheduler.config)
         self.scheduler.set_timesteps(num_steps)
         self.consts = DDIMConstants.from_scheduler(self.scheduler, num_steps)
         self.eta = eta
+        # η of each step [T]; the first may differ: at η = 1 from ᾱ_T = 0 the first step keeps
+        # nothing of x_T, so whatever x_T would have decided is decided by that step's noise.
+        self.eta_steps = torch.full((num_steps,), float(eta))
+        if first_step_eta is not None:
+            self.eta_steps[0] = first_step_eta
         self.timesteps = self.scheduler.timesteps.long()  # [T]: t of each step
         self.num_steps = num_steps
         self.init_noise_sigma = float(self.scheduler.init_noise_sigma)  # x_T = noise · this
@@ -233,7 +239,9 @@ class DDIMKernel:
              prev_sample=None) -> StepOutput:
         """Step ``sample`` ``[N, ...]`` at ``timesteps`` ``[N]``; ``stochastic`` ``[N]`` bool marks rows
         that draw noise (the others take the η = 0 step and get log-prob 0); None: every row."""
-        eta = self.eta if stochastic is None else stochastic.float() * self.eta
+        eta = self.eta_steps.to(sample.device)[step_ids.to(sample.device)]  # [N]
+        if stochastic is not None:
+            eta = stochastic.float() * eta
         return ddim_step(self.consts, model_output, timesteps, sample, eta, prev_sample=prev_sample,
                          generator=generator, noise=noise)
 
@@ -251,6 +259,7 @@ class DDIMKernel:
         the DDIM(η) step taken with the true x0 and ε."""
         a_t, a_prev = self.consts.alphas(timesteps.flatten())  # [B*K] each
         a_t, a_prev = expand_steps(a_t.view(timesteps.shape), x0), expand_steps(a_prev.view(timesteps.shape), x0)
-        sigma, eps_coef = ddim_std_and_eps_coef(a_t, a_prev, self.eta)
+        eta = expand_steps(self.eta_steps.to(x0.device)[step_ids.to(x0.device)], x0)  # [B, K, 1, ...]
+        sigma, eps_coef = ddim_std_and_eps_coef(a_t, a_prev, eta)
         state = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
         return state, a_prev.sqrt() * x0 + eps_coef * eps, sigma

@@ -44,6 +44,12 @@ class StableDiffusionPolicyConfig:
     revision: str | None = opt(None, "hub revision (branch, tag or commit) of `pretrained`")
     num_steps: int = opt(20, "DDIM denoising steps per rollout (the horizon T)")
     eta: float = opt(1.0, "DDIM eta in (0, 1]; must be > 0 for the step to have a log-density")
+    first_step_eta: float | None = opt(
+        None,
+        "eta of the first DDIM step only (default: eta). At 1 on a zero-terminal-SNR schedule the first "
+        "step keeps nothing of x_T, so what x_T would have decided is decided by that step's noise, an "
+        "action the algorithm can credit",
+    )
     guidance_scale: float = opt(5.0, "classifier-free guidance weight w (1.0 disables CFG)")
     negative_prompt: str = opt("", "negative prompt used for the unconditional branch of CFG")
     height: int | None = opt(None, "image height in pixels (default: the UNet's sample size × VAE factor)")
@@ -67,6 +73,8 @@ class StableDiffusionPolicyConfig:
         check_model_location(self.pretrained, "pretrained")
         if not 0 < self.eta <= 1:
             raise ValueError(f"'eta' must be in (0, 1] (eta = 0 has no log-density), got {self.eta}")
+        if self.first_step_eta is not None and not 0 < self.first_step_eta <= 1:
+            raise ValueError(f"'first_step_eta' must be in (0, 1] or null, got {self.first_step_eta}")
         if self.num_steps < 2:
             # DDIM's last step lands on ᾱ ≈ 1, where its std is ≈ 0: a one-step chain has no exploration
             raise ValueError(f"'num_steps' must be >= 2 (the last DDIM step is nearly noise-free), got {self.num_steps}")
@@ -97,7 +105,7 @@ class StableDiffusionPolicy(LatentDiffusionPolicy):
 
     @staticmethod
     def make_kernel(pipeline: Any, config: StableDiffusionPolicyConfig) -> DDIMKernel:
-        return DDIMKernel(pipeline.scheduler, config.num_steps, config.eta)
+        return DDIMKernel(pipeline.scheduler, config.num_steps, config.eta, config.first_step_eta)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod

@@ -31,7 +31,10 @@ held-out prompt has at least one of them.
 A condition is a dict: ``prompt``, ``objects`` (``[{"color", "shape", "direction",
 "speed"}]`` in prompt order; ``speed`` in image widths per frame, 0 for a still object),
 ``key`` (``"moving_shapes/<prompt>"``: equal prompts share it), ``split`` (``"train"`` or
-``"heldout"``) and ``frames`` (the clip length the source was configured with).
+``"heldout"``), ``frames`` (the clip length the source was configured with) and ``scene`` (the
+Shapes World prompt of the same objects without their motion, "a red circle and a green
+square": what an image reward such as the Shapes World verifier checks on each frame, through
+the ``per_frame`` reward's ``condition_field: scene``).
 """
 
 from __future__ import annotations
@@ -115,6 +118,11 @@ class MovingSpec:
     @property
     def prompt(self) -> str:
         return " and ".join(o.phrase for o in self.objects)
+
+    @property
+    def scene(self) -> str:
+        """The still Shapes World prompt of the objects: 'a red circle and a blue square'."""
+        return " and ".join(f"a {o.color} {o.shape}" for o in self.objects)
 
     @property
     def heldout(self) -> bool:
@@ -287,6 +295,7 @@ def make_condition(spec: MovingSpec, frames: int = DEFAULT_FRAMES, speed: float 
         "key": f"moving_shapes/{spec.prompt}",
         "split": "heldout" if spec.heldout else "train",
         "frames": frames,
+        "scene": spec.scene,
     }
 
 
