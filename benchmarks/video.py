@@ -1,7 +1,7 @@
 """DDPO, GRPO and D3PO on the tiny text-to-video model: Moving Shapes accuracy before and after.
 
 Every method trains the same LoRA video policy from configs/video_quickstart.yaml (the 20
-held-out one-object prompts, the motion verifier's reward, 8 prompts x 8 clips an epoch) for the
+held-out one-object prompts, the motion verifier's reward, 4 prompts x 8 clips an epoch) for the
 same number of epochs; only the algorithm section differs:
 
 - DDPO: the quickstart's (noise windows of 2 steps among the first 40% of the chain, shared x_T,
@@ -51,6 +51,12 @@ ALGORITHMS = {
 METRICS = ("direction", "color", "shape", "clip_strict")
 
 
+def sampler_keys(policy: dict) -> dict:
+    """The config's sampling settings, for evaluating a saved policy the way it was trained."""
+    keys = ("num_steps", "eta", "first_step_eta", "guidance_scale", "num_frames")
+    return {k: policy[k] for k in keys if k in policy}
+
+
 def run_config(base: dict, method: str, seed: int, epochs: int, run_dir: str) -> dict:
     cfg = copy.deepcopy(base)
     cfg.update(seed=seed, output_dir=run_dir)
@@ -72,7 +78,7 @@ def evaluate(policy_dir: str, base: dict, seed: int, samples: int) -> dict:
     from genalign.toyworld.moving import all_moving_specs, make_condition
     from rewards.shapes_verifier import ShapesVerifierReward
 
-    sampling = {k: base["policy"][k] for k in ("num_steps", "eta", "guidance_scale", "num_frames")}
+    sampling = sampler_keys(base["policy"])
     policy = VideoDiffusionPolicy.from_pretrained(policy_dir, VideoDiffusionPolicyConfig(**sampling))
     conds = [make_condition(s, sampling["num_frames"]) for s in all_moving_specs(1, "heldout")]
     verifier = ShapesVerifierReward.from_pretrained("assets/models/shapes-verifier")
@@ -100,7 +106,7 @@ def clip_strip(out: str, methods: list[str], seed: int = 0) -> str:
 
     with open(CONFIG) as f:
         base = yaml.safe_load(f)
-    sampling = {k: base["policy"][k] for k in ("num_steps", "eta", "guidance_scale", "num_frames")}
+    sampling = sampler_keys(base["policy"])
     conds = [make_condition(parse_moving_prompt(p), sampling["num_frames"]) for p in STRIP_PROMPTS]
     seeds = [EVAL_SEED + 99_000 + i for i in range(len(conds))]  # the same clip seeds in every row
     clips, labels = [], []

@@ -31,6 +31,7 @@ CONFIG_CASES = [
     ("NaN hyper-parameter", [QS, "algorithm.clip_range=.nan"], "'algorithm.clip_range' must be a finite number"),
     ("clip range <= 0", [QS, "algorithm.clip_range=0"], "'clip_range' must be > 0"),
     ("η = 0 (no log-density)", [QS, "policy.eta=0"], "'eta' must be in (0, 1]"),
+    ("first-step η above 1", [QS, "policy.first_step_eta=1.5"], "'first_step_eta' must be in (0, 1] or null"),
     ("β < 0", [QS, "algorithm.name=grpo", "algorithm.beta=-0.1"], "'beta' must be >= 0"),
     ("one denoising step", [QS, "policy.num_steps=1"], "'num_steps' must be >= 2"),
     ("batch size 0", [QS, "train.train_batch_size=0"], "'train_batch_size' must be >= 1"),

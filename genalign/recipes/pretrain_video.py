@@ -24,23 +24,28 @@ image models:
   ``UNetMotionModel``: temporal attention over the frames with sinusoidal frame positions),
   output projections zeroed likewise. Saved as an ``AnimateDiffPipeline``; the trained motion
   modules are also its ``motion_adapter``. Only this one's denoiser responds to the direction
-  word within a CPU hour; its samples do not yet follow it (``docs/video.md``).
+  word within a CPU hour; its samples follow it only once the text encoder separates the
+  words (``--text-separation``, ``docs/video.md``).
 - ``--text-separation W``: a term on the text encoder alone that pushes apart the hidden states
   of prompts that differ only in the first object's direction word (:func:`direction_separation`).
   Trained on denoising alone, the encoder maps the four directions to nearly the same vectors
-  (cosine 0.997, colour words 0.50), since the UNet does not use a word it cannot tell apart.
+  (cosine 0.997, colour words 0.50), since the UNet does not use a word it cannot tell apart;
+  with the term they end near-orthogonal and the sampled clips start to follow the word.
 
 Every batch is fresh renders (new seeds) of train-split prompts, one object or (a
 ``--two-object-share`` of them) two, moving at ``--speed`` (default: the world's).
 Training stops at ``--steps`` or ``--minutes``, whichever comes first (the learning-rate
 schedule follows the same progress), then the pipeline is sampled on held-out and train
 prompts and scored per attribute (:func:`score_clips`) for the model card. The shipped model is
-two runs (the second continues the first on one-object clips; its card has both commands)::
+three runs (the second continues the first on one-object clips, the third adds the separation
+term; its card has the commands)::
 
     genalign toyworld pretrain video --speed 0.07 --two-object-share 0.25 --lr 5e-4 --steps 960 \
         --minutes 0 --eval-prompts 8 --out STAGE1
     genalign toyworld pretrain video --init STAGE1 --speed 0.07 --two-object-share 0 --lr 5e-4 --seed 1 \
-        --steps 735 --minutes 0 --eval-prompts 48 --out assets/models/tiny-video
+        --steps 735 --minutes 0 --eval-prompts 48 --out STAGE2
+    genalign toyworld pretrain video --init STAGE2 --speed 0.07 --two-object-share 0 --lr 5e-4 \
+        --text-separation 1.0 --seed 2 --steps 600 --minutes 0 --eval-prompts 48 --out assets/models/tiny-video
 
 The pipeline is written to a temporary folder beside ``--out`` and moved into place only when
 complete, with ``training_log.json`` (the command, the loss curve and the evaluation) and
