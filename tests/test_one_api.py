@@ -43,8 +43,8 @@ TINY = [
 #: at 4 denoising steps tiny-sd scores 0 on most counting prompts (the quickstart's tier 5); on
 #: two-object scenes (tier 3) its partial credit varies within a prompt's group, so rewards carry
 #: a signal for every algorithm (equal rewards give zero advantages and no preference pairs).
-#: tiny-video moves or keeps still as asked but picks the way at random, at 4 steps its objects are
-#: often too faint to track, and with 2 prompts x 4 clips the 0/1 motion reward can tie within every group: the
+#: tiny-video follows the direction word about half the time, at 4 steps its objects are often
+#: too faint to track, and with 2 prompts x 4 clips the 0/1 motion reward can tie within every group: the
 #: tiny video job scores temporal consistency instead, a continuous score that always differs between clips; at
 #: weight 1.05 the smoothest clips (consistency > 0.95) reach rejection_sft's default threshold of 1.
 #: tiny-vlm is right about half of the time on the job's out-of-domain questions, but whole groups

@@ -186,7 +186,6 @@ def test_direction_separation_penalises_alike_directions_and_trains_them_apart(t
     assert float(loss_fn(prompts, ids).detach()) < first - 0.05
 
 
-
 def test_recipe_passes_the_text_term(tiny_video_dir, tmp_path, monkeypatch):
     """--text-separation reaches training as a term of weight W on the direction separation."""
     import json

@@ -251,10 +251,6 @@ def test_shapes_verifier_per_frame_built_from_config_matches_direct_calls(verifi
     assert mean.scores.tolist() == pytest.approx([1.0, 0.8], abs=1e-6)
 
 
-# ---- errors -------------------------------------------------------------------------------
-
-
-
 def test_shapes_verifier_reads_a_moving_shapes_condition_through_its_scene(verifier):
     """A Moving Shapes condition names its still scene; ``condition_field: scene`` hands it to
     the Shapes World verifier on every frame: renders of the prompt pass in every frame, and the
@@ -271,6 +267,10 @@ def test_shapes_verifier_reads_a_moving_shapes_condition_through_its_scene(verif
     assert reward(clips, conditions).scores.tolist() == [1.0, 1.0]
     swapped = reward(clips, conditions[::-1])
     assert swapped.scores.tolist() == [0.0, 0.0]
+
+
+# ---- errors -------------------------------------------------------------------------------
+
 
 def test_clips_to_tensor_errors_name_the_layout_or_range():
     with pytest.raises(ValueError, match=r"\[B, F, 3, H, W\], got \(2, 3, 4, 4\) \(a batch of images"):

@@ -225,7 +225,6 @@ class DDIMKernel:
         self.scheduler = DDIMScheduler.from_config(scheduler.config)
         self.scheduler.set_timesteps(num_steps)
         self.consts = DDIMConstants.from_scheduler(self.scheduler, num_steps)
-        self.eta = eta
         # η of each step [T]; the first may differ: at η = 1 from ᾱ_T = 0 the first step keeps
         # nothing of x_T, so whatever x_T would have decided is decided by that step's noise.
         self.eta_steps = torch.full((num_steps,), float(eta))
