@@ -1,8 +1,9 @@
 """DDPO, GRPO and D3PO on the tiny text-to-video model: Moving Shapes accuracy before and after.
 
 Every method trains the same LoRA video policy from configs/video_quickstart.yaml (the 20
-held-out one-object prompts, the motion verifier's reward, 4 prompts x 8 clips an epoch) for the
-same number of epochs; only the algorithm section differs:
+held-out one-object prompts, the config's reward: the motion verifier plus the Shapes World
+verifier on every frame, 4 prompts x 8 clips an epoch) for the same number of epochs; only the
+algorithm section differs:
 
 - DDPO: the quickstart's (noise windows of 2 steps among the first 40% of the chain, shared x_T,
   the group's mean reward as baseline);
