@@ -16,12 +16,14 @@ held-out one-object prompt x ``--samples`` clips with seeds no training run draw
 is scored for colour (present in every frame), shape (the Shapes World verifier's detection of
 its colour on the middle frame) and direction (the motion verifier); clip accuracy is the motion
 verifier's strict verdict. Each run is a subprocess, so its peak resident memory is its own.
-Prints a markdown table (mean ± std over seeds) and writes results.json, accuracy.png and
+Prints markdown tables (mean ± std over seeds, and each method minus the base model per seed, on the
+same evaluation clips' seeds) and writes results.json, accuracy.png and
 clips.png (a frame strip: the same held-out prompts and sampling seeds from the base model and
 from each method's seed-0 policy). Finished runs in --out are read, not repeated.
 
     python benchmarks/video.py                                   # seeds 0 1 2
     python benchmarks/video.py --seeds 0 --epochs 1 --samples 1 --out /tmp/video  # smoke
+    python benchmarks/video.py --samples 12 --out benchmarks/results/video_eval12  # with video/runs copied in: evaluation only
 """
 
 from __future__ import annotations
@@ -180,6 +182,20 @@ def main(argv: list[str] | None = None) -> int:
         wall = statistics.mean(r["train_s"] for r in rs)
         rss = max(r["peak_rss_mb"] for r in rs)
         lines.append(f"| {m} | {' | '.join(cells)} | {wall:.0f} | {rss:.0f} |")
+    base_of = {r["seed"]: r["summary"] for r in by_method.get("base", [])}
+    if base_of:  # trained minus base on the same evaluation clips' seeds
+        lines += [f"\nTrained minus base per seed ({', '.join(map(str, args.seeds))}), then mean ± std\n",
+                  "| method | direction | colour | shape |", "|---|---|---|---|"]
+        for m, rs in by_method.items():
+            paired = sorted((r for r in rs if r["seed"] in base_of), key=lambda r: r["seed"])
+            if m == "base" or not paired:
+                continue
+            cells = []
+            for k in ("direction", "color", "shape"):
+                d = [r["summary"][k] - base_of[r["seed"]][k] for r in paired]
+                spread = statistics.stdev(d) if len(d) > 1 else 0.0
+                cells.append(", ".join(f"{x:+.3f}" for x in d) + f" ({statistics.mean(d):+.3f} ± {spread:.3f})")
+            lines.append(f"| {m} | {' | '.join(cells)} |")
     dirs = sorted({d for r in runs for d in r["summary"]["direction_by_wanted"]})
     lines += ["\nDirection accuracy per wanted direction\n", f"| method | {' | '.join(dirs)} |", "|---" * (len(dirs) + 1) + "|"]
     for m, rs in by_method.items():
