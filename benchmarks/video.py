@@ -23,6 +23,7 @@ from each method's seed-0 policy). Finished runs in --out are read, not repeated
 
     python benchmarks/video.py                                    # seeds 0 1 2, 240 clips per evaluation
     python benchmarks/video.py --methods base DDPO --seeds 0 1 2 3 4  # the main job's DDPO on 5 seeds
+    python benchmarks/video.py --eval-split train --samples 3 --out DIR  # the 70 prompts no reward run sees
     python benchmarks/video.py --seeds 0 --epochs 1 --samples 1 --out /tmp/video  # smoke
 
 A folder's trained runs can be evaluated again without training: copy its runs/ into a new
@@ -75,8 +76,8 @@ def run_config(base: dict, method: str, seed: int, epochs: int, run_dir: str) ->
     return cfg
 
 
-def evaluate(policy_dir: str, base: dict, seed: int, samples: int) -> dict:
-    """Attribute accuracies of ``samples`` clips per held-out one-object prompt."""
+def evaluate(policy_dir: str, base: dict, seed: int, samples: int, split: str = "heldout") -> dict:
+    """Attribute accuracies of ``samples`` clips per one-object prompt of ``split``."""
     import torch
 
     from genalign.policies import VideoDiffusionPolicy, VideoDiffusionPolicyConfig
@@ -86,7 +87,7 @@ def evaluate(policy_dir: str, base: dict, seed: int, samples: int) -> dict:
 
     sampling = sampler_keys(base["policy"])
     policy = VideoDiffusionPolicy.from_pretrained(policy_dir, VideoDiffusionPolicyConfig(**sampling))
-    conds = [make_condition(s, sampling["num_frames"]) for s in all_moving_specs(1, "heldout")]
+    conds = [make_condition(s, sampling["num_frames"]) for s in all_moving_specs(1, split)]
     verifier = ShapesVerifierReward.from_pretrained("assets/models/shapes-verifier")
     clips, rows = [], []
     for i in range(0, len(conds), 10):
@@ -129,7 +130,7 @@ def clip_strip(out: str, methods: list[str], seed: int = 0) -> str:
     return path
 
 
-def one_run(method: str, seed: int, epochs: int, samples: int, out: str) -> dict:
+def one_run(method: str, seed: int, epochs: int, samples: int, out: str, split: str = "heldout") -> dict:
     """Train (unless base) and evaluate one (method, seed) in this process."""
     with open(CONFIG) as f:
         base = yaml.safe_load(f)
@@ -142,7 +143,7 @@ def one_run(method: str, seed: int, epochs: int, samples: int, out: str) -> dict
         policy_dir = os.path.join(run_dir, "final")
     # the trainer's own wall clock (metrics.jsonl), so a reused or resumed run reports its training time
     train_s = history[-1].get("wall_seconds", time.monotonic() - t0) if history else 0.0
-    summary = evaluate(policy_dir, base, seed, samples)
+    summary = evaluate(policy_dir, base, seed, samples, split)
     return {"method": method, "seed": seed, "summary": summary, "train_s": round(train_s, 1),
             "total_s": round(time.monotonic() - t0, 1), "peak_rss_mb": peak_rss_mb(),
             "reward_curve": [h.get("reward_mean") for h in history]}
@@ -156,19 +157,22 @@ def main(argv: list[str] | None = None) -> int:
                     "12 gives 240 clips per run, a standard error near 0.03 on a proportion of 0.7")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of " + ", ".join(METHODS))
     ap.add_argument("--out", default="benchmarks/results/video")
+    ap.add_argument("--eval-split", default="heldout", choices=("heldout", "train"),
+                    help="the one-object prompts evaluated: the 20 held-out ones the runs train on, or the 70 "
+                    "pretraining ones no reward run sees")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)  # a worker run
     args = ap.parse_args(argv)
     with open(CONFIG) as f:
         epochs = args.epochs or yaml.safe_load(f)["train"]["epochs"]
     if args.one:
-        result = one_run(args.one[0], int(args.one[1]), epochs, args.samples, args.out)
+        result = one_run(args.one[0], int(args.one[1]), epochs, args.samples, args.out, args.eval_split)
         print("RESULT " + json.dumps(result))
         return 0
     os.makedirs(args.out, exist_ok=True)
 
     def worker(method: str, seed: int) -> list[str]:
         return [sys.executable, __file__, "--one", method, str(seed), "--epochs", str(epochs), "--samples",
-                str(args.samples), "--out", args.out]
+                str(args.samples), "--out", args.out, "--eval-split", args.eval_split]
 
     def describe(r: dict) -> str:
         s = r["summary"]
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         {**vars(args), "epochs": epochs}, describe)
     runs = [r for r in results["runs"].values() if r["method"] in args.methods and r["seed"] in args.seeds]
     by_method = {m: [r for r in runs if r["method"] == m] for m in args.methods}
-    lines = [f"\nHeld-out one-object prompts, {args.samples} clips each (mean ± std over seeds {args.seeds}; "
+    split_name = {"heldout": "Held-out", "train": "Pretraining (train split)"}[args.eval_split]
+    lines = [f"\n{split_name} one-object prompts, {args.samples} clips each (mean ± std over seeds {args.seeds}; "
              f"{epochs} epochs per run)\n",
              "| method | direction | colour | shape | clip (strict) | train wall s | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.bar([j + i * width for j in range(len(METRICS))], ys, width, yerr=es, label=m, capsize=2)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METRICS))], ["direction", "colour", "shape", "clip strict"])
     ax.set_ylim(0, 1)
-    ax.set_title("Moving Shapes, held-out prompts")
+    ax.set_title(f"Moving Shapes, {split_name.lower()} prompts")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "accuracy.png"), dpi=110)
