@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: the config's)")
-    ap.add_argument("--samples", type=int, default=12, help="evaluation clips per held-out prompt (20 prompts); "
-                    "12 gives 240 clips per run, a standard error near 0.03 on a proportion of 0.7")
+    ap.add_argument("--samples", type=int, default=12, help="evaluation clips per prompt of --eval-split; on the 20 "
+                    "held-out prompts 12 gives 240 clips per run, a standard error near 0.03 on a proportion of 0.7")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of " + ", ".join(METHODS))
     ap.add_argument("--out", default="benchmarks/results/video")
     ap.add_argument("--eval-split", default="heldout", choices=("heldout", "train"),
